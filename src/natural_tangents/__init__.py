@@ -1,0 +1,21 @@
+"""natural-tangents: natural gradient descent with approximate Fisher information in wide networks.
+
+import natural_tangents as nat
+net = nat.MLP([784, 4096, 4096, 1], activation="relu")
+theta = nat.empirical_ntk(net, x)                      # J J^T, no 1/N
+step = nat.fisher.BlockDiagonal().natural_gradient(net, x, y)
+"""
+
+from . import activations
+from .kernels import empirical_ntk, empirical_unit_ntk
+from .network import MLP, Factors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MLP",
+    "Factors",
+    "activations",
+    "empirical_ntk",
+    "empirical_unit_ntk",
+]

@@ -1,0 +1,90 @@
+"""Input validation shared by every module: each error names the argument and the fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def as_tensor(
+    x: Tensor | np.ndarray,
+    name: str,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Convert ``x`` to a tensor (keeping its dtype unless ``dtype`` is given)."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
+    if not (x.is_floating_point() or x.dtype in (torch.int64, torch.int32, torch.bool)):
+        raise ValueError(f"{name}: expected a real floating-point tensor, got dtype {x.dtype}")
+    if dtype is not None or device is not None:
+        x = x.to(dtype=dtype or x.dtype, device=device)
+    return x
+
+
+def check_batch(
+    x: Tensor | np.ndarray,
+    name: str,
+    *,
+    features: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """A batch of inputs of shape (N, features): 2-D, non-empty, finite, right width."""
+    x = as_tensor(x, name, dtype=dtype, device=device)
+    if x.ndim != 2:
+        raise ValueError(
+            f"{name}: expected a 2-D batch of shape (N, {features or 'M_0'}), got shape "
+            f"{tuple(x.shape)}; reshape with {name}.reshape(len({name}), -1)"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: the batch is empty (shape {tuple(x.shape)}); pass at least one sample")
+    if features is not None and x.shape[1] != features:
+        raise ValueError(
+            f"{name}: expected {features} features per sample (the network's input width M_0), "
+            f"got {x.shape[1]}"
+        )
+    check_finite(x, name)
+    return x
+
+
+def check_finite(x: Tensor, name: str) -> None:
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name}: contains {bad} NaN or inf entries; clean or impute them first")
+
+
+def check_unit_norm(x: Tensor, name: str, *, atol: float = 1e-6) -> None:
+    """Assumption 2 of the seed: every sample has ||x_n||_2 = 1."""
+    norms = torch.linalg.vector_norm(x.to(torch.float64), dim=1)
+    worst = float((norms - 1.0).abs().max())
+    if worst > atol:
+        raise ValueError(
+            f"{name}: the theory assumes unit-norm samples ||x_n|| = 1 (the seed's Assumption 2), "
+            f"but norms deviate by up to {worst:.3g}; normalize with nat.data.normalize({name})"
+        )
+
+
+def check_damping(damping: float, name: str = "damping") -> float:
+    damping = float(damping)
+    if not np.isfinite(damping) or damping < 0:
+        raise ValueError(
+            f"{name}: must be a finite number >= 0 (0 means the zero-damping limit), got {damping}"
+        )
+    return damping
+
+
+def check_widths(widths) -> tuple[int, ...]:
+    try:
+        ws = tuple(int(w) for w in widths)
+    except TypeError:
+        raise ValueError(f"widths: expected a sequence [M_0, M_1, ..., M_L], got {widths!r}") from None
+    if len(ws) < 2:
+        raise ValueError(f"widths: need at least [M_0, M_L] (input and output widths), got {list(ws)}")
+    if any(w != float(v) for w, v in zip(ws, widths)) or any(w <= 0 for w in ws):
+        raise ValueError(f"widths: every width must be a positive integer, got {list(widths)}")
+    return ws

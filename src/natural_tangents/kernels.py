@@ -1,0 +1,108 @@
+"""Empirical neural tangent kernels from Jacobian factors (seed (S.66)–(S.68), (S.131)).
+
+Convention (the neural-tangents one): these functions return J(x1) J(x2)^T *without* the 1/N of
+the seed's Θ = J J^T / N. Shapes: (N1, N2) for a single output, (N1, N2, C, C) for C > 1, where
+entry [n, m, k, j] is ∂f_k(x1_n)/∂θ · ∂f_j(x2_m)/∂θ.
+
+Per layer (S.68): J_l(x1) J_l(x2)^T = (a_{l−1}(x1) a_{l−1}(x2)^T) ⊙ (δ_l(x1) δ_l(x2)^T), where a is the
+forward signal with its bias column, so σ_w² A_{l−1} + σ_b² comes out of one product.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .network import Factors, affine_layers, factors
+
+__all__ = ["empirical_ntk", "empirical_unit_ntk", "layer_kernels", "unit_kernels", "model_factors"]
+
+
+def model_factors(model, x, name: str = "x") -> Factors:
+    """Validated factors of ``x`` for a supported model (:class:`~natural_tangents.MLP` or
+    ``nn.Sequential``)."""
+    if hasattr(model, "check_input"):
+        x = model.check_input(x, name)
+        return factors(model.layers(), x)
+    from .models import check_sequential_input
+
+    layers = affine_layers(model)
+    return factors(layers, check_sequential_input(layers, x, name))
+
+
+def layer_kernels(f1: Factors, f2: Factors | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """Per-layer J_l(x1) J_l(x2)^T in flat function-space form, shape (L, N1·C, N2·C).
+
+    Rows and columns are sample-major: index n·C + k. No 1/N. ``dtype`` (default: the factors')
+    is the precision of the products, e.g. float64 for diagnostics of a float32 network.
+    """
+    f2 = f1 if f2 is None else f2
+    dtype = dtype or f1.f.dtype
+    n1, n2, c = f1.n, f2.n, f1.c
+    out = []
+    for a1, a2, d1, d2 in zip(f1.forward, f2.forward, f1.backward, f2.backward):
+        a = a1.to(dtype) @ a2.to(dtype).T  # (N1, N2)
+        if c == 1:
+            b = d1[0].to(dtype) @ d2[0].to(dtype).T
+            out.append(a * b)
+        else:
+            b = torch.einsum("knm,jpm->nkpj", d1.to(dtype), d2.to(dtype))  # (N1, C, N2, C)
+            out.append((b * a[:, None, :, None]).reshape(n1 * c, n2 * c))
+    return torch.stack(out)
+
+
+def _public_shape(k: Tensor, n1: int, n2: int, c: int) -> Tensor:
+    """(…, N1·C, N2·C) sample-major → (…, N1, N2) for C = 1 or (…, N1, N2, C, C)."""
+    lead = k.shape[:-2]
+    if c == 1:
+        return k.reshape(*lead, n1, n2)
+    k = k.reshape(*lead, n1, c, n2, c)
+    return k.movedim(-3, -2)
+
+
+def empirical_ntk(model, x1, x2=None, per_layer: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+    """The empirical NTK J(x1) J(x2)^T (no 1/N), built from factors, never from J.
+
+    Args:
+        model: a :class:`~natural_tangents.MLP` (or a supported ``nn.Sequential``).
+        x1: (N1, M_0) inputs. x2: (N2, M_0) inputs; defaults to ``x1``.
+        per_layer: if True, return the L per-layer kernels stacked on a leading axis.
+        dtype: precision of the kernel products (default: the model's).
+
+    Returns:
+        (N1, N2) for C = 1, (N1, N2, C, C) for C > 1; with a leading (L,) when ``per_layer``.
+    """
+    f1 = model_factors(model, x1, "x1")
+    f2 = f1 if x2 is None else model_factors(model, x2, "x2")
+    k = layer_kernels(f1, f2, dtype)
+    if not per_layer:
+        k = k.sum(0)
+    return _public_shape(k, f1.n, f2.n, f1.c)
+
+
+def unit_kernels(f1: Factors, f2: Factors | None, layer: int, dtype: torch.dtype | None = None) -> Tensor:
+    """Per-unit J_{l,i}(x1) J_{l,i}(x2)^T of layer ``layer`` (0-based here), shape (M_l, N1·C, N2·C).
+
+    Unit i of layer l owns row i of [W_l | b_l]; its kernel is
+    (a_{l−1}(x1) a_{l−1}(x2)^T) ⊙ (δ_{l,i}(x1) δ_{l,i}(x2)^T) (S.131). No 1/N.
+    """
+    f2 = f1 if f2 is None else f2
+    dtype = dtype or f1.f.dtype
+    a = f1.forward[layer].to(dtype) @ f2.forward[layer].to(dtype).T  # (N1, N2)
+    d1, d2 = f1.backward[layer].to(dtype), f2.backward[layer].to(dtype)  # (C, N, M)
+    b = torch.einsum("knm,jpm->mnkpj", d1, d2)  # (M, N1, C, N2, C)
+    k = b * a[None, :, None, :, None]
+    return k.reshape(k.shape[0], f1.n * f1.c, f2.n * f2.c)
+
+
+def empirical_unit_ntk(model, x1, x2=None, *, layer: int, dtype: torch.dtype | None = None) -> Tensor:
+    """Per-unit kernels Θ_{l,i}(x1, x2)·N of layer ``layer`` (1-based, as in the seed: 1 … L).
+
+    Returns (M_l, N1, N2) for C = 1 and (M_l, N1, N2, C, C) for C > 1 (no 1/N).
+    """
+    f1 = model_factors(model, x1, "x1")
+    f2 = f1 if x2 is None else model_factors(model, x2, "x2")
+    if not 1 <= int(layer) <= f1.depth:
+        raise ValueError(f"layer: expected a layer number from 1 to L = {f1.depth}, got {layer}")
+    k = unit_kernels(f1, f2, int(layer) - 1, dtype)
+    return _public_shape(k, f1.n, f2.n, f1.c)
