@@ -1,0 +1,131 @@
+"""Layer-wise Fishers with any L × L pattern Σ, in dual form (MATH.md §4; seed Appendix B).
+
+    G = S^T (Σ ⊗ Λ) S / N + ρ I,   S = blockdiag(J_1, …, J_L)   (S.72)
+
+The push-through identity turns the P × P inverse into one L·N·C × L·N·C system (S.73):
+
+    ((Σ ⊗ Λ) blockdiag(Θ_l) + ρ I) v = 1_L ⊗ r,   Δθ_l = J_l^T v_l / N
+
+At ρ = 0 it decouples (S.74), (S.89): v_l = (Σ^{-1} 1)_l Θ_l^+ Λ^{-1} r, so that on the training set
+Θ̄ = Σ_l (Σ^{-1} 1)_l Θ_l Θ_l^+ = (1^T Σ^{-1} 1) I (S.71). A singular Σ (the tri-diagonal one at
+depth L = 3s + 2, (S.92)) has no ρ → 0 limit and raises; the exact Fisher Σ = 1 1^T goes through
+:class:`~natural_tangents.fisher.Exact` instead (S.91).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..kernels import layer_kernels
+from ..network import Factors
+from .base import DualFisher, block_diag_metric, inverse_blocks, pinv_psd
+
+__all__ = ["Layerwise", "BlockDiagonal", "BlockTriDiagonal", "tridiagonal_sigma"]
+
+
+def tridiagonal_sigma(depth: int) -> Tensor:
+    """Σ_{ll′} = 1 if |l − l′| ≤ 1 else 0, shape (L, L), float64 (the block tri-diagonal pattern)."""
+    idx = torch.arange(depth)
+    return ((idx[:, None] - idx[None, :]).abs() <= 1).to(torch.float64)
+
+
+def _identity_sigma(depth: int) -> Tensor:
+    return torch.eye(depth, dtype=torch.float64)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layerwise(DualFisher):
+    """Layer-wise Fisher with pattern Σ (seed (S.72)).
+
+    Args:
+        sigma: an (L, L) symmetric array, or a callable depth → (L, L) array.
+        damping, loss, solve_dtype: see :class:`~natural_tangents.fisher.base.Fisher`.
+    """
+
+    sigma: Tensor | np.ndarray | Callable[[int], Tensor] | None = None
+
+    name: ClassVar[str] = "layerwise"
+    label: ClassVar[str] = "Layer-wise"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sigma is None:
+            raise ValueError("sigma: Layerwise needs an (L, L) pattern Σ or a callable depth -> Σ")
+
+    def sigma_matrix(self, depth: int) -> Tensor:
+        """Σ for a network of ``depth`` layers, (L, L) float64; validated."""
+        s = self.sigma(depth) if callable(self.sigma) else self.sigma
+        s = torch.as_tensor(np.asarray(s, dtype=np.float64) if not isinstance(s, Tensor) else s)
+        s = s.to(torch.float64)
+        if s.shape != (depth, depth):
+            raise ValueError(
+                f"sigma: expected an ({depth}, {depth}) matrix for this depth, got {tuple(s.shape)}"
+            )
+        if not bool(torch.isfinite(s).all()) or not torch.allclose(s, s.T):
+            raise ValueError("sigma: Σ must be a finite symmetric matrix (the Fisher is symmetric)")
+        return s
+
+    def sigma_weights(self, depth: int) -> Tensor:
+        """c = Σ^{-1} 1 (the per-layer weights of (S.71)); raises for a singular Σ."""
+        s = self.sigma_matrix(depth)
+        if float(torch.linalg.cond(s)) > 1e12:
+            raise ValueError(
+                f"sigma: Σ is singular at depth L = {depth} (e.g. the block tri-diagonal pattern at "
+                "L = 3s + 2, seed (S.92)), so the zero-damping limit does not exist; use damping > 0, "
+                "another depth, or nat.fisher.Exact for Σ = 1 1^T"
+            )
+        return torch.linalg.solve(s, torch.ones(depth, dtype=torch.float64))
+
+    def _dual(self, fx: Factors, lam: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        thetas = layer_kernels(fx, dtype=self.solve_dtype) / fx.n
+        depth, nf = fx.depth, thetas.shape[1]
+        opts = {"dtype": thetas.dtype, "device": thetas.device}
+        lam_full = block_diag_metric(lam) if lam is not None else None
+        if self.damping == 0:
+            c = self.sigma_weights(depth).to(**opts)
+            lam_inv = block_diag_metric(inverse_blocks(lam)) if lam is not None else None
+            xs = []
+            for l in range(depth):
+                p = pinv_psd(thetas[l]) * c[l]
+                xs.append(p @ lam_inv if lam_inv is not None else p)
+            return thetas, xs
+        s = self.sigma_matrix(depth).to(**opts)
+        left = thetas if lam_full is None else lam_full @ thetas  # Λ Θ_l, (L, NC, NC)
+        big = (s[:, None, :, None] * left.permute(1, 0, 2)[None]).reshape(depth * nf, depth * nf)
+        big = big + self.damping * torch.eye(depth * nf, **opts)
+        rhs = torch.eye(nf, **opts).repeat(depth, 1)
+        x = torch.linalg.solve(big, rhs)
+        return thetas, list(x.reshape(depth, nf, nf))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockDiagonal(Layerwise):
+    """Block-diagonal Fisher, Σ = I: α = L (seed Theorem 4.1)."""
+
+    sigma: Callable[[int], Tensor] | None = field(default=None, repr=False, compare=False)
+    name: ClassVar[str] = "block_diagonal"
+    label: ClassVar[str] = "Block diagonal"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sigma", _identity_sigma)
+        super().__post_init__()
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockTriDiagonal(Layerwise):
+    """Block tri-diagonal Fisher, Σ_{ll′} = 1 if |l − l′| ≤ 1 (seed Lemma 4.3): α = s for L = 3s,
+    s + 1 for L = 3s + 1; Σ is singular for L = 3s + 2."""
+
+    sigma: Callable[[int], Tensor] | None = field(default=None, repr=False, compare=False)
+    name: ClassVar[str] = "block_tridiagonal"
+    label: ClassVar[str] = "Block tri-diagonal"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sigma", tridiagonal_sigma)
+        super().__post_init__()

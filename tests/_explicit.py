@@ -1,0 +1,157 @@
+"""The independent route: explicit Jacobians from torch.func and explicit P × P Fisher matrices.
+
+Only for tiny networks (P ≤ a few thousand). Nothing here uses the library's factors.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+from torch.func import functional_call, jacrev
+
+
+def param_dict(model):
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def jacobian(model, x):
+    """J of shape (N·C, P), rows sample-major (n, k), columns in ``model.parameters()`` order."""
+    params = param_dict(model)
+
+    def fn(p):
+        return functional_call(model, p, (x,))
+
+    jac = jacrev(fn)(params)
+    n, c = fn(params).shape
+    return torch.cat([jac[k].reshape(n * c, -1) for k in params], dim=1)
+
+
+def layer_slices(model):
+    """Per layer, the column indices of its parameters (W_l then b_l) in the flat vector."""
+    sizes = [p.numel() for p in model.parameters()]
+    names = [k for k, _ in model.named_parameters()]
+    offs = [0]
+    for s in sizes:
+        offs.append(offs[-1] + s)
+    layers, cur = [], []
+    for i, name in enumerate(names):
+        is_weight = name.endswith("weight") or name.split(".")[-1].startswith("W")
+        if is_weight and cur:
+            layers.append(cur)
+            cur = []
+        cur.append((name, list(range(offs[i], offs[i + 1]))))
+    layers.append(cur)
+    return layers
+
+
+def unit_indices(model):
+    """Per layer, per unit i: indices of row i of W_l and of b_l[i] in the flat vector."""
+    out = []
+    for layer in layer_slices(model):
+        (wname, widx), *rest = layer
+        w = dict(model.named_parameters())[wname]
+        m_out, m_in = w.shape
+        units = []
+        for i in range(m_out):
+            idx = widx[i * m_in : (i + 1) * m_in]
+            if rest:
+                idx = [*idx, rest[0][1][i]]
+            units.append(idx)
+        out.append(units)
+    return out
+
+
+def output_metric(lam, n, c):
+    if lam is None:
+        return torch.eye(n * c, dtype=torch.float64)
+    return torch.block_diag(*lam)
+
+
+def explicit_fisher(kind, model, x, damping, lam=None, sigma=None, kfac_signals=None, kfac_output="seed"):
+    """The P × P Fisher of ``kind`` built from explicit Jacobians (float64)."""
+    j = jacobian(model, x).to(torch.float64)
+    n = x.shape[0]
+    c = j.shape[0] // n
+    lm = output_metric(lam, n, c)
+    p = j.shape[1]
+    eye = torch.eye(p, dtype=torch.float64)
+    if kind == "exact":
+        return j.T @ lm @ j / n + damping * eye
+    layers = [functools.reduce(operator.iadd, (idx for _, idx in layer), []) for layer in layer_slices(model)]
+    if kind == "layerwise":
+        g = torch.zeros(p, p, dtype=torch.float64)
+        for l, il in enumerate(layers):
+            for m, im in enumerate(layers):
+                g[il[0] : il[-1] + 1, im[0] : im[-1] + 1] = sigma[l, m] * j[:, il].T @ lm @ j[:, im] / n
+        return g + damping * eye
+    if kind == "unitwise":
+        g = torch.zeros(p, p, dtype=torch.float64)
+        for units in unit_indices(model):
+            for idx in units:
+                ji = j[:, idx]
+                t = torch.tensor(idx)
+                g[t[:, None], t[None, :]] = ji.T @ lm @ ji / n + damping * torch.eye(
+                    len(idx), dtype=torch.float64
+                )
+        return g
+    if kind == "kfac":
+        hs, deltas = kfac_signals
+        g = torch.zeros(p, p, dtype=torch.float64)
+        for l, units in enumerate(unit_indices(model)):
+            a = hs[l]  # (N, p_l): scaled inputs with bias column
+            d = deltas[l].permute(1, 0, 2).reshape(n * c, -1)  # (NC, M_l)
+            a_fac = a.T @ a / n
+            b_fac = d.T @ lm @ d / n
+            if l == len(hs) - 1 and kfac_output == "seed":
+                b_fac = b_fac / n
+            kron = torch.kron(
+                b_fac + damping * torch.eye(b_fac.shape[0], dtype=torch.float64),
+                a_fac + damping * torch.eye(a_fac.shape[0], dtype=torch.float64),
+            )
+            order = functools.reduce(operator.iadd, units, [])  # row-major [W | b] ordering → flat indices
+            g[torch.tensor(order)[:, None], torch.tensor(order)[None, :]] = kron
+        return g
+    raise ValueError(kind)
+
+
+def explicit_signals(model, x):
+    """Forward signals a_{l-1} = [scale·h, bias_scale] by a plain re-implemented forward pass, and
+    backward signals δ_l = ∂f/∂u_l by autograd through additive probes on u_l."""
+    layers = model.layers()
+    hs, us = [], []
+    h = x
+    for layer in layers:
+        a = h * layer.weight_scale
+        if layer.bias is not None:
+            a = torch.cat([a, torch.full((a.shape[0], 1), layer.bias_scale, dtype=a.dtype)], 1)
+        hs.append(a.detach())
+        w = layer.weight.detach()
+        u = layer.weight_scale * h @ w.T
+        if layer.bias is not None:
+            u = u + layer.bias_scale * layer.bias.detach()
+        us.append(u)
+        h = layer.activation(u) if layer.activation is not None else u
+
+    def f_of(probes):
+        h = x
+        for layer, e in zip(layers, probes):
+            u = layer.weight_scale * h @ layer.weight.detach().T + e
+            if layer.bias is not None:
+                u = u + layer.bias_scale * layer.bias.detach()
+            h = layer.activation(u) if layer.activation is not None else u
+        return h
+
+    probes = tuple(torch.zeros_like(u) for u in us)
+    jac = jacrev(f_of)(probes)  # per layer: (N, C, N, M_l)
+    n = x.shape[0]
+    deltas = []
+    for jl in jac:
+        idx = torch.arange(n)
+        deltas.append(jl[idx, :, idx, :].permute(1, 0, 2))  # (C, N, M_l)
+    return hs, deltas
+
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])

@@ -1,0 +1,148 @@
+"""Every dual-form Fisher against the explicit parameter-space route on tiny networks (float64).
+
+The update must equal (G + ρI)^{-1} ∇L and Θ̄(x′, x) must equal J(x′) G^{-1} J(x)^T / N with G built
+as a P × P matrix from torch.func Jacobians, to relative error ≤ 1e-8.
+"""
+
+import pytest
+import torch
+
+import natural_tangents as nat
+from _explicit import explicit_fisher, explicit_signals, flat, jacobian
+from natural_tangents import fisher as F
+
+TOL = 1e-8
+# (widths without C, N): a wide net (dual forms everywhere) and a narrow one (primal K-FAC factors,
+# hidden widths below N·C)
+SHAPES = [((6, 12, 11), 5), ((4, 6, 5), 8)]
+
+
+def _net(widths, c, bias, activation="tanh", seed=0):
+    return nat.MLP(
+        [*widths, c],
+        activation=activation,
+        sigma_w2=1.7,
+        sigma_b2=0.4 if bias else 0.0,
+        seed=seed,
+        dtype=torch.float64,
+    )
+
+
+def _data(n, m0, c, seed=1, loss="mse"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, m0, generator=g, dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True)
+    if loss == "mse":
+        y = torch.randn(n, c, generator=g, dtype=torch.float64)
+    else:
+        y = torch.nn.functional.one_hot(torch.arange(n) % max(c, 2), max(c, 2)).to(torch.float64)
+        if c == 1:
+            y = y[:, :1]
+    return x, y
+
+
+def _explicit(fisher, net, x, lam):
+    kind = {
+        "exact": "exact",
+        "block_diagonal": "layerwise",
+        "block_tridiagonal": "layerwise",
+        "layerwise": "layerwise",
+        "kfac": "kfac",
+        "unitwise": "unitwise",
+    }[fisher.name]
+    sigma = fisher.sigma_matrix(net.depth) if kind == "layerwise" else None
+    signals = explicit_signals(net, x) if kind == "kfac" else None
+    return explicit_fisher(
+        kind,
+        net,
+        x,
+        fisher.damping,
+        lam=lam,
+        sigma=sigma,
+        kfac_signals=signals,
+        kfac_output=getattr(fisher, "output_factor", "seed"),
+    )
+
+
+def _rel(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+FISHERS = [
+    F.Exact,
+    F.BlockDiagonal,
+    F.BlockTriDiagonal,
+    F.KFAC,
+    F.Unitwise,
+    lambda **kw: F.Layerwise(sigma=torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 1.5]]), **kw),
+]
+
+
+@pytest.mark.parametrize("make", FISHERS)
+@pytest.mark.parametrize("c", [1, 2])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("damping", [1e-3, 1.0])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_mse_update_and_coefficient_match_explicit(make, c, bias, damping, shape):
+    widths, n = shape
+    fisher = make(damping=damping)
+    net = _net(widths, c, bias)
+    x, y = _data(n, widths[0], c)
+    x_test, _ = _data(3, widths[0], c, seed=7)
+    j = jacobian(net, x)
+    g = _explicit(fisher, net, x, None)
+    grad = j.T @ (net(x) - y).reshape(-1) / n
+    want = torch.linalg.solve(g, grad)
+    got = flat(fisher.natural_gradient(net, x, y))
+    assert _rel(got, want) < TOL
+    for xt in (x, x_test):
+        jt = jacobian(net, xt)
+        want_tb = jt @ torch.linalg.solve(g, j.T) / n
+        got_tb = F.flatten_coefficient(fisher.coefficient(net, x, None if xt is x else xt))
+        assert got_tb.shape == want_tb.shape
+        assert _rel(got_tb, want_tb) < TOL
+
+
+@pytest.mark.parametrize("make", FISHERS)
+@pytest.mark.parametrize("c", [1, 3])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cross_entropy_update_and_coefficient_match_explicit(make, c, shape):
+    widths, n = shape
+    loss = nat.losses.CrossEntropy(output_damping=0.05)
+    fisher = make(damping=0.1, loss=loss)
+    net = _net(widths, c, True, activation="relu")
+    x, y = _data(n, widths[0], c, loss="ce")
+    f = net(x).detach()
+    lam = loss.output_fisher(f)
+    j = jacobian(net, x)
+    g = _explicit(fisher, net, x, lam)
+    grad = j.T @ loss.residual(f, y).reshape(-1) / n
+    want = torch.linalg.solve(g, grad)
+    assert _rel(flat(fisher.natural_gradient(net, x, y)), want) < TOL
+    want_tb = j @ torch.linalg.solve(g, j.T) / n
+    assert _rel(F.flatten_coefficient(fisher.coefficient(net, x)), want_tb) < TOL
+
+
+@pytest.mark.parametrize("make", [F.Exact, F.BlockDiagonal, F.KFAC, F.Unitwise])
+def test_zero_damping_is_the_limit_of_small_damping(make):
+    """ρ = 0 (pseudo-inverse route) equals the damped explicit solution as ρ → 0⁺."""
+    net = _net((6, 12, 11), 1, True)
+    x, y = _data(5, 6, 1)
+    got = flat(make(damping=0.0).natural_gradient(net, x, y))
+    errs = [_rel(got, flat(make(damping=rho).natural_gradient(net, x, y))) for rho in (1e-10, 1e-12)]
+    assert errs[1] < 1e-5
+    assert errs[1] < 0.05 * errs[0] or errs[0] < 1e-9  # the gap closes linearly in ρ
+
+
+def test_standard_and_ntk_parameterizations_give_the_same_function_space_step():
+    x, _y = _data(5, 6, 1)
+    for make in FISHERS[:5]:
+        outs = []
+        for par in ("ntk", "standard"):
+            net = nat.MLP(
+                [6, 12, 11, 1], activation="tanh", sigma_b2=0.3, parameterization=par, dtype=torch.float64
+            )
+            fisher = make(damping=0.0)
+            tb = fisher.coefficient(net, x)
+            outs.append(tb)
+        assert _rel(outs[0], outs[1]) < 1e-7, make
