@@ -69,7 +69,9 @@ def output_metric(lam, n, c):
     return torch.block_diag(*lam)
 
 
-def explicit_fisher(kind, model, x, damping, lam=None, sigma=None, kfac_signals=None, kfac_output="seed"):
+def explicit_fisher(
+    kind, model, x, damping, lam=None, sigma=None, kfac_signals=None, kfac_output="seed", kfac_bias="augment"
+):
     """The P × P Fisher of ``kind`` built from explicit Jacobians (float64)."""
     j = jacobian(model, x).to(torch.float64)
     n = x.shape[0]
@@ -106,12 +108,25 @@ def explicit_fisher(kind, model, x, damping, lam=None, sigma=None, kfac_signals=
             b_fac = d.T @ lm @ d / n
             if l == len(hs) - 1 and kfac_output == "seed":
                 b_fac = b_fac / n
+            eye_b = torch.eye(b_fac.shape[0], dtype=torch.float64)
+            if kfac_bias == "block" and model.has_bias and l < len(hs) - 1:
+                # weights: K-FAC without the bias column; biases: B* ⊗ (σ_b²/N) (S.123)
+                aw = a[:, :-1]
+                a_w = aw.T @ aw / n
+                kron_w = torch.kron(
+                    b_fac + damping * eye_b, a_w + damping * torch.eye(a_w.shape[0], dtype=a.dtype)
+                )
+                order_w = torch.tensor([i for u in units for i in u[:-1]])
+                g[order_w[:, None], order_w[None, :]] = kron_w
+                a_b = (a[:, -1:].T @ a[:, -1:] / n) / n
+                order_b = torch.tensor([u[-1] for u in units])
+                g[order_b[:, None], order_b[None, :]] = torch.kron(b_fac + damping * eye_b, a_b + damping)
+                continue
             kron = torch.kron(
-                b_fac + damping * torch.eye(b_fac.shape[0], dtype=torch.float64),
-                a_fac + damping * torch.eye(a_fac.shape[0], dtype=torch.float64),
+                b_fac + damping * eye_b, a_fac + damping * torch.eye(a_fac.shape[0], dtype=torch.float64)
             )
-            order = functools.reduce(operator.iadd, units, [])  # row-major [W | b] ordering → flat indices
-            g[torch.tensor(order)[:, None], torch.tensor(order)[None, :]] = kron
+            order = torch.tensor([i for u in units for i in u])  # row-major [W | b] → flat indices
+            g[order[:, None], order[None, :]] = kron
         return g
     raise ValueError(kind)
 

@@ -61,6 +61,7 @@ def _explicit(fisher, net, x, lam):
         sigma=sigma,
         kfac_signals=signals,
         kfac_output=getattr(fisher, "output_factor", "seed"),
+        kfac_bias=getattr(fisher, "bias", "augment"),
     )
 
 
@@ -75,6 +76,7 @@ FISHERS = [
     F.KFAC,
     F.Unitwise,
     lambda **kw: F.Layerwise(sigma=torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 1.5]]), **kw),
+    lambda **kw: F.KFAC(bias="block", **kw),
 ]
 
 
@@ -95,6 +97,9 @@ def test_mse_update_and_coefficient_match_explicit(make, c, bias, damping, shape
     want = torch.linalg.solve(g, grad)
     got = flat(fisher.natural_gradient(net, x, y))
     assert _rel(got, want) < TOL
+    assert fisher.alpha_hat(net, x) == pytest.approx(
+        float(torch.trace(j @ torch.linalg.solve(g, j.T)) / (n * n * c)), rel=1e-8
+    )
     for xt in (x, x_test):
         jt = jacobian(net, xt)
         want_tb = jt @ torch.linalg.solve(g, j.T) / n
@@ -121,6 +126,8 @@ def test_cross_entropy_update_and_coefficient_match_explicit(make, c, shape):
     assert _rel(flat(fisher.natural_gradient(net, x, y)), want) < TOL
     want_tb = j @ torch.linalg.solve(g, j.T) / n
     assert _rel(F.flatten_coefficient(fisher.coefficient(net, x)), want_tb) < TOL
+    want_alpha = torch.diagonal(want_tb @ torch.block_diag(*lam)).mean()
+    assert fisher.alpha_hat(net, x) == pytest.approx(float(want_alpha), rel=1e-8)
 
 
 @pytest.mark.parametrize("make", [F.Exact, F.BlockDiagonal, F.KFAC, F.Unitwise])

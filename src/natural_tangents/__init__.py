@@ -6,16 +6,25 @@ theta = nat.empirical_ntk(net, x)                      # J J^T, no 1/N
 step = nat.fisher.BlockDiagonal().natural_gradient(net, x, y)
 """
 
-from . import activations
+from . import activations, data, fisher, losses
 from .kernels import empirical_ntk, empirical_unit_ntk
 from .network import MLP, Factors
+from .optim import GD, NGD, History, optimal_lr, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GD",
     "MLP",
+    "NGD",
     "Factors",
+    "History",
+    "fisher",
+    "losses",
+    "optimal_lr",
+    "train",
     "activations",
+    "data",
     "empirical_ntk",
     "empirical_unit_ntk",
 ]

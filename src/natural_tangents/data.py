@@ -333,22 +333,25 @@ def _find_idx(root: Path, split: str, kind: str) -> Path | None:
 
 def _load_npz(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     keys = (f"x_{split}", f"y_{split}")
+    expected = "an .npz archive with keys x_train, y_train, x_test, y_test (as in the common mnist.npz)"
+    files: list[str] | None = None
+    arrays: dict[str, np.ndarray] = {}
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [k for k in keys if k not in archive.files]
-            if missing:
-                raise ValueError(
-                    f"{path}: missing key(s) {missing}; expected x_train, y_train, x_test, y_test "
-                    f"as in the common mnist.npz, found {sorted(archive.files)}"
-                )
-            images, labels = archive[keys[0]], archive[keys[1]]
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError) as err:
+        # Own the file handle: np.load leaks it when the zip directory is unreadable.
+        with path.open("rb") as handle:
+            loaded = np.load(handle, allow_pickle=False)
+            if isinstance(loaded, np.lib.npyio.NpzFile):
+                with loaded:
+                    files = sorted(loaded.files)
+                    arrays = {k: loaded[k] for k in keys if k in files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError) as err:
         raise ValueError(f"{path}: not a readable .npz archive ({err}); re-download or re-save it") from err
-    except ValueError as err:
-        if str(err).startswith(str(path)):
-            raise
-        raise ValueError(f"{path}: not a readable .npz archive ({err}); re-download or re-save it") from err
-    return images, labels
+    if files is None:
+        raise ValueError(f"{path}: holds a single .npy array; expected {expected}")
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}; expected {expected}, found {files}")
+    return arrays[keys[0]], arrays[keys[1]]
 
 
 def _validate_mnist(images: np.ndarray, labels: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -753,7 +756,7 @@ def _forster_prechecks(u: Tensor) -> None:
     rank = int(torch.linalg.matrix_rank(u))
     if rank < m0:
         raise ValueError(
-            f"X: the N={n} points span only a {rank}-dimensional subspace of R^{m0} (rank-deficient X), "
+            f"x: the N={n} points span only a {rank}-dimensional subspace of R^{m0} (rank-deficient X), "
             f"which holds all N > {rank}·N/M_0 of them, so no invertible A puts them in radial "
             "isotropic position; project X onto its span (or drop constant/dependent features) first"
         )
@@ -770,18 +773,21 @@ def _forster_prechecks(u: Tensor) -> None:
         shown = ", ".join(str(i) for i in rows[:6]) + (", ..." if len(rows) > 6 else "")
         if p * m0 > n:
             raise ValueError(
-                f"X: rows {shown} are parallel (duplicates up to sign and scale): one line holds "
+                f"x: rows {shown} are parallel (duplicates up to sign and scale): one line holds "
                 f"{p} > N/M_0 = {n / m0:g} of the points, so no radial isotropic position exists; "
                 "remove duplicate samples (Assumption 2 asks for distinct inputs)"
             )
         rest = u[inverse != group]
         if rest.shape[0] and int(torch.linalg.matrix_rank(rest)) == m0:
             raise ValueError(
-                f"X: rows {shown} are parallel (duplicates up to sign and scale): one line holds "
+                f"x: rows {shown} are parallel (duplicates up to sign and scale): one line holds "
                 f"exactly N/M_0 = {p} of the points while the other points span R^{m0}, so the "
                 "radial isotropic position is only approached as A becomes singular; remove "
                 "duplicate samples (Assumption 2 asks for distinct inputs)"
             )
+
+
+_MAX_CONDITION = 1e10  # a transform A worse conditioned than this is taken as singular
 
 
 def _not_converged(residual: float, tol: float, max_iter: int, method: str, n: int, m0: int) -> ValueError:
@@ -794,69 +800,119 @@ def _not_converged(residual: float, tol: float, max_iter: int, method: str, n: i
     )
 
 
+def _singular(residual: float, it: int, method: str, n: int, m0: int) -> ValueError:
+    return ValueError(
+        f"forster: the transform A became numerically singular (condition number > {_MAX_CONDITION:g}) "
+        f"after {it} {method} iterations, with ||M_0/N X̄^T X̄ - I||_2 = {residual:.3g} (N={n}, "
+        f"M_0={m0}): the points are concentrated in a subspace (a k-dimensional subspace holds at "
+        "least k·N/M_0 of them), so X has no radial isotropic position; remove near-duplicate or "
+        "dependent samples, or project X onto fewer features"
+    )
+
+
 def _forster_fixed_point(u: Tensor, tol: float, max_iter: int) -> Tensor:
-    """A ← S^{-1/2} A with S = M_0/N X̄^T X̄, X̄ = rows of X A^T normalized (Tyler's iteration)."""
+    """A ← S^{-1/2} A with S = M_0/N X̄^T X̄ and X̄ the rows of X A^T normalized.
+
+    This is Tyler's fixed-point iteration for the scatter matrix B = A^T A; it converges (linearly)
+    exactly when a radial isotropic position exists, and otherwise A drifts towards singularity.
+    """
     n, m0 = u.shape
     a = torch.eye(m0, dtype=u.dtype, device=u.device)
+    residual = math.inf
     for it in range(max_iter + 1):
-        residual, w, v = _isotropy(_unit_rows(u @ a.T))
+        xbar = _unit_rows(u @ a.T)
+        if not bool(torch.isfinite(xbar).all()):
+            raise _singular(residual, it, "fixed-point", n, m0)
+        try:
+            residual, w, v = _isotropy(xbar)
+        except torch.linalg.LinAlgError:
+            raise _singular(residual, it, "fixed-point", n, m0) from None
         if residual <= tol:
             return a
-        if it == max_iter or not math.isfinite(residual) or float(w.min()) <= 0:
+        if it == max_iter:
             break
+        if float(w.min()) <= 0 or (it % 10 == 9 and float(torch.linalg.cond(a)) > _MAX_CONDITION):
+            raise _singular(residual, it, "fixed-point", n, m0)
         a = (v * w.rsqrt()) @ v.T @ a
         a = a * (math.sqrt(m0) / torch.linalg.matrix_norm(a))
     raise _not_converged(residual, tol, max_iter, "fixed-point", n, m0)
 
 
 def _forster_newton(u: Tensor, tol: float, max_iter: int) -> Tensor:
-    """Newton's method on Barthe's convex dual over log-weights t ∈ R^N.
+    """Newton's method with backtracking on Barthe's convex function of log-weights t ∈ R^N.
 
-    f(t) = log det Σ(t) − (M_0/N) Σ_n t_n,  Σ(t) = Σ_n e^{t_n} u_n u_n^T.
-    Its gradient is τ − M_0/N with leverage scores τ_n = e^{t_n} u_n^T Σ^{-1} u_n and its Hessian
-    diag(τ) − P∘P with P = D^{1/2} U Σ^{-1} U^T D^{1/2}; f is invariant under t → t + s·1. At the
-    minimizer τ_n = M_0/N for all n, and A = Σ^{-1/2} (here the inverse Cholesky factor L^{-1},
-    which differs by an orthogonal factor) gives X̄^T X̄ = (N/M_0) I.
+    For unit points x_n (rows of X),
+
+        f(t) = log det Σ(t) − (M_0/N) Σ_n t_n,   Σ(t) = Σ_n e^{t_n} x_n x_n^T,
+
+    has gradient τ − M_0/N, with leverage scores τ_n = e^{t_n} x_n^T Σ^{-1} x_n, and Hessian
+    diag(τ) − P∘P, with P = D^{1/2} X Σ^{-1} X^T D^{1/2} (D = diag(e^t), P a projection). f is
+    invariant under t → t + s·1, the Hessian's one null direction, which is filled with 11^T/N.
+    At the minimizer τ_n = M_0/N for all n, and any A with A Σ A^T = I gives
+    X̄^T X̄ = (N/M_0) I. Without a radial isotropic position f has no minimizer and the
+    weights spread without bound (A becomes singular).
+
+    Each step is taken from t = 0 in the current coordinates X̄_k (rows of X A_k^T, normalized):
+    since A Σ_X(t) A^T = Σ_{X̄}(t + log ||A x_n||²), this is the same Newton method, but the
+    matrices it factorizes stay well conditioned however ill-conditioned A_k is.
     """
     n, m0 = u.shape
     c = m0 / n
-    ones = torch.ones(n, dtype=u.dtype, device=u.device)
+    eye = torch.eye(m0, dtype=u.dtype, device=u.device)
+    fill = torch.full((n, n), 1.0 / n, dtype=u.dtype, device=u.device)
 
-    def evaluate(t: Tensor) -> tuple[float, Tensor, Tensor] | None:
-        w = torch.exp(t - t.max())
-        chol, info = torch.linalg.cholesky_ex((u * w[:, None]).T @ u)
+    def evaluate(xbar: Tensor, t: Tensor) -> tuple[float, Tensor, Tensor, Tensor] | None:
+        """f(t), its gradient, Z = D^{1/2} X̄ L^{-T} and L^{-1}, where Σ(t) = L L^T."""
+        w = torch.exp(t)
+        chol, info = torch.linalg.cholesky_ex((xbar * w[:, None]).T @ xbar)
         if int(info) != 0:
             return None
-        value = 2 * float(torch.log(torch.diagonal(chol)).sum()) - c * float((t - t.max()).sum())
-        return value, w, chol
+        a_step = torch.linalg.solve_triangular(chol, eye, upper=False)
+        z = (xbar @ a_step.T) * w.sqrt()[:, None]
+        value = 2 * float(torch.log(torch.diagonal(chol)).sum()) - c * float(t.sum())
+        return value, (z * z).sum(dim=1) - c, z, a_step
 
-    t = torch.zeros(n, dtype=u.dtype, device=u.device)
-    state = evaluate(t)
+    a = eye
     residual = math.inf
+    zero = torch.zeros(n, dtype=u.dtype, device=u.device)
     for it in range(max_iter + 1):
-        if state is None:
-            break
-        value, w, chol = state
-        a = torch.linalg.solve_triangular(chol, torch.eye(m0, dtype=u.dtype, device=u.device), upper=False)
-        y = u @ a.T  # rows A u_n
-        residual, _, _ = _isotropy(_unit_rows(y))
+        xbar = _unit_rows(u @ a.T)
+        if not bool(torch.isfinite(xbar).all()) or float(torch.linalg.cond(a)) > _MAX_CONDITION:
+            raise _singular(residual, it, "Newton", n, m0)
+        residual, _, _ = _isotropy(xbar)
         if residual <= tol:
             return a
         if it == max_iter:
             break
-        z = y * w.sqrt()[:, None]
-        tau = (z * z).sum(dim=1)
-        grad = tau - c
-        hess = torch.diag(tau) - (z @ z.T) ** 2 + torch.outer(ones, ones) / n
+        state = evaluate(xbar, zero)
+        if state is None:
+            raise _singular(residual, it, "Newton", n, m0)
+        value, grad, z, _ = state
+        hess = torch.diag(grad + c) - (z @ z.T) ** 2 + fill
         step = -torch.linalg.lstsq(hess, grad[:, None]).solution[:, 0]
         slope = float(grad @ step)
-        size, state = 1.0, None
+        gnorm = float(grad.norm())
+        # Backtracking: Armijo on f, or (for a full Newton step, where f is too flat to resolve
+        # in floating point near the minimizer) a decrease of the gradient norm.
+        size, a_step = 1.0, None
         while size > 1e-12:
-            trial = evaluate(t + size * step)
-            if trial is not None and trial[0] <= value + 1e-4 * size * slope:
-                t, state = t + size * step, trial
+            trial = evaluate(xbar, size * step)
+            if trial is not None and (
+                trial[0] <= value + 1e-4 * size * slope or (size == 1.0 and float(trial[1].norm()) < gnorm)
+            ):
+                a_step = trial[3]
                 break
             size /= 2
+        if a_step is None:
+            raise ValueError(
+                f"forster: Newton's line search stalled after {it} iterations with "
+                f"||M_0/N X̄^T X̄ - I||_2 = {residual:.3g} > tol={tol:g} (max_iter={max_iter}, N={n}, "
+                f"M_0={m0}); the points are probably (nearly) concentrated in a subspace (a "
+                "k-dimensional subspace holding at least k·N/M_0 of them), where no radial isotropic "
+                "position exists; otherwise loosen tol or try method='fixed_point'"
+            )
+        a = a_step @ a
+        a = a * (math.sqrt(m0) / torch.linalg.matrix_norm(a))
     raise _not_converged(residual, tol, max_iter, "Newton", n, m0)
 
 
@@ -933,7 +989,7 @@ def forster(
         ValueError: N < M_0, a zero or non-finite row, input with no radial isotropic position,
             or no convergence within max_iter (the message names tol and max_iter).
     """
-    x = check_batch(x, "X")
+    x = check_batch(x, "x")
     out_dtype = x.dtype if x.is_floating_point() else torch.float64
     tol = float(tol)
     if not (math.isfinite(tol) and tol > 0):
@@ -947,16 +1003,15 @@ def forster(
     n, m0 = x.shape
     if n < m0:
         raise ValueError(
-            f"X: N={n} samples in M_0={m0} dimensions; radial isotropic position "
+            f"x: N={n} samples in M_0={m0} dimensions; radial isotropic position "
             f"X̄^T X̄ = (N/M_0) I needs N >= M_0 (X̄^T X̄ has rank <= N); use at least M_0 samples "
             "or fewer input features"
         )
     u = normalize(x.to(torch.float64))
     _forster_prechecks(u)
     solve = _forster_fixed_point if method == "fixed_point" else _forster_newton
-    a = solve(u, tol, max_iter)
-    a = a * (math.sqrt(m0) / torch.linalg.matrix_norm(a))
-    xbar = _unit_rows(u @ a.T).to(out_dtype)
+    a = solve(u, tol, max_iter)  # already scaled to ||A||_F² = M_0
+    xbar = _unit_rows(u @ a.T).to(out_dtype)  # the X̄ whose residual the solver checked
     if return_transform:
         return xbar, a.to(out_dtype)
     return xbar

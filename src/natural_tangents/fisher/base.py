@@ -161,6 +161,18 @@ class Fisher:
         t = self._coefficient(fx, ft, self._metric(fx))
         return _public_shape(t, ft.n, fx.n, fx.c)
 
+    def alpha_hat(self, model, x) -> float:
+        """Empirical α̂ = tr(Θ̄(x, x) Λ) / (N·C) (Λ = I for MSE): the mean eigenvalue of Θ̄ for MSE,
+        and the α of (S.167) for cross-entropy. ``lr="optimal"`` steps use η = 1/α̂."""
+        return self.alpha_hat_from_factors(model_factors(model, x))
+
+    def alpha_hat_from_factors(self, fx: Factors) -> float:
+        tb = self._coefficient(fx, fx, self._metric(fx))
+        lam = self._metric(fx)
+        if lam is not None:
+            tb = tb @ block_diag_metric(lam)
+        return float(torch.diagonal(tb).mean())
+
     def isotropy(self, model, x) -> Isotropy:
         """Isotropy diagnostics of Θ̄(x, x): α̂ (mean eigenvalue), condition number, ||Θ̄/α̂ − I||₂."""
         return isotropy(self.coefficient(model, x))

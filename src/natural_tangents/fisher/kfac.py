@@ -13,9 +13,12 @@ inverted as it is (primal) for a layer narrower than N, such as an input layer w
 On the training set at ρ = 0, Θ̄ = N Σ_l B̄_l ⊙ Ā_{l−1} (S.105) = N L I when M_0 ≥ N (S.107).
 
 Bias treatment: ``bias="augment"`` (default) appends σ_b to the forward signal (section B.3.3);
-``bias="block"`` keeps K-FAC for the weights and gives the biases the separate block
-J_b^T Λ J_b / N² of (S.123), so that (1/N) Θ̄ = Σ_l B̄_l ⊙ (Ā_{l−1} + 1 1^T) (S.124) and the Forster
-transformation of the inputs restores isotropy when M_0 < N.
+``bias="block"`` keeps K-FAC for the weights of the hidden layers and gives their biases the
+separate block J_b^T Λ J_b / N² of (S.123) (a Kronecker block with the scalar input factor σ_b²/N),
+so that (1/N) Θ̄ = Σ_{l<L} B̄_l ⊙ (Ā_{l−1} + 1 1^T) + Ā_{L−1} (S.124) and the Forster transformation of
+the inputs restores isotropy when M_0 < N: α = N(2L − 2) + M_0 (N(2L − 1) when M_0 ≥ N). The output
+layer keeps its bias in the augmented factor: on its own, an output-bias block would add the rank-C
+term N 1 1^T of (S.124) with B̄_L = 1 1^T and break isotropy.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ class KFAC(Fisher):
         for l, (a, has_bias) in enumerate(zip(fx.forward, fx.has_bias)):
             b_scale = 1.0 / fx.n if (l == fx.depth - 1 and self.output_factor == "seed") else 1.0
             p = a.shape[1]
-            if has_bias and self.bias == "block":
+            if has_bias and self.bias == "block" and l < fx.depth - 1:
                 out.append(_KronBlock(l, slice(0, p - 1), 1.0, b_scale))
                 out.append(_KronBlock(l, slice(p - 1, p), 1.0 / fx.n, b_scale))
             else:

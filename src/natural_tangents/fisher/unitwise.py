@@ -48,13 +48,39 @@ class Unitwise(Fisher):
         s = s2.clamp_min(0).sqrt()
         return s, d
 
+    def _unit_matrices(self, k: Tensor, s: Tensor) -> Tensor:
+        """S K S / N + ρ I for a chunk of units, (m, N, N)."""
+        mats = torch.mul(s[:, :, None], s[:, None, :]).mul_(k / k.shape[0])
+        mats.diagonal(dim1=1, dim2=2).add_(self.damping)
+        return mats
+
+    def alpha_hat_from_factors(self, fx: Factors) -> float:
+        """tr(Θ̄ Λ) / (N·C) without forming Θ̄: Σ_{l,i} tr(Θ_{l,i} (Θ_{l,i} + ρ)^{-1}) / (N·C), where each
+        trace is N − ρ ||L_i^{-1}||_F² for the Cholesky factor L_i of S K S / N + ρ I, and at ρ = 0 the
+        number of samples on which unit i is active (S.137)."""
+        lam = self._metric(fx)
+        n, total = fx.n, 0.0
+        for l in range(fx.depth):
+            s, _ = self._unit_scales(fx, l, lam)
+            if self.damping == 0:
+                total += float((s > 0).sum())
+                continue
+            a = fx.forward[l].to(self.solve_dtype)
+            k = a @ a.T
+            step = max(1, _CHUNK_ELEMENTS // (n * n))
+            for lo in range(0, s.shape[0], step):
+                chol = torch.linalg.cholesky(self._unit_matrices(k, s[lo : lo + step]))
+                eye = torch.eye(n, dtype=k.dtype, device=k.device).expand_as(chol)
+                inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+                total += float(n * chol.shape[0] - self.damping * (inv**2).sum())
+        return total / (n * fx.c)
+
     def _solve_units(self, k: Tensor, s: Tensor, rhs: Tensor) -> Tensor:
         """For each unit i: S_i (S_i K S_i / N + ρ)^{-1} S_i^+ rhs_i, with rhs (M, N, R).
 
         At ρ = 0 this is the pseudo-inverse limit (S.135), restricted to the support of s_i.
         """
         n = k.shape[0]
-        eye = torch.eye(n, dtype=k.dtype, device=k.device)
         inv_s = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
         out = torch.empty_like(rhs)
         step = max(1, _CHUNK_ELEMENTS // (n * n))
@@ -62,14 +88,14 @@ class Unitwise(Fisher):
             sl = slice(lo, lo + step)
             si, ri = s[sl], rhs[sl] * inv_s[sl, :, None]
             if self.damping > 0:
-                mats = si[:, :, None] * k * si[:, None, :] / n + self.damping * eye
-                chol, info = torch.linalg.cholesky_ex(mats)
+                chol, info = torch.linalg.cholesky_ex(self._unit_matrices(k, si))
                 z = torch.cholesky_solve(ri, chol)
                 bad = info != 0
             else:
                 # pseudo-inverse on the support: (S K S / N)^+ = S^+ (N K_SS^{-1}) S^+ when K_SS is PD
                 m = (si > 0).to(k.dtype)
-                mats = m[:, :, None] * k * m[:, None, :] + torch.diag_embed(1.0 - m)
+                mats = torch.mul(m[:, :, None], m[:, None, :]).mul_(k)
+                mats.diagonal(dim1=1, dim2=2).add_(1.0 - m)
                 chol, info = torch.linalg.cholesky_ex(mats)
                 # w = N m K_m^{-1}(b / s²); z = w / s so that the common line below returns w
                 z = torch.cholesky_solve(ri * inv_s[sl, :, None], chol) * (n * inv_s[sl, :, None])
