@@ -170,3 +170,45 @@ def explicit_signals(model, x):
 
 def flat(tensors):
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def explicit_sequential_signals(model, x):
+    """:func:`explicit_signals` for a ``torch.nn.Sequential`` of ``nn.Linear`` layers, read through
+    forward hooks on the model itself (nothing from ``natural_tangents.models``).
+
+    Forward signals: the input each ``nn.Linear`` receives in ``model(x)``, with a column of ones
+    appended when it has a bias (standard parameterization), (N, M_in [+1]). Backward signals:
+    δ_l = ∂f/∂u_l (C, N, M_l) by jacrev through additive probes on each ``nn.Linear`` output."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {}
+
+    def record(module, args, out):
+        inputs[module] = args[0].detach()
+
+    handles = [m.register_forward_hook(record) for m in linears]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    hs = []
+    for m in linears:
+        a = inputs[m]
+        if m.bias is not None:
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+        hs.append(a)
+
+    def f_of(probes):
+        slot = {m: e for m, e in zip(linears, probes)}
+        hooks = [m.register_forward_hook(lambda mod, args, out: out + slot[mod]) for m in linears]
+        try:
+            return functional_call(model, param_dict(model), (x,))
+        finally:
+            for h in hooks:
+                h.remove()
+
+    probes = tuple(torch.zeros(x.shape[0], m.out_features, dtype=x.dtype) for m in linears)
+    jac = jacrev(f_of)(probes)  # per layer: (N, C, N, M_l)
+    idx = torch.arange(x.shape[0])
+    return hs, [jl[idx, :, idx, :].permute(1, 0, 2) for jl in jac]

@@ -6,7 +6,7 @@ theta = nat.empirical_ntk(net, x)                      # J J^T, no 1/N
 step = nat.fisher.BlockDiagonal().natural_gradient(net, x, y)
 """
 
-from . import activations, data, fisher, losses
+from . import activations, data, fisher, losses, models
 from .kernels import empirical_ntk, empirical_unit_ntk
 from .network import MLP, Factors
 from .optim import GD, NGD, History, optimal_lr, train
@@ -25,6 +25,7 @@ __all__ = [
     "train",
     "activations",
     "data",
+    "models",
     "empirical_ntk",
     "empirical_unit_ntk",
 ]

@@ -24,6 +24,7 @@ from . import fisher as _fisher
 from . import losses as _losses
 from .fisher.base import Fisher
 from .kernels import model_factors
+from .network import affine_layers
 
 __all__ = ["NGD", "GD", "History", "train", "optimal_lr"]
 
@@ -53,7 +54,12 @@ class NGD(torch.optim.Optimizer):
         lr: a number, or ``"optimal"`` for η = 1/α̂ of this Fisher, measured once at the first step
             (stored in the parameter group as ``"alpha"`` and saved with ``state_dict``).
         param_groups: optional torch-style groups (dicts with ``"params"`` and optionally ``"lr"``)
-            over ``model.parameters()``; parameters in no group are not updated.
+            over ``model.parameters()``; parameters in no group are not updated. The natural
+            gradient is always that of the whole model (the Fisher couples all parameters); a group
+            applies its own block of it with its own rate.
+
+    An unsupported model or layer is rejected here, before anything is computed (``TypeError`` or
+    ``NotImplementedError`` naming the layer; see :mod:`natural_tangents.models`).
     """
 
     def __init__(
@@ -64,21 +70,32 @@ class NGD(torch.optim.Optimizer):
         param_groups: list[dict] | None = None,
     ) -> None:
         _check_lr(lr)
+        affine_layers(model)  # an unsupported model or layer fails here, before anything is computed
         self.model = model
         self.fisher = _fisher.get(fisher)
         groups = param_groups if param_groups is not None else [{"params": list(model.parameters())}]
         super().__init__(groups, {"lr": lr})
-        owned = {id(p) for p in model.parameters()}
-        for g in self.param_groups:
-            _check_lr(g["lr"])
-            if any(id(p) not in owned for p in g["params"]):
-                raise ValueError("param_groups: every parameter must belong to `model`")
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; the parameters must belong to the model and
+        ``lr`` must be a positive number or ``"optimal"``."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        owned = {id(p) for p in self.model.parameters()}
+        if any(id(p) not in owned for p in group["params"]) or not _lr_ok(group["lr"]):
+            self.param_groups.pop()
+            _check_lr(group["lr"])
+            raise ValueError("param_groups: every parameter must belong to `model`")
 
     def _lr(self, group: dict, x: Tensor) -> float:
         if group["lr"] != _OPTIMAL:
             return float(group["lr"])
         if group.get("alpha") is None:
-            group["alpha"] = self.fisher.alpha_hat(self.model, x)
+            # one measurement of α̂ serves every group that has none yet (same model, same batch)
+            alpha = self.fisher.alpha_hat(self.model, x)
+            for g in self.param_groups:
+                if g["lr"] == _OPTIMAL and g.get("alpha") is None:
+                    g["alpha"] = alpha
         return 1.0 / group["alpha"]
 
     def natural_gradient(self, x, y) -> list[Tensor]:
@@ -88,13 +105,13 @@ class NGD(torch.optim.Optimizer):
     @torch.no_grad()
     def precondition(self, x, y) -> None:
         """Write the natural gradient into each parameter's ``.grad`` (for any torch optimizer)."""
-        for p, g in zip(self.model.parameters(), self.natural_gradient(x, y)):
+        for p, g in zip(self.model.parameters(), self.natural_gradient(x, y), strict=True):
             p.grad = g.to(p.dtype).clone()
 
     @torch.no_grad()
     def step(self, x, y) -> None:  # type: ignore[override]
         """One full-batch NGD step on (x, y)."""
-        ng = {id(p): g for p, g in zip(self.model.parameters(), self.natural_gradient(x, y))}
+        ng = {id(p): g for p, g in zip(self.model.parameters(), self.natural_gradient(x, y), strict=True)}
         for group in self.param_groups:
             lr = self._lr(group, x)
             for p in group["params"]:
@@ -123,10 +140,18 @@ class GD:
                 p.add_(g, alpha=-float(self.lr))
 
 
+def _lr_ok(lr) -> bool:
+    if isinstance(lr, str):
+        return lr == _OPTIMAL
+    try:
+        value = float(lr)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(value) and value > 0
+
+
 def _check_lr(lr) -> None:
-    if lr == _OPTIMAL:
-        return
-    if isinstance(lr, str) or not math.isfinite(float(lr)) or float(lr) <= 0:
+    if not _lr_ok(lr):
         raise ValueError(f"lr: expected a positive number or 'optimal', got {lr!r}")
 
 

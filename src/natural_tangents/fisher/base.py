@@ -195,7 +195,7 @@ def split_parameters(mats: list[Tensor], fx: Factors) -> list[Tensor]:
     for m, bias in zip(mats, fx.has_bias):
         m = m.to(fx.f.dtype)
         if bias:
-            out.extend([m[:, :-1].contiguous(), m[:, -1].contiguous()])
+            out.extend([m[:, :-1], m[:, -1]])  # views: no copy of a model-sized update
         else:
             out.append(m)
     return out

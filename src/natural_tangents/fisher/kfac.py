@@ -158,12 +158,13 @@ class KFAC(Fisher):
             if z is not None:
                 # Zr[(m, j), n] = Σ_k Z[(m, j), (n, k)] r[n, k];  update = Δ^T Zr R_A / N
                 zr = torch.einsum("ank,nk->an", z.reshape(n * c, n, c), r)
-                upd = (d.T @ zr) @ ra / n
+                dtype = fx.f.dtype  # the O(M p N) product in the model's precision
+                upd = (d.T @ zr).to(dtype) @ ra.to(dtype) / n
             else:
                 g = torch.einsum("am,an,np->mp", d, _expand(r), ra)  # Σ_{n,k} r δ R_A^T
                 upd = solve_psd(self._output_primal(blk, fx, lam), g, self.damping) / n
             parts.setdefault(blk.layer, []).append(upd)
-        return [torch.cat(parts[l], dim=1) for l in range(fx.depth)]
+        return [parts[l][0] if len(parts[l]) == 1 else torch.cat(parts[l], dim=1) for l in range(fx.depth)]
 
     def _coefficient(self, fx: Factors, ft: Factors, lam: Tensor | None) -> Tensor:
         self._check_isotropy(fx)

@@ -1,0 +1,570 @@
+"""Users' own ``torch.nn.Sequential`` models: every Fisher against the explicit parameter-space route
+(torch.func Jacobians, P × P Fishers), against the equivalent ``nat.MLP``, NGD as a torch optimizer,
+and the errors for what the library cannot read.
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import natural_tangents as nat
+from _explicit import explicit_fisher, explicit_sequential_signals, flat, jacobian
+from natural_tangents import fisher as F
+from natural_tangents import models
+
+TOL = 1e-8
+F64 = torch.float64
+SIGMA = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 1.5]])
+
+FISHERS = {
+    "exact": F.Exact,
+    "block_diagonal": F.BlockDiagonal,
+    "block_tridiagonal": F.BlockTriDiagonal,
+    "kfac": F.KFAC,
+    "unitwise": F.Unitwise,
+    "layerwise_custom_sigma": lambda **kw: F.Layerwise(sigma=SIGMA, **kw),
+}
+
+
+def _build(make, seed=0, dtype=F64):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return make().to(dtype)
+
+
+def _mixed(c, bias, seed=0, dtype=F64):
+    """Linear, Tanh, Linear, ReLU, GELU, Linear: widths 5 → 9 → 4 → C (hidden widths around N, so
+    K-FAC goes through both its dual and its primal factor inverses)."""
+    return _build(
+        lambda: nn.Sequential(
+            nn.Linear(5, 9, bias=bias),
+            nn.Tanh(),
+            nn.Linear(9, 4, bias=bias),
+            nn.ReLU(),
+            nn.GELU(),
+            nn.Linear(4, c, bias=bias),
+        ),
+        seed,
+        dtype,
+    )
+
+
+def _data(n, shape, c, seed=1, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g, dtype=F64)
+    y = torch.randn(n, c, generator=g, dtype=F64)
+    return x.to(dtype), y.to(dtype)
+
+
+def _rel(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def _explicit_g(fisher, model, x):
+    kind = {
+        "exact": "exact",
+        "block_diagonal": "layerwise",
+        "block_tridiagonal": "layerwise",
+        "layerwise": "layerwise",
+        "kfac": "kfac",
+        "unitwise": "unitwise",
+    }[fisher.name]
+    depth = sum(isinstance(m, nn.Linear) for m in model.modules())
+    return explicit_fisher(
+        kind,
+        model,
+        x,
+        fisher.damping,
+        sigma=fisher.sigma_matrix(depth) if kind == "layerwise" else None,
+        kfac_signals=explicit_sequential_signals(model, x) if kind == "kfac" else None,
+        kfac_output=getattr(fisher, "output_factor", "seed"),
+    )
+
+
+def _explicit_update(fisher, model, x, y):
+    """(G + ρI)^{-1} J^T (f − y) / N from explicit Jacobians, flat in ``model.parameters()`` order."""
+    j = jacobian(model, x)
+    g = _explicit_g(fisher, model, x)
+    grad = j.T @ (model(x) - y).detach().reshape(-1) / x.shape[0]
+    return torch.linalg.solve(g, grad), j, g
+
+
+def _loss(model, x, y):
+    with torch.no_grad():
+        return float(((model(x) - y) ** 2).sum() / (2 * x.shape[0]))
+
+
+# ------------------------------------------------------------------ explicit parameter-space route
+
+
+@pytest.mark.parametrize("name", list(FISHERS))
+@pytest.mark.parametrize("c", [1, 2])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("damping", [1e-3, 1.0])
+def test_sequential_update_and_coefficient_match_explicit(name, c, bias, damping):
+    fisher = FISHERS[name](damping=damping)
+    model = _mixed(c, bias)
+    x, y = _data(7, (5,), c)
+    x_test, _ = _data(3, (5,), c, seed=5)
+    want, j, g = _explicit_update(fisher, model, x, y)
+    got = fisher.natural_gradient(model, x, y)
+    assert [t.shape for t in got] == [p.shape for p in model.parameters()]
+    assert _rel(flat(got), want) < TOL
+    want_tb = jacobian(model, x_test) @ torch.linalg.solve(g, j.T) / x.shape[0]
+    assert _rel(F.flatten_coefficient(fisher.coefficient(model, x, x_test)), want_tb) < TOL
+
+
+def _every_activation_model():
+    """Preprocessing before the first Linear, composed activations, a trailing output activation."""
+    return nn.Sequential(
+        nn.Softsign(),  # input preprocessing
+        nn.Linear(5, 8),
+        nn.LeakyReLU(0.1),
+        nn.ELU(alpha=0.7),
+        nn.Linear(8, 7),
+        nn.Softplus(beta=2.0, threshold=1.0),
+        nn.SiLU(),
+        nn.Dropout(p=0.0),
+        nn.Linear(7, 6, bias=False),
+        nn.GELU(approximate="tanh"),
+        nn.Mish(),
+        nn.Identity(),
+        nn.Linear(6, 6),
+        nn.SELU(),
+        nn.CELU(alpha=0.5),
+        nn.Hardtanh(-2.0, 2.0),
+        nn.Linear(6, 2),
+        nn.Sigmoid(),  # output activation: f = sigmoid(u_L)
+    )
+
+
+@pytest.mark.parametrize("name", ["exact", "block_diagonal", "kfac", "unitwise"])
+def test_preprocessing_composed_and_output_activations_match_explicit(name):
+    fisher = FISHERS[name](damping=1e-3)
+    model = _build(_every_activation_model)
+    x, y = _data(6, (5,), 2)
+    x = 3.0 * x  # reach the Softplus threshold region and the Hardtanh clamps
+    want, j, _ = _explicit_update(fisher, model, x, y)
+    assert _rel(flat(fisher.natural_gradient(model, x, y)), want) < TOL
+    if name == "exact":  # the kernel too: J J^T, no 1/N, (N, N, C, C)
+        ntk = nat.empirical_ntk(model, x)
+        assert _rel(F.flatten_coefficient(ntk), j @ j.T) < TOL
+
+
+def test_nested_sequential_flatten_and_eval_dropout_match_explicit():
+    """Nested nn.Sequential are flattened, a leading nn.Flatten() takes (N, 2, 3) inputs, dropout in
+    eval mode is the identity."""
+    model = _build(
+        lambda: nn.Sequential(
+            nn.Flatten(),
+            nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.5)),
+            nn.Sequential(nn.Sequential(nn.Linear(8, 5)), nn.ReLU(), nn.Flatten()),
+            nn.Linear(5, 2),
+        )
+    )
+    model.eval()
+    fisher = F.KFAC(damping=1e-2)
+    x, y = _data(7, (2, 3), 2)
+    want, _, _ = _explicit_update(fisher, model, x, y)  # jacobian of model(x) on the (N, 2, 3) batch
+    assert _rel(flat(fisher.natural_gradient(model, x, y)), want) < TOL
+    model.train()  # now the dropout is random: refused
+    with pytest.raises(NotImplementedError, match=r"model\[1\]\[2\].*Dropout.*model\.eval\(\)"):
+        fisher.natural_gradient(model, x, y)
+
+
+ACTIVATION_MODULES = [
+    nn.ReLU(inplace=True),
+    nn.Tanh(),
+    nn.Sigmoid(),
+    nn.GELU(),
+    nn.GELU(approximate="tanh"),
+    nn.Softplus(),
+    nn.Softplus(beta=0.5, threshold=3.0),
+    nn.LeakyReLU(0.2, inplace=True),
+    nn.ELU(alpha=1.3),
+    nn.CELU(alpha=0.4),
+    nn.SELU(),
+    nn.SiLU(),
+    nn.Mish(),
+    nn.Hardtanh(-0.7, 1.2),
+    nn.ReLU6(),
+    nn.Softsign(),
+    nn.Tanhshrink(),
+    nn.Hardsigmoid(),
+    nn.Hardswish(inplace=True),
+    nn.LogSigmoid(),
+    nn.Hardshrink(0.3),
+    nn.Softshrink(0.4),
+    nn.Threshold(0.1, -2.0, inplace=True),
+]
+
+
+def test_every_supported_activation_matches_torch_and_its_autograd_derivative():
+    assert {type(m) for m in ACTIVATION_MODULES} == set(models.ACTIVATIONS)
+    g = torch.Generator().manual_seed(3)
+    u = torch.cat([torch.randn(400, generator=g, dtype=F64) * 4, torch.linspace(-25.3, 25.7, 301, dtype=F64)])
+    for module in ACTIVATION_MODULES:
+        act = models.activation_of(module)
+        before = u.clone()
+        value, slope = act(u), act.derivative(u)
+        assert torch.equal(u, before), module  # never in place: the factors keep u
+        v = u.clone().requires_grad_(True)
+        ref = copy.deepcopy(module)
+        if hasattr(ref, "inplace"):
+            ref.inplace = False
+        (want,) = torch.autograd.grad(ref(v).sum(), v)
+        assert torch.allclose(value, ref(u), rtol=1e-12, atol=1e-12), module
+        # torch's float64 CELU backward is off by up to ~1.4e-8 for α = 0.4 (checked against 40-digit
+        # arithmetic: at u = -0.0089 it gives 0.97799569131, exp(u/α) = 0.97799570556), though its
+        # forward is exact; ours is exp(u/α), so the autograd reference is looser there
+        atol = 1e-7 if isinstance(module, nn.CELU) else 1e-12
+        assert torch.allclose(slope, want, rtol=1e-10, atol=atol), module
+
+
+# ------------------------------------------------------------------ the equivalent nat.MLP
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "gelu", "sigmoid"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_sequential_equals_the_standard_parameterized_mlp(activation, bias):
+    mlp = nat.MLP(
+        [5, 9, 8, 2],
+        activation=activation,
+        sigma_w2=1.7,
+        sigma_b2=0.4 if bias else 0.0,
+        parameterization="standard",
+        seed=2,
+        dtype=F64,
+    )
+    module = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}[activation]
+    seq = nn.Sequential(
+        nn.Linear(5, 9, bias=bias), module(), nn.Linear(9, 8, bias=bias), module(), nn.Linear(8, 2, bias=bias)
+    ).to(F64)
+    with torch.no_grad():
+        for p, q in zip(seq.parameters(), mlp.parameters(), strict=True):
+            p.copy_(q)
+    x, y = _data(6, (5,), 2)
+    assert _rel(seq(x), mlp(x)) < 1e-14
+    fishers = [make(damping=1e-2) for make in FISHERS.values()]
+    fishers += [F.KFAC(bias="block", damping=1e-2), F.KFAC(output_factor="fisher", damping=0.1)]
+    for fisher in fishers:
+        want = fisher.natural_gradient(mlp, x, y)
+        got = fisher.natural_gradient(seq, x, y)
+        assert [t.shape for t in got] == [t.shape for t in want]
+        assert _rel(flat(got), flat(want)) < 1e-10, fisher
+        assert _rel(fisher.coefficient(seq, x), fisher.coefficient(mlp, x)) < 1e-10, fisher
+    assert _rel(nat.empirical_ntk(seq, x), nat.empirical_ntk(mlp, x)) < 1e-12
+
+
+# ------------------------------------------------------------------ NGD as a torch optimizer
+
+
+def _user_model(dtype=F64, seed=0):
+    return _build(
+        lambda: nn.Sequential(nn.Linear(10, 64), nn.Tanh(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)),
+        seed,
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize(
+    ("fisher", "lr", "factor"),
+    [(F.Exact(damping=1e-3), 1.0, 1e6), (F.BlockDiagonal(damping=1e-3), "optimal", 1e5)],
+)
+def test_ngd_trains_a_user_model(dtype, fisher, lr, factor):
+    """Five full-batch NGD steps on N = 20, C = 3 shrink the MSE loss by at least ``factor``."""
+    model = _user_model(dtype)
+    x, y = _data(20, (10,), 3, dtype=dtype)
+    opt = nat.NGD(model, fisher, lr=lr)
+    start = _loss(model, x, y)
+    for _ in range(5):
+        opt.step(x, y)
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert _loss(model, x, y) < start / factor
+
+
+def test_float32_update_agrees_with_float64():
+    m32, m64 = _user_model(torch.float32), _user_model(F64)
+    x, y = _data(20, (10,), 3)
+    for fisher in (F.Exact(damping=1e-2), F.KFAC(damping=1e-2), F.Unitwise(damping=1e-2)):
+        got = fisher.natural_gradient(m32, x, y)  # float64 inputs are converted to the model's dtype
+        assert all(t.dtype == torch.float32 for t in got)
+        assert _rel(flat(got).double(), flat(fisher.natural_gradient(m64, x, y))) < 1e-4, fisher
+
+
+def test_optimizer_state_round_trip_gives_the_identical_next_step():
+    x, y = _data(20, (10,), 3)
+    x2, y2 = _data(20, (10,), 3, seed=9)
+    fisher = F.KFAC(damping=1e-2)
+    model = _user_model()
+    opt = nat.NGD(model, fisher, lr="optimal")
+    opt.step(x, y)  # measures α̂ at the initial parameters
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    restored = _user_model(seed=1)
+    restored.load_state_dict(saved["model"])
+    opt2 = nat.NGD(restored, fisher, lr="optimal")
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.param_groups[0]["alpha"] == opt.param_groups[0]["alpha"]
+    fresh = copy.deepcopy(model)  # same parameters, no saved state: measures α̂ anew
+    opt3 = nat.NGD(fresh, fisher, lr="optimal")
+    for o in (opt, opt2, opt3):
+        o.step(x2, y2)
+    for p, q in zip(model.parameters(), restored.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert _rel(flat(fresh.parameters()), flat(model.parameters())) > 1e-6  # the state mattered
+
+
+def test_parameter_groups_scale_with_their_own_lr_and_others_stay():
+    model = _user_model()
+    x, y = _data(20, (10,), 3)
+    fisher = F.BlockDiagonal(damping=1e-2)
+    first, second, last = (list(model[i].parameters()) for i in (0, 2, 4))
+    ng = fisher.natural_gradient(model, x, y)  # aligned with model.parameters()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = nat.NGD(model, fisher, lr=1.0, param_groups=[{"params": first, "lr": 0.1}, {"params": second}])
+    opt.step(x, y)
+    lrs = [0.1, 0.1, 1.0, 1.0, 0.0, 0.0]
+    for p, p0, g, lr in zip(model.parameters(), before, ng, lrs, strict=True):
+        assert torch.allclose(p0 - p, lr * g, rtol=1e-12, atol=1e-15)
+    assert all(torch.equal(p, p0) for p, p0 in zip(last, before[4:], strict=True))
+    with pytest.raises(ValueError, match="belong to `model`"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": last, "lr": -1.0})
+
+
+def test_lr_scheduler_drives_ngd():
+    model = _user_model()
+    x, y = _data(20, (10,), 3)
+    fisher = F.Exact(damping=1e-2)
+    opt = nat.NGD(model, fisher, lr=0.4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step(x, y)
+    sched.step()
+    ng = fisher.natural_gradient(model, x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(x, y)
+    for p, p0, g in zip(model.parameters(), before, ng, strict=True):
+        assert torch.allclose(p0 - p, 0.2 * g, rtol=1e-12, atol=1e-15)
+
+
+def test_precondition_then_torch_sgd_momentum_and_adam():
+    x, y = _data(20, (10,), 3)
+    fisher = F.KFAC(damping=1e-2)
+    model = _user_model()
+    ngd = nat.NGD(model, fisher)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    p0 = [p.detach().clone() for p in model.parameters()]
+    g0 = fisher.natural_gradient(model, x, y)
+    ngd.precondition(x, y)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), g0, strict=True))
+    sgd.step()
+    ngd.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    p1 = [p0_ - 0.3 * g for p0_, g in zip(p0, g0)]
+    g1 = fisher.natural_gradient(model, x, y)
+    ngd.precondition(x, y)
+    sgd.step()
+    for p, a, b, c in zip(model.parameters(), p1, g0, g1, strict=True):
+        assert torch.allclose(p, a - 0.3 * (0.9 * b + c), rtol=1e-12, atol=1e-14)
+    # Adam's first step is θ − lr · g / (|g| + eps) (bias-corrected moments m̂ = g, v̂ = g²)
+    model2 = _user_model(seed=4)
+    adam = torch.optim.Adam(model2.parameters(), lr=1e-2, eps=1e-8)
+    q0 = [p.detach().clone() for p in model2.parameters()]
+    g = fisher.natural_gradient(model2, x, y)
+    nat.NGD(model2, fisher).precondition(x, y)
+    adam.step()
+    for p, a, b in zip(model2.parameters(), q0, g, strict=True):
+        assert torch.allclose(p, a - 1e-2 * b / (b.abs() + 1e-8), rtol=1e-10, atol=1e-14)
+
+
+# ------------------------------------------------------------------ what the library cannot read
+
+
+class _Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class _Reversed(nn.Sequential):
+    def forward(self, x):
+        for m in reversed(self):
+            x = m(x)
+        return x
+
+
+def _shared():
+    lin = nn.Linear(4, 4)
+    return nn.Sequential(lin, nn.Tanh(), lin)
+
+
+def _tied():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    return nn.Sequential(a, nn.Tanh(), b)
+
+
+def _extra_parameter():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    m.register_parameter("scale", nn.Parameter(torch.ones(1)))
+    return m
+
+
+def _weight_norm():
+    return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)), nn.Tanh(), nn.Linear(4, 2))
+
+
+def _active_dropout():
+    return nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 2))
+
+
+BAD_MODELS = {
+    "conv2d": (
+        lambda: nn.Sequential(nn.Linear(4, 4), nn.Conv2d(1, 1, 3)),
+        NotImplementedError,
+        r"model\[1\] \(Conv2d",
+    ),
+    "batchnorm": (
+        lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)),
+        NotImplementedError,
+        r"model\[1\] \(BatchNorm1d",
+    ),
+    "layernorm": (
+        lambda: nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.LayerNorm(4), nn.Linear(4, 2)),
+        NotImplementedError,
+        r"model\[2\] \(LayerNorm",
+    ),
+    "attention": (
+        lambda: nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1)),
+        NotImplementedError,
+        r"model\[1\] \(MultiheadAttention",
+    ),
+    "embedding": (
+        lambda: nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)),
+        NotImplementedError,
+        r"model\[0\] \(Embedding",
+    ),
+    "shared_linear": (
+        _shared,
+        NotImplementedError,
+        r"model\[2\] .*same nn\.Linear as model\[0\].*weight sharing",
+    ),
+    "tied_weight": (_tied, NotImplementedError, r"model\[2\] .*shares a parameter with model\[0\]"),
+    "prelu": (
+        lambda: nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Linear(4, 2)),
+        NotImplementedError,
+        r"model\[1\] \(PReLU.*learnable parameters",
+    ),
+    "softmax": (
+        lambda: nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=1), nn.Linear(4, 2)),
+        NotImplementedError,
+        r"model\[1\] \(Softmax",
+    ),
+    "custom_inside": (
+        lambda: nn.Sequential(nn.Linear(4, 4), nn.Tanh(), _Custom()),
+        NotImplementedError,
+        r"model\[2\] \(_Custom",
+    ),
+    "active_dropout": (_active_dropout, NotImplementedError, r"model\[1\] \(Dropout.*model\.eval\(\)"),
+    "extra_parameter": (_extra_parameter, NotImplementedError, r"outside the nn\.Linear layers: \['scale'\]"),
+    "weight_norm": (_weight_norm, NotImplementedError, r"parametrizations\.weight\.original0"),
+    "not_sequential": (_Custom, TypeError, r"_Custom\) is not a torch\.nn\.Sequential"),
+    "sequential_subclass": (
+        lambda: _Reversed(nn.Linear(4, 4), nn.Linear(4, 4)),
+        TypeError,
+        r"_Reversed\) overrides nn\.Sequential\.forward",
+    ),
+    "not_a_module": (
+        lambda: lambda x: x,
+        TypeError,
+        r"expected a natural_tangents\.MLP or a torch\.nn\.Sequential",
+    ),
+    "width_mismatch": (
+        lambda: nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(5, 2)),
+        ValueError,
+        r"model\[2\] .*expects 5 input features but model\[0\] has 3 outputs",
+    ),
+    "no_linear": (lambda: nn.Sequential(nn.Tanh()), ValueError, "no nn.Linear layer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MODELS))
+def test_unsupported_models_are_refused_before_anything_is_computed(case):
+    make, error, pattern = BAD_MODELS[case]
+    model = make()
+    x_bad = torch.full((3, 4), float("nan"))  # the model error must come before the input is looked at
+    assert not models.supports(model)
+    with pytest.raises(error, match=pattern):
+        models.sequential_layers(model)
+    with pytest.raises(error, match=pattern):
+        nat.NGD(model, F.Exact())
+    with pytest.raises(error, match=pattern):
+        F.KFAC().natural_gradient(model, x_bad, torch.zeros(3, 2))
+    with pytest.raises(error, match=pattern):
+        nat.empirical_ntk(model, x_bad)
+
+
+def test_supported_models_are_reported_as_such():
+    assert models.supports(_mixed(2, True))
+    assert models.supports(_build(_every_activation_model))
+    assert models.supports(nat.MLP([3, 4, 1]))
+    assert models.supports(_active_dropout().eval())
+
+
+@pytest.mark.parametrize(
+    ("x", "pattern"),
+    [
+        (torch.randn(4, 6), r"x: expected 5 features"),
+        (torch.full((4, 5), float("nan")), r"x: contains 20 NaN"),
+        (torch.randn(4, 5, 1), r"x: expected a 2-D batch"),
+        (torch.randn(0, 5), r"x: the batch is empty"),
+    ],
+)
+def test_bad_inputs_are_value_errors_naming_the_argument(x, pattern):
+    model = _mixed(2, True)
+    with pytest.raises(ValueError, match=pattern):
+        F.Exact().natural_gradient(model, x, torch.zeros(len(x), 2))
+    opt = nat.NGD(model, F.Exact())
+    with pytest.raises(ValueError, match=pattern):
+        opt.step(x, torch.zeros(len(x), 2))
+
+
+def test_preprocessing_is_applied_to_the_input():
+    """The modules before the first Linear transform x: the factors' forward signal of layer 1 is
+    the transformed input, and f is model(x)."""
+    model = _build(
+        lambda: nn.Sequential(nn.Flatten(), nn.Tanh(), nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 2))
+    )
+    x, _ = _data(4, (2, 3), 2)
+    layers = models.sequential_layers(model)
+    assert layers.flatten_input and layers.preprocess is not None
+    fx = nat.kernels.model_factors(model, x)
+    assert torch.equal(fx.forward[0][:, :-1], torch.tanh(x.reshape(4, 6)))
+    assert torch.allclose(fx.f, model(x), rtol=1e-14, atol=1e-15)
+
+
+class _Cube(nn.Module):
+    def forward(self, u):
+        return u**3
+
+
+def test_a_registered_elementwise_module_matches_explicit(monkeypatch):
+    model = _build(lambda: nn.Sequential(nn.Linear(5, 8), _Cube(), nn.Linear(8, 2)))
+    x, y = _data(6, (5,), 2)
+    with pytest.raises(NotImplementedError, match=r"model\[1\] \(_Cube"):
+        models.sequential_layers(model)
+    monkeypatch.setitem(models.ACTIVATIONS, _Cube, lambda m: nat.activations.Elementwise(m, label="cube"))
+    fisher = F.Unitwise(damping=1e-3)
+    want, _, _ = _explicit_update(fisher, model, x, y)
+    assert _rel(flat(fisher.natural_gradient(model, x, y)), want) < TOL
