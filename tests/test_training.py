@@ -125,7 +125,7 @@ SEED_SCALE = [
 
 @pytest.fixture(scope="module")
 def seed_scale_runs(mnist_seed_scale):
-    """Two steps of each method at η = 1/α (GD: 2/(λ_max + λ_min)), ReLU, L = 3, M = 4096, M_0 = 784,
+    """Two steps of each method at η = 1/α (GD: 1/λ_max), ReLU, L = 3, M = 4096, M_0 = 784,
     N = 100, MNIST 0 vs 7, float32 network (the seed's convergence experiment)."""
     x, y = mnist_seed_scale
     out = {}

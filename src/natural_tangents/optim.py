@@ -33,15 +33,16 @@ _OPTIMAL = "optimal"
 
 def optimal_lr(method: Fisher | str, model: nn.Module, x: Tensor) -> float:
     """η for ``lr="optimal"``: 1/α̂ for a Fisher (α̂ measured on the batch at the current
-    parameters; one step then solves the linearized problem when Θ̄ = α I), and for ``"gd"`` the
-    rate 2/(λ_max + λ_min) of Θ = J J^T / N that contracts the linearized residual fastest."""
+    parameters; one step then solves the linearized problem when Θ̄ = α I), and for ``"gd"``
+    1/λ_max of Θ = J J^T / N: the largest rate at which every eigen-direction of the linearized
+    residual contracts monotonically (1 − ηλ ∈ [0, 1)). Rates up to 2/λ_max are stable for the
+    linear model only; at finite width they diverge once λ_max moves."""
     if isinstance(method, str) and method.lower() == "gd":
         from .kernels import layer_kernels
 
         fx = model_factors(model, x)
         theta = layer_kernels(fx, dtype=torch.float64).sum(0) / fx.n
-        ev = torch.linalg.eigvalsh(theta)
-        return 2.0 / float(ev[-1] + ev[0].clamp_min(0))
+        return 1.0 / float(torch.linalg.eigvalsh(theta)[-1])
     return 1.0 / _fisher.get(method).alpha_hat(model, x)
 
 
@@ -121,7 +122,7 @@ class NGD(torch.optim.Optimizer):
 class GD:
     """Full-batch gradient descent θ ← θ − η ∇L through autograd (the baseline).
 
-    ``lr="optimal"``: 2/(λ_max + λ_min) of Θ = J J^T / N at the first step.
+    ``lr="optimal"``: 1/λ_max of Θ = J J^T / N at the first step (see :func:`optimal_lr`).
     """
 
     def __init__(self, model: nn.Module, lr: float | str = 1.0, loss: _losses.Loss | str = "mse") -> None:
@@ -196,7 +197,7 @@ def train(
 
     Args:
         method: ``"gd"`` for gradient descent, or a Fisher (instance or name) for NGD.
-        lr: a number or ``"optimal"`` (1/α̂ for NGD, 2/(λ_max + λ_min) of Θ for GD).
+        lr: a number or ``"optimal"`` (1/α̂ for NGD, 1/λ_max of Θ for GD).
         loss: the loss for GD (default MSE); NGD uses its Fisher's loss.
     """
     if int(steps) < 0:
