@@ -5,9 +5,9 @@
 
 from __future__ import annotations
 
-from . import convergence
+from . import convergence, cross_entropy, generalization, learning_rate, unitwise
 from .common import Check, Result, Settings, write
 
-REGISTRY = {m.NAME: m for m in (convergence,)}
+REGISTRY = {m.NAME: m for m in (convergence, unitwise, learning_rate, generalization, cross_entropy)}
 
 __all__ = ["REGISTRY", "Check", "Result", "Settings", "write"]

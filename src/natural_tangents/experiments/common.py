@@ -21,14 +21,20 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from tqdm.auto import tqdm
 
 __all__ = ["Settings", "Check", "Result", "progress", "write", "method_style", "THEORY", "EXPERIMENT"]
 
 THEORY = {"linestyle": "-", "linewidth": 1.6, "alpha": 0.9}
-EXPERIMENT = {"linestyle": "none", "marker": "o", "markersize": 5, "markerfacecolor": "none", "markeredgewidth": 1.4}
+EXPERIMENT = {
+    "linestyle": "none",
+    "marker": "o",
+    "markersize": 5,
+    "markerfacecolor": "none",
+    "markeredgewidth": 1.4,
+}
 
 _COLORS = {
     "gd": "#555555",
@@ -179,5 +185,9 @@ def legend_theory_experiment(ax, extra: Sequence = ()) -> None:
     handles, labels = ax.get_legend_handles_labels()
     proxy_t = plt.Line2D([], [], color="black", **THEORY)
     proxy_e = plt.Line2D([], [], color="black", **EXPERIMENT)
-    ax.legend([*handles, proxy_t, proxy_e, *extra], [*labels, "theory (line)", "experiment (markers)"],
-              fontsize=8, loc="best")
+    ax.legend(
+        [*handles, proxy_t, proxy_e, *extra],
+        [*labels, "theory (line)", "experiment (markers)"],
+        fontsize=8,
+        loc="best",
+    )

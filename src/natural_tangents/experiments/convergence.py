@@ -6,12 +6,23 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import torch
 
-from .. import dynamics, fisher as F
+from .. import dynamics
+from .. import fisher as F
 from ..data import mnist_binary
 from ..kernels import empirical_ntk
 from ..network import MLP
 from ..optim import train
-from .common import EXPERIMENT, THEORY, Check, Result, Settings, legend_theory_experiment, log_axis, method_style, progress
+from .common import (
+    EXPERIMENT,
+    THEORY,
+    Check,
+    Result,
+    Settings,
+    legend_theory_experiment,
+    log_axis,
+    method_style,
+    progress,
+)
 
 NAME = "convergence"
 TITLE = "Training and test loss of GD and NGD with every Fisher (MNIST 0 vs 7, η = 1/α)"
@@ -56,22 +67,37 @@ def run(settings: Settings) -> Result:
         else:
             k = fisher.coefficient(net, x)
             kt = fisher.coefficient(net, x, xt)
-        hist = train(net, x, y, "gd" if fisher is None else fisher, lr="optimal", steps=steps, x_test=xt, y_test=yt)
+        hist = train(
+            net, x, y, "gd" if fisher is None else fisher, lr="optimal", steps=steps, x_test=xt, y_test=yt
+        )
         lin = dynamics.linearized(k, y.double(), f0.double(), hist.lr, kt, f0t.double())
         th_train = lin.loss(ts)
         th_test = _loss(lin.test(ts), yt.double())
         curves[name] = (hist, th_train, th_test)
         for t in ts:
-            rows.append({
-                "method": name, "step": t, "lr": hist.lr, "train_loss": hist.train_loss[t],
-                "test_loss": hist.test_loss[t], "train_loss_theory": float(th_train[t]),
-                "test_loss_theory": float(th_test[t]), "test_accuracy": hist.test_accuracy[t],
-                "seconds_per_step": hist.seconds[t - 1] if t else 0.0,
-            })
+            rows.append(
+                {
+                    "method": name,
+                    "step": t,
+                    "lr": hist.lr,
+                    "train_loss": hist.train_loss[t],
+                    "test_loss": hist.test_loss[t],
+                    "train_loss_theory": float(th_train[t]),
+                    "test_loss_theory": float(th_test[t]),
+                    "test_accuracy": hist.test_accuracy[t],
+                    "seconds_per_step": hist.seconds[t - 1] if t else 0.0,
+                }
+            )
         cut = hist.train_loss[0] / hist.train_loss[1]
         seed_txt = "slow (η ≤ 2/λ_max)" if fisher is None else "≈ 0 after one step"
-        checks.append(Check(f"{method_style(name)[1]}: train loss cut by step 1", seed_txt,
-                            float(hist.train_loss[0] / th_train[1]), float(cut)))
+        checks.append(
+            Check(
+                f"{method_style(name)[1]}: train loss cut by step 1",
+                seed_txt,
+                float(hist.train_loss[0] / th_train[1]),
+                float(cut),
+            )
+        )
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for name, (hist, th_train, th_test) in curves.items():
         color, label = method_style(name)
@@ -85,9 +111,13 @@ def run(settings: Settings) -> Result:
     axes[0].set_title("training set (N = 100)")
     axes[1].set_title("test set (N′ = 100)")
     legend_theory_experiment(axes[0])
-    fig.suptitle(f"ReLU MLP, L = 3, M = {width}, MNIST 0 vs 7; NGD at η = 1/α̂, GD at η = 1/λ_max(Θ)", fontsize=10)
+    fig.suptitle(
+        f"ReLU MLP, L = 3, M = {width}, MNIST 0 vs 7; NGD at η = 1/α̂, GD at η = 1/λ_max(Θ)", fontsize=10
+    )
     fig.tight_layout()
     worst = min(c.experiment for c in checks[1:])
-    summary = (f"M = {width}: one NGD step cuts the training loss by ≥ {worst:.3g}× (every Fisher), "
-               f"GD by {checks[0].experiment:.3g}×")
+    summary = (
+        f"M = {width}: one NGD step cuts the training loss by ≥ {worst:.3g}× (every Fisher), "
+        f"GD by {checks[0].experiment:.3g}×"
+    )
     return Result(NAME, TITLE, summary, checks, rows, fig, settings.describe())
