@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         "--dtype", default="float64", choices=["float32", "float64"], help="network dtype (default float64)"
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--max-width", type=int, default=None, help=argparse.SUPPRESS)  # smoke tests: cap every width
     sub.add_parser("list", help="list the experiments")
     return p
 
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         device=str(device),
         dtype=getattr(torch, args.dtype),
         progress=not args.no_progress,
+        max_width=args.max_width,
     )
     start = time.perf_counter()
     results = []

@@ -65,7 +65,8 @@ class Settings:
 
     quick: shrink widths and steps so that ``reproduce all`` takes a few minutes on a laptop;
     otherwise the seed's settings. seed: of the networks and data draws. device, dtype: of the
-    networks (the N × N algebra is float64 regardless). progress: show progress bars.
+    networks (the N × N algebra is float64 regardless). progress: show progress bars. max_width: a
+    cap on every network width, for smoke tests.
     """
 
     quick: bool = True
@@ -73,9 +74,11 @@ class Settings:
     device: str = "cpu"
     dtype: torch.dtype = torch.float64
     progress: bool = True
+    max_width: int | None = None  # caps every width (the tests run the experiments tiny)
 
     def width(self, full: int, quick: int) -> int:
-        return quick if self.quick else full
+        w = quick if self.quick else full
+        return w if self.max_width is None else min(w, self.max_width)
 
     def describe(self) -> dict:
         return {"quick": self.quick, "seed": self.seed, "device": self.device, "dtype": str(self.dtype)}
