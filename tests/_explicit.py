@@ -212,3 +212,30 @@ def explicit_sequential_signals(model, x):
     jac = jacrev(f_of)(probes)  # per layer: (N, C, N, M_l)
     idx = torch.arange(x.shape[0])
     return hs, [jl[idx, :, idx, :].permute(1, 0, 2) for jl in jac]
+
+
+_KINDS = {
+    "exact": "exact",
+    "block_diagonal": "layerwise",
+    "block_tridiagonal": "layerwise",
+    "layerwise": "layerwise",
+    "kfac": "kfac",
+    "unitwise": "unitwise",
+}
+
+
+def explicit_fisher_of(fisher, model, x, depth, signals, lam=None):
+    """The explicit P × P matrix of a library Fisher object (its damping, Σ and K-FAC options);
+    ``signals(model, x)`` gives the K-FAC forward/backward signals by the explicit route."""
+    kind = _KINDS[fisher.name]
+    return explicit_fisher(
+        kind,
+        model,
+        x,
+        fisher.damping,
+        lam=lam,
+        sigma=fisher.sigma_matrix(depth) if kind == "layerwise" else None,
+        kfac_signals=signals(model, x) if kind == "kfac" else None,
+        kfac_output=getattr(fisher, "output_factor", "seed"),
+        kfac_bias=getattr(fisher, "bias", "augment"),
+    )

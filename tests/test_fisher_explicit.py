@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import natural_tangents as nat
-from _explicit import explicit_fisher, explicit_signals, flat, jacobian
+from _explicit import explicit_fisher_of, explicit_signals, flat, jacobian
 from natural_tangents import fisher as F
 
 TOL = 1e-8
@@ -42,27 +42,7 @@ def _data(n, m0, c, seed=1, loss="mse"):
 
 
 def _explicit(fisher, net, x, lam):
-    kind = {
-        "exact": "exact",
-        "block_diagonal": "layerwise",
-        "block_tridiagonal": "layerwise",
-        "layerwise": "layerwise",
-        "kfac": "kfac",
-        "unitwise": "unitwise",
-    }[fisher.name]
-    sigma = fisher.sigma_matrix(net.depth) if kind == "layerwise" else None
-    signals = explicit_signals(net, x) if kind == "kfac" else None
-    return explicit_fisher(
-        kind,
-        net,
-        x,
-        fisher.damping,
-        lam=lam,
-        sigma=sigma,
-        kfac_signals=signals,
-        kfac_output=getattr(fisher, "output_factor", "seed"),
-        kfac_bias=getattr(fisher, "bias", "augment"),
-    )
+    return explicit_fisher_of(fisher, net, x, net.depth, explicit_signals, lam=lam)
 
 
 def _rel(a, b):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import natural_tangents as nat
-from _explicit import explicit_fisher, explicit_sequential_signals, flat, jacobian
+from _explicit import explicit_fisher_of, explicit_sequential_signals, flat, jacobian
 from natural_tangents import fisher as F
 from natural_tangents import models
 
@@ -64,24 +64,8 @@ def _rel(a, b):
 
 
 def _explicit_g(fisher, model, x):
-    kind = {
-        "exact": "exact",
-        "block_diagonal": "layerwise",
-        "block_tridiagonal": "layerwise",
-        "layerwise": "layerwise",
-        "kfac": "kfac",
-        "unitwise": "unitwise",
-    }[fisher.name]
     depth = sum(isinstance(m, nn.Linear) for m in model.modules())
-    return explicit_fisher(
-        kind,
-        model,
-        x,
-        fisher.damping,
-        sigma=fisher.sigma_matrix(depth) if kind == "layerwise" else None,
-        kfac_signals=explicit_sequential_signals(model, x) if kind == "kfac" else None,
-        kfac_output=getattr(fisher, "output_factor", "seed"),
-    )
+    return explicit_fisher_of(fisher, model, x, depth, explicit_sequential_signals)
 
 
 def _explicit_update(fisher, model, x, y):

@@ -171,14 +171,15 @@ class Sigmoid(Activation):
 
 @dataclass(frozen=True, repr=False)
 class Elementwise(Activation):
-    """Any elementwise torch function ``fn``; φ′ is computed by autograd.
+    """Any elementwise torch function ``fn``; φ′ is ``grad`` if given (a closed form), else autograd.
 
-    ``kinks`` may list points where φ′ is discontinuous so that the theory integrates piecewise.
+    ``kink_points`` may list points where φ′ is discontinuous so that the theory integrates piecewise.
     """
 
     fn: Callable[[Tensor], Tensor]
     label: str = "elementwise"
     kink_points: tuple[float, ...] = field(default=())
+    grad: Callable[[Tensor], Tensor] | None = None
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -192,6 +193,8 @@ class Elementwise(Activation):
         return self.fn(u)
 
     def derivative(self, u: Tensor) -> Tensor:
+        if self.grad is not None:
+            return self.grad(u)
         with torch.enable_grad():
             v = u.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(self.fn(v).sum(), v)

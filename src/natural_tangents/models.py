@@ -40,7 +40,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -65,41 +64,17 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, repr=False)
-class TorchActivation(_act.Activation):
-    """An elementwise activation module read as an :class:`~natural_tangents.activations.Activation`.
-
-    ``fn`` is the module's function (never in place), ``grad`` its closed-form derivative (the one
-    torch's autograd uses, including the value at kinks and thresholds) or ``None`` to take φ′ by
-    autograd through ``fn``. ``label`` is the module's repr.
-    """
-
-    fn: Callable[[Tensor], Tensor]
-    grad: Callable[[Tensor], Tensor] | None
-    label: str
-    kink_points: tuple[float, ...] = field(default=())
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return self.label
-
-    @property
-    def kinks(self) -> tuple[float, ...]:  # type: ignore[override]
-        return tuple(self.kink_points)
-
-    def __call__(self, u: Tensor) -> Tensor:
-        return self.fn(u)
-
-    def derivative(self, u: Tensor) -> Tensor:
-        if self.grad is not None:
-            return self.grad(u)
-        with torch.enable_grad():
-            v = u.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self.fn(v).sum(), v)
-        return g.detach()
-
-    def __repr__(self) -> str:
-        return f"TorchActivation({self.label})"
+def TorchActivation(
+    fn: Callable[[Tensor], Tensor],
+    grad: Callable[[Tensor], Tensor] | None,
+    label: str,
+    kinks: tuple[float, ...] = (),
+) -> _act.Elementwise:
+    """An elementwise activation module read as an :class:`~natural_tangents.activations.Elementwise`:
+    ``fn`` the module's function (never in place), ``grad`` its closed-form derivative (the one torch's
+    autograd uses, including the value at kinks and thresholds) or ``None`` for autograd through ``fn``,
+    ``label`` the module's repr."""
+    return _act.Elementwise(fn, label=label, kink_points=tuple(kinks), grad=grad)
 
 
 def _step(u: Tensor, positive: float | Tensor, negative: float | Tensor) -> Tensor:
@@ -108,7 +83,7 @@ def _step(u: Tensor, positive: float | Tensor, negative: float | Tensor) -> Tens
     return torch.where(u > 0, one * positive, one * negative)
 
 
-def _softplus(m: nn.Softplus) -> TorchActivation:
+def _softplus(m: nn.Softplus) -> _act.Elementwise:
     beta, threshold = float(m.beta), float(m.threshold)
 
     def grad(u: Tensor) -> Tensor:  # torch reverts to the identity where βu > threshold
@@ -131,19 +106,19 @@ def _gelu(m: nn.GELU) -> _act.Activation:
     return TorchActivation(lambda u: F.gelu(u, approximate="tanh"), grad, repr(m))
 
 
-def _leaky_relu(m: nn.LeakyReLU) -> TorchActivation:
+def _leaky_relu(m: nn.LeakyReLU) -> _act.Elementwise:
     s = float(m.negative_slope)
     return TorchActivation(lambda u: F.leaky_relu(u, s), lambda u: _step(u, 1.0, s), repr(m), (0.0,))
 
 
-def _elu(m: nn.ELU) -> TorchActivation:
+def _elu(m: nn.ELU) -> _act.Elementwise:
     a = float(m.alpha)
     return TorchActivation(
         lambda u: F.elu(u, a), lambda u: torch.where(u > 0, torch.ones_like(u), a * torch.exp(u)), repr(m)
     )
 
 
-def _celu(m: nn.CELU) -> TorchActivation:
+def _celu(m: nn.CELU) -> _act.Elementwise:
     a = float(m.alpha)
     return TorchActivation(
         lambda u: F.celu(u, a), lambda u: torch.where(u > 0, torch.ones_like(u), torch.exp(u / a)), repr(m)
@@ -155,14 +130,14 @@ _SELU_ALPHA = 1.6732632423543772848170429916717
 _SELU_SCALE = 1.0507009873554804934193349852946
 
 
-def _selu(m: nn.SELU) -> TorchActivation:
+def _selu(m: nn.SELU) -> _act.Elementwise:
     def grad(u: Tensor) -> Tensor:
         return _SELU_SCALE * torch.where(u > 0, torch.ones_like(u), _SELU_ALPHA * torch.exp(u))
 
     return TorchActivation(F.selu, grad, repr(m))
 
 
-def _silu(m: nn.SiLU) -> TorchActivation:
+def _silu(m: nn.SiLU) -> _act.Elementwise:
     def grad(u: Tensor) -> Tensor:
         s = torch.sigmoid(u)
         return s * (1.0 + u * (1.0 - s))
@@ -170,7 +145,7 @@ def _silu(m: nn.SiLU) -> TorchActivation:
     return TorchActivation(F.silu, grad, repr(m))
 
 
-def _mish(m: nn.Mish) -> TorchActivation:
+def _mish(m: nn.Mish) -> _act.Elementwise:
     def grad(u: Tensor) -> Tensor:
         t = torch.tanh(F.softplus(u))
         return t + u * (1.0 - t * t) * torch.sigmoid(u)
@@ -178,7 +153,7 @@ def _mish(m: nn.Mish) -> TorchActivation:
     return TorchActivation(F.mish, grad, repr(m))
 
 
-def _hardtanh(m: nn.Hardtanh) -> TorchActivation:  # also nn.ReLU6
+def _hardtanh(m: nn.Hardtanh) -> _act.Elementwise:  # also nn.ReLU6
     lo, hi = float(m.min_val), float(m.max_val)
 
     def grad(u: Tensor) -> Tensor:  # torch: 0 at and beyond the clamp points
@@ -187,7 +162,7 @@ def _hardtanh(m: nn.Hardtanh) -> TorchActivation:  # also nn.ReLU6
     return TorchActivation(lambda u: F.hardtanh(u, lo, hi), grad, repr(m), (lo, hi))
 
 
-def _by_autograd(m: nn.Module) -> TorchActivation:
+def _by_autograd(m: nn.Module) -> _act.Elementwise:
     """A parameter-free elementwise module without a closed form here: φ′ by autograd through a
     copy of the module that does not work in place."""
     m = copy.copy(m)
