@@ -110,30 +110,49 @@ def run(settings: Settings, sizes: Sizes | None = None) -> Result:
     # theory: infinite width at ρ = 1e-12 (cond − 1 = damping bias), and α of each Fisher
     cond_inf, alpha_th = {}, {}
     for name in METHODS[:-1]:
-        tb = theory.coefficient(fs[name], None, x, depth=DEPTH, activation="relu", sigma_w2=SIGMA_W2,
-                                sigma_b2=SIGMA_B2)
+        tb = theory.coefficient(fs[name], None, x, depth=DEPTH, activation="relu", sigma_w2=SIGMA_W2, sigma_b2=SIGMA_B2)
         cond_inf[name] = F.isotropy(tb).condition_number - 1.0
     for name in METHODS:
         widths = [m0, 1024, 1024, 1]
-        alpha_th[name] = theory.alpha(fs[name], widths=widths, activation="relu", sigma_w2=SIGMA_W2,
-                                      sigma_b2=SIGMA_B2, n_train=n)
+        alpha_th[name] = theory.alpha(
+            fs[name], widths=widths, activation="relu", sigma_w2=SIGMA_W2, sigma_b2=SIGMA_B2, n_train=n
+        )
 
     rows, measured = [], {name: [] for name in METHODS}
     for m in progress(sizes.widths, settings, "condition"):
-        net = MLP([m0, m, m, 1], "relu", sigma_w2=SIGMA_W2, sigma_b2=SIGMA_B2, seed=settings.seed,
-                  dtype=settings.dtype, device=settings.device)
+        net = MLP(
+            [m0, m, m, 1],
+            "relu",
+            sigma_w2=SIGMA_W2,
+            sigma_b2=SIGMA_B2,
+            seed=settings.seed,
+            dtype=settings.dtype,
+            device=settings.device,
+        )
         rank = _kfac_rank(net, x_net)
         for name in METHODS:
             iso = fs[name].isotropy(net, x_net)
-            a_th = alpha_th[name] if name != "unitwise" else theory.alpha(
-                fs[name], widths=[m0, m, m, 1], activation="relu", sigma_w2=SIGMA_W2, sigma_b2=SIGMA_B2)
+            a_th = (
+                alpha_th[name]
+                if name != "unitwise"
+                else theory.alpha(
+                    fs[name], widths=[m0, m, m, 1], activation="relu", sigma_w2=SIGMA_W2, sigma_b2=SIGMA_B2
+                )
+            )
             measured[name].append((iso.condition_number - 1.0, iso.alpha / a_th))
-            rows.append({
-                "method": name, "width": m, "condition_number": iso.condition_number,
-                "cond_minus_1": iso.condition_number - 1.0, "alpha_hat": iso.alpha, "alpha_theory": a_th,
-                "cond_minus_1_theory": cond_inf.get(name, float("nan")),
-                "min_rank_backward": rank, "damping": DAMPING,
-            })
+            rows.append(
+                {
+                    "method": name,
+                    "width": m,
+                    "condition_number": iso.condition_number,
+                    "cond_minus_1": iso.condition_number - 1.0,
+                    "alpha_hat": iso.alpha,
+                    "alpha_theory": a_th,
+                    "cond_minus_1_theory": cond_inf.get(name, float("nan")),
+                    "min_rank_backward": rank,
+                    "damping": DAMPING,
+                }
+            )
 
     grid = np.geomspace(min(sizes.widths) / 1.3, max(sizes.widths) * 1.3, 60)
     spread = unitwise_spread(x, grid, draws=sizes.draws, seed=settings.seed)
@@ -159,44 +178,73 @@ def run(settings: Settings, sizes: Sizes | None = None) -> Result:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("hidden width M (units per layer)")
-    ax.set_ylabel("condition number of Θ̄(x, x) minus 1 (dimensionless)")
+    ax.set_ylabel(r"condition number of $\bar{\Theta}(x, x)$ minus 1 (dimensionless)")
     ax.grid(True, which="both", alpha=0.25)
-    ax.text(0.02, 0.02,
-            "ρ → 0: cond = 1 exactly for exact, block diagonal, tri-diagonal and K-FAC;\n"
-            "their 1e-9…1e-8 is the bias of ρ = 1e-12 (≈ ρ / λ_min(Θ_l)), not round-off",
-            transform=ax.transAxes, fontsize=7.5, va="bottom")
+    ax.text(
+        0.02,
+        0.5,
+        "ρ → 0: cond = 1 exactly for exact, block diagonal,\ntri-diagonal and K-FAC; their 1e-9…1e-8 is the\n"
+        "bias of ρ = 1e-12 (≈ ρ / λ_min(Θ_l)), not round-off",
+        transform=ax.transAxes,
+        fontsize=7.5,
+        va="center",
+    )
     kf = [r for r in rows if r["method"] == "kfac" and r["cond_minus_1"] > 1e-3]
     if kf:
         r0 = kf[0]
-        ax.annotate(f"K-FAC: rank Δ_2 = {r0['min_rank_backward']} < N = {n}\n(few layer-2 units switch sign)",
-                    xy=(r0["width"], r0["cond_minus_1"]), xytext=(r0["width"] * 1.6, r0["cond_minus_1"] * 3),
-                    fontsize=7.5, arrowprops={"arrowstyle": "->", "lw": 0.8})
+        ax.annotate(
+            f"K-FAC: rank Δ_2 = {r0['min_rank_backward']} < N = {n}\n(few layer-2 units switch sign)",
+            xy=(r0["width"], r0["cond_minus_1"]),
+            xytext=(r0["width"] * 1.5, r0["cond_minus_1"] * 2e-3),
+            fontsize=7.5,
+            arrowprops={"arrowstyle": "->", "lw": 0.8},
+        )
     legend_theory_experiment(ax)
-    ax.set_title("isotropy of Θ̄ (cond = 1 ⇔ Θ̄ = α I)", fontsize=10)
+    ax.get_legend().set_loc("center right")
+    ax.set_title(r"isotropy of $\bar{\Theta}$ (cond = 1 ⇔ $\bar{\Theta} = \alpha I$)", fontsize=10)
     ax2.axhline(1.0, color="black", **THEORY)
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("hidden width M (units per layer)")
-    ax2.set_ylabel("α̂ / α_theory (mean eigenvalue of Θ̄ / theory)")
+    ax2.set_ylabel(r"$\hat{\alpha} / \alpha_{theory}$ (mean eigenvalue of $\bar{\Theta}$ / theory)")
     ax2.grid(True, which="both", alpha=0.25)
     ax2.legend(fontsize=8)
-    ax2.set_title("α: exact 1, BD L, tri-diag 1, K-FAC NL, unit-wise M + C", fontsize=10)
+    ax2.set_title("theory α: exact 1, block diag. L, tri-diag. 1, K-FAC NL, unit-wise M + C", fontsize=9)
+    for a in (ax, ax2):
+        a.set_xticks(ws, [str(w) for w in ws])
+        a.xaxis.set_minor_locator(plt.NullLocator())
     fig.suptitle(f"ReLU, L = 3, Gaussian inputs M_0 = {m0}, N = {n}, σ_w² = 2, σ_b² = 0.5, ρ = 1e-12", fontsize=10)
     fig.tight_layout()
 
     m_last = sizes.widths[-1]
     last = {name: measured[name][-1][0] for name in METHODS}
     checks = [
-        Check(f"Unit-wise: cond(Θ̄) − 1 at M = {m_last}", "decreases with M (Figure 3)",
-              float(at_points[1, -1]), float(last["unitwise"])),
-        Check(f"Unit-wise: cond(Θ̄) − 1 at M = {sizes.widths[0]}", "larger at small M (Figure 3)",
-              float(at_points[1, 0]), float(measured["unitwise"][0][0])),
+        Check(
+            f"Unit-wise: cond(Θ̄) − 1 at M = {m_last}",
+            "decreases with M (Figure 3)",
+            float(at_points[1, -1]),
+            float(last["unitwise"]),
+        ),
+        Check(
+            f"Unit-wise: cond(Θ̄) − 1 at M = {sizes.widths[0]}",
+            "larger at small M (Figure 3)",
+            float(at_points[1, 0]),
+            float(measured["unitwise"][0][0]),
+        ),
     ]
     for name in METHODS[:-1]:
-        checks.append(Check(f"{method_style(name)[1]}: cond(Θ̄) − 1 at M = {m_last}", "0 (cond = 1, Figure 3)",
-                            float(cond_inf[name]), float(last[name])))
+        checks.append(
+            Check(
+                f"{method_style(name)[1]}: cond(Θ̄) − 1 at M = {m_last}",
+                "0 (cond = 1, Figure 3)",
+                float(cond_inf[name]),
+                float(last[name]),
+            )
+        )
     worst = max(last[name] for name in METHODS[:-1])
     unit = [v[0] for v in measured["unitwise"]]
-    summary = (f"At M = {m_last}, cond(Θ̄) − 1 ≤ {worst:.2g} for exact, block (tri-)diagonal and K-FAC "
-               f"(the ρ = 1e-12 bias); unit-wise falls from {unit[0]:.3g} (M = {sizes.widths[0]}) to {unit[-1]:.3g}, "
-               f"≈ {const:.2g}/√M as the binomial spread of active units predicts")
+    summary = (
+        f"At M = {m_last}, cond(Θ̄) − 1 ≤ {worst:.2g} for exact, block (tri-)diagonal and K-FAC "
+        f"(the ρ = 1e-12 bias); unit-wise falls from {unit[0]:.3g} (M = {sizes.widths[0]}) to {unit[-1]:.3g}, "
+        f"≈ {const:.2g}/√M as the binomial spread of active units predicts"
+    )
     return Result(NAME, TITLE, summary, checks, rows, fig, settings.describe())

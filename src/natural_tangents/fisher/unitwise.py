@@ -85,20 +85,24 @@ class Unitwise(Fisher):
         pos = torch.argsort((~active).to(torch.int8), dim=1, stable=True)  # active samples first
         biggest = max(1, int(sizes.max()))
         step = max(1, _CHUNK_ELEMENTS // (biggest * (biggest + width)))
+        # padding slot j of a system points at row n + j of K ⊕ I (and s = 1 there): identity rows
+        # and no coupling, so no masking of the gathered systems is needed
+        k_ext = torch.block_diag(k, torch.eye(biggest, dtype=k.dtype, device=k.device))
+        s_ext = torch.cat([s, torch.ones(s.shape[0], biggest, dtype=s.dtype, device=s.device)], 1)
         for lo in range(0, len(order), step):
             units = order[lo : lo + step]
             m = int(sizes[units].max())
             if m == 0:
                 continue
             idx = pos[units, :m]
-            valid = torch.arange(m, device=k.device)[None, :] < sizes[units][:, None]
-            sub = k[idx[:, :, None], idx[:, None, :]]
+            slot = torch.arange(m, device=k.device)[None, :]
+            valid = slot < sizes[units][:, None]
+            sub_idx = torch.where(valid, idx, n + slot)
+            sub = k_ext[sub_idx[:, :, None], sub_idx[:, None, :]]
             if self.damping > 0:
-                si = torch.gather(s[units], 1, idx)
-                sub = sub * (si[:, :, None] * si[:, None, :] / n)
+                si = torch.gather(s_ext[units], 1, sub_idx)
+                sub.mul_(si[:, :, None] * si[:, None, :]).div_(n)
                 sub.diagonal(dim1=1, dim2=2).add_(self.damping)
-            sub = torch.where(valid[:, :, None] & valid[:, None, :], sub, 0.0)
-            sub.diagonal(dim1=1, dim2=2).add_((~valid).to(k.dtype))
             chol, info = torch.linalg.cholesky_ex(sub)
             if not bool((info != 0).any()):
                 yield units, idx, valid, chol, partial(_cholesky_solve, chol)
