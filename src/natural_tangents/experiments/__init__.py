@@ -5,9 +5,32 @@
 
 from __future__ import annotations
 
-from . import convergence, cross_entropy, generalization, learning_rate, unitwise
+from . import (
+    alpha_shift,
+    condition,
+    convergence,
+    cross_entropy,
+    generalization,
+    kfac_forster,
+    learning_rate,
+    tridiagonal,
+    unitwise,
+)
 from .common import Check, Result, Settings, write
 
-REGISTRY = {m.NAME: m for m in (convergence, unitwise, learning_rate, generalization, cross_entropy)}
+REGISTRY = {
+    m.NAME: m
+    for m in (
+        convergence,
+        unitwise,
+        condition,
+        alpha_shift,
+        tridiagonal,
+        kfac_forster,
+        learning_rate,
+        generalization,
+        cross_entropy,
+    )
+}
 
 __all__ = ["REGISTRY", "Check", "Result", "Settings", "write"]
