@@ -7,7 +7,7 @@ the 2-D quadrature cases are timed once, they take tens of seconds) and the peak
 one call, measured in a fresh process (see ``_harness.py``) on top of the inputs. For scale: one
 N × N float64 matrix is 30.5 MiB at N = 2000.
 
-    python benchmarks/kernels.py [--n 2000] [--repeats 3] [--cases relu erf tanh-series]
+    python benchmarks/kernels.py [--n 2000] [--repeats 3] [--threads 2] [--cases relu erf tanh-series]
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ CASES = {
 SLOW = {"tanh-quadrature", "tanh-trapezoid", "gelu-quadrature"}
 
 
-def setup(n: int, case: str):
-    torch.set_num_threads(torch.get_num_threads())
+def setup(n: int, case: str, threads: int):
+    torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 100, generator=g, dtype=torch.float64)
     x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
@@ -56,16 +56,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     rows = []
     for case in args.cases:
-        state = setup(args.n, case)
+        state = setup(args.n, case, args.threads)
         repeats = 1 if case in SLOW else args.repeats
         seconds = median_times({case: lambda state=state: run(state)}, repeats=repeats, warmup=0)[case]
-        _, extra = peak_extra_mib(setup, run, (args.n, case))
+        _, extra = peak_extra_mib(setup, run, (args.n, case, args.threads))
         activation, method, what = CASES[case]
         rows.append([activation, method, what, f"{seconds:.2f}", f"{extra:.0f}"])
-    print(f"analytic NTK Θ_ana(x, x), N = {args.n}, L = 3, float64, {torch.get_num_threads()} threads")
+    print(f"analytic NTK Θ_ana(x, x), N = {args.n}, L = 3, float64, {args.threads} threads")
     print(table(rows, ["activation", "method", "integration", "time (s)", "peak extra (MiB)"]))
 
 

@@ -183,11 +183,22 @@ def log_axis(ax, ylabel: str, xlabel: str = "step t") -> None:
     ax.grid(True, which="both", alpha=0.25)
 
 
-def legend_theory_experiment(ax, extra: Sequence = ()) -> None:
-    """A legend that also explains the encoding: lines = theory, open markers = experiment."""
+def legend_theory_experiment(ax, extra: Sequence = (), outside: bool = False) -> None:
+    """A legend that also explains the encoding: lines = theory, open markers = experiment
+    (``outside``: to the right of the axes, clear of the data)."""
     handles, labels = ax.get_legend_handles_labels()
     proxy_t = plt.Line2D([], [], color="black", **THEORY)
     proxy_e = plt.Line2D([], [], color="black", **EXPERIMENT)
+    if outside:
+        ax.legend(
+            [*handles, proxy_t, proxy_e, *extra],
+            [*labels, "theory (line)", "experiment (markers)"],
+            fontsize=8,
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            borderaxespad=0.0,
+        )
+        return
     ax.legend(
         [*handles, proxy_t, proxy_e, *extra],
         [*labels, "theory (line)", "experiment (markers)"],

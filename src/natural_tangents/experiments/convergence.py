@@ -67,9 +67,7 @@ def run(settings: Settings) -> Result:
         else:
             k = fisher.coefficient(net, x)
             kt = fisher.coefficient(net, x, xt)
-        hist = train(
-            net, x, y, "gd" if fisher is None else fisher, lr="optimal", steps=steps, x_test=xt, y_test=yt
-        )
+        hist = train(net, x, y, "gd" if fisher is None else fisher, lr="optimal", steps=steps, x_test=xt, y_test=yt)
         lin = dynamics.linearized(k, y.double(), f0.double(), hist.lr, kt, f0t.double())
         th_train = lin.loss(ts)
         th_test = _loss(lin.test(ts), yt.double())
@@ -92,7 +90,7 @@ def run(settings: Settings) -> Result:
         seed_txt = "slow (η ≤ 2/λ_max)" if fisher is None else "≈ 0 after one step"
         theory_cut = float(hist.train_loss[0] / th_train[1]) if float(th_train[1]) > 1e-14 else "∞ (loss 0)"
         checks.append(Check(f"{method_style(name)[1]}: train loss cut by step 1", seed_txt, theory_cut, float(cut)))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.2), sharex=True)
     for name, (hist, th_train, th_test) in curves.items():
         color, label = method_style(name)
         axes[0].plot(ts, th_train.clamp_min(1e-16), color=color, label=label, **THEORY)
@@ -101,17 +99,23 @@ def run(settings: Settings) -> Result:
         axes[1].plot(ts, hist.test_loss, color=color, **EXPERIMENT)
     zero = [method_style(k)[1] for k, (_, th, _) in curves.items() if float(th[1]) < 1e-14]
     if zero:
-        axes[0].text(0.5, 0.03, "theory reaches 0 at t = 1 (Θ̄ = α I):\n" + ", ".join(zero), transform=axes[0].transAxes,
-                     ha="center", va="bottom", fontsize=7.5, bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
+        axes[0].text(
+            0.5,
+            0.03,
+            r"theory reaches 0 at t = 1 ($\bar\Theta = \alpha I$):" "\n" + ", ".join(zero),
+            transform=axes[0].transAxes,
+            ha="center",
+            va="bottom",
+            fontsize=7.5,
+            bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0},
+        )
     log_axis(axes[0], "training loss (1/2N) Σ‖f − y‖²")
     log_axis(axes[1], "test loss (1/2N′) Σ‖f − y‖²")
     axes[0].set_ylim(bottom=1e-14)
     axes[0].set_title("training set (N = 100)")
     axes[1].set_title("test set (N′ = 100)")
-    legend_theory_experiment(axes[1])
-    fig.suptitle(
-        f"ReLU MLP, L = 3, M = {width}, MNIST 0 vs 7; NGD at η = 1/α̂, GD at η = 1/λ_max(Θ)", fontsize=10
-    )
+    legend_theory_experiment(axes[1], outside=True)
+    fig.suptitle(f"ReLU MLP, L = 3, M = {width}, MNIST 0 vs 7; NGD at η = 1/α̂, GD at η = 1/λ_max(Θ)", fontsize=10)
     fig.tight_layout()
     worst = min(c.experiment for c in checks[1:])
     summary = (

@@ -59,9 +59,7 @@ def run(settings: Settings) -> Result:
     outputs, rows, checks = {}, [], []
     theory_f = None
     for name, fisher, alpha in progress(cases, settings, "cross-entropy"):
-        net = MLP(
-            [784, width, width, 2], "relu", seed=settings.seed, dtype=settings.dtype, device=settings.device
-        )
+        net = MLP([784, width, width, 2], "relu", seed=settings.seed, dtype=settings.dtype, device=settings.device)
         hist = train(net, x, y, fisher, lr=RATE / alpha, steps=steps)
         f = torch.as_tensor(np.stack(hist.f_train), dtype=torch.float64)
         outputs[name] = f
@@ -90,14 +88,8 @@ def run(settings: Settings) -> Result:
                     "accuracy": hist.train_accuracy[t],
                 }
             )
-    between = (
-        (torch.softmax(outputs["exact"], -1) - torch.softmax(outputs["block_diagonal"], -1))
-        .abs()
-        .amax((1, 2))
-    )
-    ax_d.plot(
-        ts[1:], between[1:], color="black", label="exact vs block diagonal", **{**EXPERIMENT, "marker": "s"}
-    )
+    between = (torch.softmax(outputs["exact"], -1) - torch.softmax(outputs["block_diagonal"], -1)).abs().amax((1, 2))
+    ax_d.plot(ts[1:], between[1:], color="black", label="exact vs block diagonal", **{**EXPERIMENT, "marker": "s"})
     log_axis(ax_l, "cross-entropy training loss")
     ax_l.set_title(f"ReLU MLP, L = 3, M = {width}, C = 2, MNIST 0 vs 7 (N = 100)", fontsize=10)
     legend_theory_experiment(ax_l)
@@ -107,9 +99,7 @@ def run(settings: Settings) -> Result:
     fig.suptitle(f"Cross-entropy NGD at η = {RATE}/α, ρ = 0, ρ̃ = {OUTPUT_DAMPING:g}", fontsize=10)
     fig.tight_layout()
     checks.append(
-        Check(
-            "max |σ_exact − σ_block diagonal| over the run", "0 (identical paths)", 0.0, float(between.max())
-        )
+        Check("max |σ_exact − σ_block diagonal| over the run", "0 (identical paths)", 0.0, float(between.max()))
     )
     checks.append(
         Check(

@@ -49,7 +49,7 @@ def run(settings: Settings) -> Result:
     widths = [784, width, width, 1]
     kw = {"depth": 3, "activation": "relu", "sigma_w2": 2.0, "sigma_b2": 0.0}
     ts = list(range(steps + 1))
-    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.3, 1]})
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(13.5, 4.2), gridspec_kw={"width_ratios": [1.3, 1]})
     rows, checks = [], []
     for i, (name, fisher) in enumerate(progress(methods(), settings, "generalization")):
         net = MLP(widths, "relu", seed=settings.seed, dtype=settings.dtype, device=settings.device)
@@ -65,9 +65,7 @@ def run(settings: Settings) -> Result:
             k = theory.coefficient(fisher, None, x64, widths=widths, **kw)
             kt = theory.coefficient(fisher, xt64, x64, widths=widths, **kw)
             how = "analytic Θ̄"
-        hist = train(
-            net, x, y, "gd" if fisher is None else fisher, lr="optimal", steps=steps, x_test=xt, y_test=yt
-        )
+        hist = train(net, x, y, "gd" if fisher is None else fisher, lr="optimal", steps=steps, x_test=xt, y_test=yt)
         pred = dynamics.linearized(k, y64, f0, hist.lr, kt, f0t).test(ts)
         th_loss, th_acc = _loss(pred, yt64), _accuracy(pred, yt64)
         color, label = method_style(name)
@@ -87,12 +85,10 @@ def run(settings: Settings) -> Result:
                     "theory": how,
                 }
             )
-        checks.append(
-            Check(f"{label}: test loss at step {steps} ({how})", "—", float(th_loss[-1]), hist.test_loss[-1])
-        )
+        checks.append(Check(f"{label}: test loss at step {steps} ({how})", "—", float(th_loss[-1]), hist.test_loss[-1]))
     log_axis(ax_l, "test loss (1/2N′) Σ‖f − y‖²")
     ax_l.set_title(f"test loss, N′ = {len(yt)}", fontsize=10)
-    legend_theory_experiment(ax_l)
+    legend_theory_experiment(ax_l, outside=True)
     names = [method_style(n)[1] for n, _ in methods()]
     ax_a.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax_a.set_ylabel(f"test accuracy after {steps} steps")

@@ -60,14 +60,10 @@ def run(settings: Settings) -> Result:
     x, y = ds.x_train.to(settings.device), ds.y_train.to(settings.device)
     fine = np.linspace(grid[0], grid[-1], 400)
     fig, ax = plt.subplots(figsize=(6.8, 4.4))
-    ax.plot(
-        fine, np.maximum((1 - fine) ** 2, 1e-12), color="black", label=r"theory $(1-\eta\alpha)^2$", **THEORY
-    )
+    ax.plot(fine, np.maximum((1 - fine) ** 2, 1e-12), color="black", label=r"theory $(1-\eta\alpha)^2$", **THEORY)
     rows, checks = [], []
     for name, fisher in progress(methods(), settings, "learning-rate"):
-        net = MLP(
-            [784, width, width, 1], "relu", seed=settings.seed, dtype=settings.dtype, device=settings.device
-        )
+        net = MLP([784, width, width, 1], "relu", seed=settings.seed, dtype=settings.dtype, device=settings.device)
         alpha, ratios = one_step_losses(net, fisher, x, y, grid)
         color, label = method_style(name)
         ax.plot(grid, ratios, color=color, label=label, **{**EXPERIMENT, "linestyle": ":", "linewidth": 0.8})

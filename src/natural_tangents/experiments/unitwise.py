@@ -39,9 +39,7 @@ def run(settings: Settings) -> Result:
     rows, checks, cuts = [], [], []
     ts = torch.arange(steps + 1)
     for ax, (label, act, seed_value) in zip(axes, progress(CASES, settings, "unitwise")):
-        alpha = theory.alpha(
-            F.Unitwise(), widths=widths, activation=act, sigma_w2=SIGMA_W2, sigma_b2=SIGMA_B2
-        )
+        alpha = theory.alpha(F.Unitwise(), widths=widths, activation=act, sigma_w2=SIGMA_W2, sigma_b2=SIGMA_B2)
         alpha_seed = theory.alpha(
             F.Unitwise(),
             widths=widths,
@@ -50,9 +48,7 @@ def run(settings: Settings) -> Result:
             sigma_b2=SIGMA_B2,
             include_output=False,
         )
-        net = MLP(
-            widths, act, SIGMA_W2, SIGMA_B2, seed=settings.seed, dtype=settings.dtype, device=settings.device
-        )
+        net = MLP(widths, act, SIGMA_W2, SIGMA_B2, seed=settings.seed, dtype=settings.dtype, device=settings.device)
         alpha_hat = F.Unitwise().alpha_hat(net, x)  # ρ = 0: the number of active units per sample (S.137)
         hist = train(net, x, y, F.Unitwise(damping=DAMPING), lr=RATE / alpha, steps=steps)
         th = hist.train_loss[0] * (1 - RATE) ** (2 * ts.double())
