@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import median_times, peak_extra_mib, table  # noqa: E402
-
-import natural_tangents as nat  # noqa: E402
-from natural_tangents.kernels import layer_kernels  # noqa: E402
+import natural_tangents as nat
+from _harness import median_times, peak_extra_mib, table
+from natural_tangents.kernels import layer_kernels
 
 
 def setup(width: int, n: int, dtype_name: str):
@@ -57,22 +56,43 @@ def main() -> None:
         net = state[0]
         params = sum(p.numel() for p in net.parameters())
         t = median_times(
-            {"autograd": lambda: autograd_step(state), "factors": lambda: factors_and_kernels(state)},
+            {"autograd": lambda s=state: autograd_step(s), "factors": lambda s=state: factors_and_kernels(s)},
             repeats=args.repeats,
         )
-        base, mem_ag = peak_extra_mib(setup, autograd_step, (args.width, args.n, dtype_name))
+        _, mem_ag = peak_extra_mib(setup, autograd_step, (args.width, args.n, dtype_name))
         _, mem_f = peak_extra_mib(setup, factors_and_kernels, (args.width, args.n, dtype_name))
         model_mib = params * net.W1.element_size() / 2**20
         jac_gib = args.n * params * net.W1.element_size() / 2**30
-        rows.append([
-            dtype_name, f"{params / 1e6:.1f}M", f"{model_mib:.0f}", f"{jac_gib:.1f}",
-            f"{t['autograd'] * 1e3:.0f}", f"{t['factors'] * 1e3:.0f}", f"{t['factors'] / t['autograd']:.2f}",
-            f"{mem_ag:.0f}", f"{mem_f:.0f}",
-        ])
-        del state
+        rows.append(
+            [
+                dtype_name,
+                f"{params / 1e6:.1f}M",
+                f"{model_mib:.0f}",
+                f"{jac_gib:.1f}",
+                f"{t['autograd'] * 1e3:.0f}",
+                f"{t['factors'] * 1e3:.0f}",
+                f"{t['factors'] / t['autograd']:.2f}",
+                f"{mem_ag:.0f}",
+                f"{mem_f:.0f}",
+            ]
+        )
     print(f"L = 3, M = {args.width}, M_0 = 784, N = {args.n}, C = 1, threads = {torch.get_num_threads()}")
-    print(table(rows, ["dtype", "P", "model MiB", "explicit J GiB", "fwd+bwd ms", "factors+kernels ms",
-                       "ratio", "fwd+bwd extra MiB", "factors extra MiB"]))
+    print(
+        table(
+            rows,
+            [
+                "dtype",
+                "P",
+                "model MiB",
+                "explicit J GiB",
+                "fwd+bwd ms",
+                "factors+kernels ms",
+                "ratio",
+                "fwd+bwd extra MiB",
+                "factors extra MiB",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import median_times, peak_extra_mib, table  # noqa: E402
-
-import natural_tangents as nat  # noqa: E402
-from natural_tangents import fisher as F  # noqa: E402
+import natural_tangents as nat
+from _harness import median_times, peak_extra_mib, table
+from natural_tangents import fisher as F
 
 FISHERS = {
     "exact": F.Exact(),
@@ -59,17 +58,21 @@ def main() -> None:
         _, gd_mem = peak_extra_mib(setup, step, (args.width, args.n, dtype_name, "gd"))
         for name in FISHERS:
             state = setup(args.width, args.n, dtype_name, name)
-            t = median_times({"gd": lambda: step(gd), "ngd": lambda s=state: step(s)}, repeats=args.repeats)
+            t = median_times({"gd": lambda g=gd: step(g), "ngd": lambda s=state: step(s)}, repeats=args.repeats)
             _, mem = peak_extra_mib(setup, step, (args.width, args.n, dtype_name, name))
-            rows.append([
-                dtype_name, name, f"{t['gd'] * 1e3:.0f}", f"{t['ngd'] * 1e3:.0f}", f"{t['ngd'] / t['gd']:.2f}",
-                f"{gd_mem:.0f}", f"{mem:.0f}",
-            ])
-            del state
-        del gd
+            rows.append(
+                [
+                    dtype_name,
+                    name,
+                    f"{t['gd'] * 1e3:.0f}",
+                    f"{t['ngd'] * 1e3:.0f}",
+                    f"{t['ngd'] / t['gd']:.2f}",
+                    f"{gd_mem:.0f}",
+                    f"{mem:.0f}",
+                ]
+            )
     print(f"L = 3, M = {args.width}, M_0 = 784, N = {args.n}, C = 1, threads = {torch.get_num_threads()}")
-    print(table(rows, ["dtype", "Fisher", "GD step ms", "NGD step ms", "ratio", "GD extra MiB",
-                       "NGD extra MiB"]))
+    print(table(rows, ["dtype", "Fisher", "GD step ms", "NGD step ms", "ratio", "GD extra MiB", "NGD extra MiB"]))
 
 
 if __name__ == "__main__":

@@ -94,9 +94,7 @@ def explicit_fisher(
             for idx in units:
                 ji = j[:, idx]
                 t = torch.tensor(idx)
-                g[t[:, None], t[None, :]] = ji.T @ lm @ ji / n + damping * torch.eye(
-                    len(idx), dtype=torch.float64
-                )
+                g[t[:, None], t[None, :]] = ji.T @ lm @ ji / n + damping * torch.eye(len(idx), dtype=torch.float64)
         return g
     if kind == "kfac":
         hs, deltas = kfac_signals
@@ -113,18 +111,14 @@ def explicit_fisher(
                 # weights: K-FAC without the bias column; biases: B* ⊗ (σ_b²/N) (S.123)
                 aw = a[:, :-1]
                 a_w = aw.T @ aw / n
-                kron_w = torch.kron(
-                    b_fac + damping * eye_b, a_w + damping * torch.eye(a_w.shape[0], dtype=a.dtype)
-                )
+                kron_w = torch.kron(b_fac + damping * eye_b, a_w + damping * torch.eye(a_w.shape[0], dtype=a.dtype))
                 order_w = torch.tensor([i for u in units for i in u[:-1]])
                 g[order_w[:, None], order_w[None, :]] = kron_w
                 a_b = (a[:, -1:].T @ a[:, -1:] / n) / n
                 order_b = torch.tensor([u[-1] for u in units])
                 g[order_b[:, None], order_b[None, :]] = torch.kron(b_fac + damping * eye_b, a_b + damping)
                 continue
-            kron = torch.kron(
-                b_fac + damping * eye_b, a_fac + damping * torch.eye(a_fac.shape[0], dtype=torch.float64)
-            )
+            kron = torch.kron(b_fac + damping * eye_b, a_fac + damping * torch.eye(a_fac.shape[0], dtype=torch.float64))
             order = torch.tensor([i for u in units for i in u])  # row-major [W | b] → flat indices
             g[order[:, None], order[None, :]] = kron
         return g

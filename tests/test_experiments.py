@@ -79,7 +79,7 @@ def test_cli_lists_and_rejects_unknown_names(capsys):
 
 
 def test_cli_reproduce_all_writes_the_report_with_every_figure(tmp_path, capsys):
-    code = cli.main(["reproduce", "all", "--quick", "--max-width", "32", "--out", str(tmp_path), "--no-progress"])
+    code = cli.main(["reproduce", "all", "--quick", "--max-width", "128", "--out", str(tmp_path), "--no-progress"])
     assert code == 0
     report = (tmp_path / "report.md").read_text()
     for name in REGISTRY:

@@ -126,9 +126,7 @@ def test_standard_and_ntk_parameterizations_give_the_same_function_space_step():
     for make in FISHERS[:5]:
         outs = []
         for par in ("ntk", "standard"):
-            net = nat.MLP(
-                [6, 12, 11, 1], activation="tanh", sigma_b2=0.3, parameterization=par, dtype=torch.float64
-            )
+            net = nat.MLP([6, 12, 11, 1], activation="tanh", sigma_b2=0.3, parameterization=par, dtype=torch.float64)
             fisher = make(damping=0.0)
             tb = fisher.coefficient(net, x)
             outs.append(tb)

@@ -527,9 +527,7 @@ def test_bad_inputs_are_value_errors_naming_the_argument(x, pattern):
 def test_preprocessing_is_applied_to_the_input():
     """The modules before the first Linear transform x: the factors' forward signal of layer 1 is
     the transformed input, and f is model(x)."""
-    model = _build(
-        lambda: nn.Sequential(nn.Flatten(), nn.Tanh(), nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 2))
-    )
+    model = _build(lambda: nn.Sequential(nn.Flatten(), nn.Tanh(), nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 2)))
     x, _ = _data(4, (2, 3), 2)
     layers = models.sequential_layers(model)
     assert layers.flatten_input and layers.preprocess is not None

@@ -78,9 +78,9 @@ def test_cross_entropy_training_reduces_the_loss():
             "sigma: expected",
         ),
         (
-            lambda net, x, y: F.Layerwise(
-                sigma=torch.tensor([[1.0, 2, 0], [0, 1, 0], [0, 0, 1]])
-            ).natural_gradient(net, x, y),
+            lambda net, x, y: F.Layerwise(sigma=torch.tensor([[1.0, 2, 0], [0, 1, 0], [0, 0, 1]])).natural_gradient(
+                net, x, y
+            ),
             "sigma: Σ must be a finite symmetric",
         ),
         (

@@ -6,7 +6,7 @@ theta = nat.empirical_ntk(net, x)                      # J J^T, no 1/N
 step = nat.fisher.BlockDiagonal().natural_gradient(net, x, y)
 """
 
-from . import activations, data, fisher, losses, models
+from . import activations, data, dynamics, fisher, losses, models, theory
 from .kernels import empirical_ntk, empirical_unit_ntk
 from .network import MLP, Factors
 from .optim import GD, NGD, History, optimal_lr, train
@@ -22,9 +22,11 @@ __all__ = [
     "fisher",
     "losses",
     "optimal_lr",
+    "theory",
     "train",
     "activations",
     "data",
+    "dynamics",
     "models",
     "empirical_ntk",
     "empirical_unit_ntk",

@@ -45,8 +45,7 @@ def check_batch(
         raise ValueError(f"{name}: the batch is empty (shape {tuple(x.shape)}); pass at least one sample")
     if features is not None and x.shape[1] != features:
         raise ValueError(
-            f"{name}: expected {features} features per sample (the network's input width M_0), "
-            f"got {x.shape[1]}"
+            f"{name}: expected {features} features per sample (the network's input width M_0), got {x.shape[1]}"
         )
     check_finite(x, name)
     return x
@@ -72,9 +71,7 @@ def check_unit_norm(x: Tensor, name: str, *, atol: float = 1e-6) -> None:
 def check_damping(damping: float, name: str = "damping") -> float:
     damping = float(damping)
     if not np.isfinite(damping) or damping < 0:
-        raise ValueError(
-            f"{name}: must be a finite number >= 0 (0 means the zero-damping limit), got {damping}"
-        )
+        raise ValueError(f"{name}: must be a finite number >= 0 (0 means the zero-damping limit), got {damping}")
     return damping
 
 

@@ -264,6 +264,4 @@ def get(activation: str | Activation | Callable[[Tensor], Tensor]) -> Activation
         return _BY_NAME[key]()
     if callable(activation):
         return Elementwise(activation, label=getattr(activation, "__name__", "elementwise"))
-    raise ValueError(
-        f"activation: expected a name, an Activation or a callable, got {type(activation).__name__}"
-    )
+    raise ValueError(f"activation: expected a name, an Activation or a callable, got {type(activation).__name__}")

@@ -19,9 +19,7 @@ from .experiments.report import write_report
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="natural-tangents", description="Natural gradient descent in wide networks."
-    )
+    p = argparse.ArgumentParser(prog="natural-tangents", description="Natural gradient descent in wide networks.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("reproduce", help="run one experiment of the seed, or all of them (with a report)")
     r.add_argument("name", help=f"'all' or one of: {', '.join(REGISTRY)}")
@@ -33,9 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="results", help="output folder (default: results)")
     r.add_argument("--seed", type=int, default=0, help="seed of networks and data draws (default 0)")
     r.add_argument("--device", default="cpu", help="torch device of the networks (default cpu)")
-    r.add_argument(
-        "--dtype", default="float64", choices=["float32", "float64"], help="network dtype (default float64)"
-    )
+    r.add_argument("--dtype", default="float64", choices=["float32", "float64"], help="network dtype (default float64)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--max-width", type=int, default=None, help=argparse.SUPPRESS)  # smoke tests: cap every width
     sub.add_parser("list", help="list the experiments")

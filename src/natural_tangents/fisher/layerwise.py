@@ -64,9 +64,7 @@ class Layerwise(DualFisher):
         s = torch.as_tensor(np.asarray(s, dtype=np.float64) if not isinstance(s, Tensor) else s)
         s = s.to(torch.float64)
         if s.shape != (depth, depth):
-            raise ValueError(
-                f"sigma: expected an ({depth}, {depth}) matrix for this depth, got {tuple(s.shape)}"
-            )
+            raise ValueError(f"sigma: expected an ({depth}, {depth}) matrix for this depth, got {tuple(s.shape)}")
         if not bool(torch.isfinite(s).all()) or not torch.allclose(s, s.T):
             raise ValueError("sigma: Σ must be a finite symmetric matrix (the Fisher is symmetric)")
         return s

@@ -1,0 +1,32 @@
+"""Infinite-width theory: analytic kernels, the NTK, γ and α, and the coefficient matrices Θ̄.
+
+    import natural_tangents as nat
+    k = nat.theory.kernels(x, depth=3, activation="relu", sigma_w2=2.0, sigma_b2=0.5)
+    k.ntk, k.per_layer                          # J J^T limits, no 1/N (like nat.empirical_ntk)
+    nat.theory.alpha(nat.fisher.BlockDiagonal(), widths=[784, 4096, 4096, 1])       # 3.0
+    nat.theory.coefficient(nat.fisher.Exact(), x_test, x, depth=3, activation="relu",
+                           sigma_w2=2.0, sigma_b2=0.5)                              # Θ̄(x′, x)
+
+Modules: :mod:`~natural_tangents.theory.gaussian` (2-D Gaussian expectations: closed forms and
+quadrature), :mod:`~natural_tangents.theory.kernels` (the recursion (S.168)–(S.178)),
+:mod:`~natural_tangents.theory.alpha` (γ (S.140), α of every Fisher),
+:mod:`~natural_tangents.theory.coefficient` (Θ̄ (S.53), (S.71), (S.105)–(S.124)).
+"""
+
+from .alpha import alpha, gamma, variances
+from .coefficient import coefficient
+from .gaussian import bivariate_normal_cdf, gaussian_expectations, second_moment
+from .kernels import AnalyticKernels, kernels, ntk
+
+__all__ = [
+    "AnalyticKernels",
+    "kernels",
+    "ntk",
+    "gamma",
+    "alpha",
+    "variances",
+    "coefficient",
+    "gaussian_expectations",
+    "second_moment",
+    "bivariate_normal_cdf",
+]
