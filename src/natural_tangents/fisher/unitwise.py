@@ -98,7 +98,7 @@ class Unitwise(Fisher):
             slot = torch.arange(m, device=k.device)[None, :]
             valid = slot < sizes[units][:, None]
             sub_idx = torch.where(valid, idx, n + slot)
-            sub = k_ext[sub_idx[:, :, None], sub_idx[:, None, :]]
+            sub = torch.take(k_ext, sub_idx[:, :, None] * k_ext.shape[0] + sub_idx[:, None, :])
             if self.damping > 0:
                 si = torch.gather(s_ext[units], 1, sub_idx)
                 sub.mul_(si[:, :, None] * si[:, None, :]).div_(n)
