@@ -44,7 +44,7 @@ def function_space_path(f0: torch.Tensor, y: torch.Tensor, steps: int, loss: Cro
 
 
 def run(settings: Settings) -> Result:
-    width = settings.width(4096, 1024)
+    width = settings.width(4096, 2048)
     steps = 6 if settings.quick else 10
     ds = mnist_binary((0, 7), n_train=100, n_test=10, seed=settings.seed, one_hot=True, dtype=settings.dtype)
     x, y = ds.x_train.to(settings.device), ds.y_train.to(settings.device)

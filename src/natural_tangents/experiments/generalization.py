@@ -38,7 +38,7 @@ def _accuracy(f, y):
 
 
 def run(settings: Settings) -> Result:
-    width = settings.width(4096, 1024)
+    width = settings.width(4096, 2048)
     steps = 5 if settings.quick else 10
     n = 100
     ds = mnist_binary(

@@ -54,7 +54,7 @@ def one_step_losses(net: MLP, fisher: F.Fisher, x, y, grid: np.ndarray) -> tuple
 
 
 def run(settings: Settings) -> Result:
-    width = settings.width(4096, 1024)
+    width = settings.width(4096, 2048)
     grid = np.linspace(0.1, 2.5, 25)  # steps of 0.1, through ηα = 1
     ds = mnist_binary((0, 7), n_train=100, n_test=10, seed=settings.seed, dtype=settings.dtype)
     x, y = ds.x_train.to(settings.device), ds.y_train.to(settings.device)

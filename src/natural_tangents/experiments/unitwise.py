@@ -29,7 +29,7 @@ CASES = [
 
 
 def run(settings: Settings) -> Result:
-    width = settings.width(4096, 1024)
+    width = settings.width(4096, 2048)
     steps = 6 if settings.quick else 8
     n = 100
     ds = mnist_binary((0, 7), n_train=n, n_test=100, seed=settings.seed, dtype=settings.dtype)
