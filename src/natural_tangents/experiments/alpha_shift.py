@@ -23,7 +23,6 @@ from .. import fisher as F
 from .. import theory
 from ..activations import ShiftedReLU
 from ..data import gaussian
-from ..network import MLP
 from .common import EXPERIMENT, THEORY, Check, Result, Settings, legend_theory_experiment, method_style, progress
 
 NAME = "alpha-shift"
@@ -72,15 +71,7 @@ def run(settings: Settings, sizes: Sizes | None = None) -> Result:
     th_fine = [alpha_over_m(float(s), m0, m) for s in fine]
     rows, pts = [], []
     for s in progress(sizes.shifts, settings, "alpha-shift"):
-        net = MLP(
-            [m0, m, m, 1],
-            ShiftedReLU(s),
-            sigma_w2=SIGMA_W2,
-            sigma_b2=SIGMA_B2,
-            seed=settings.seed,
-            dtype=settings.dtype,
-            device=settings.device,
-        )
+        net = settings.network([m0, m, m, 1], ShiftedReLU(s), SIGMA_W2, SIGMA_B2)
         diag = torch.diagonal(fisher.coefficient(net, x)).double()
         c = net.out_features
         measured = float(diag.mean() - c) / m

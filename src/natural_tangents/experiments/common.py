@@ -80,6 +80,13 @@ class Settings:
         w = quick if self.quick else full
         return w if self.max_width is None else min(w, self.max_width)
 
+    def network(self, widths, activation="relu", sigma_w2: float = 2.0, sigma_b2: float = 0.0, seed: int | None = None):
+        """An :class:`~natural_tangents.MLP` with these settings' seed (unless ``seed``), dtype and device."""
+        from ..network import MLP
+
+        seed = self.seed if seed is None else seed
+        return MLP(widths, activation, sigma_w2, sigma_b2, seed=seed, dtype=self.dtype, device=self.device)
+
     def describe(self) -> dict:
         return {"quick": self.quick, "seed": self.seed, "device": self.device, "dtype": str(self.dtype)}
 

@@ -120,15 +120,7 @@ def run(settings: Settings, sizes: Sizes | None = None) -> Result:
 
     rows, measured = [], {name: [] for name in METHODS}
     for m in progress(sizes.widths, settings, "condition"):
-        net = MLP(
-            [m0, m, m, 1],
-            "relu",
-            sigma_w2=SIGMA_W2,
-            sigma_b2=SIGMA_B2,
-            seed=settings.seed,
-            dtype=settings.dtype,
-            device=settings.device,
-        )
+        net = settings.network([m0, m, m, 1], "relu", SIGMA_W2, SIGMA_B2)
         rank = _kfac_rank(net, x_net)
         for name in METHODS:
             iso = fs[name].isotropy(net, x_net)

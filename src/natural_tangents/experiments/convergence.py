@@ -10,7 +10,6 @@ from .. import dynamics
 from .. import fisher as F
 from ..data import mnist_binary
 from ..kernels import empirical_ntk
-from ..network import MLP
 from ..optim import train
 from .common import (
     EXPERIMENT,
@@ -58,7 +57,7 @@ def run(settings: Settings) -> Result:
     rows, curves, checks = [], {}, []
     ts = list(range(steps + 1))
     for name, fisher in progress(methods(), settings, "convergence"):
-        net = MLP(widths, "relu", seed=settings.seed, dtype=settings.dtype, device=settings.device)
+        net = settings.network(widths)
         with torch.no_grad():
             f0, f0t = net(x), net(xt)
         if fisher is None:

@@ -11,7 +11,6 @@ import torch
 from .. import fisher as F
 from ..data import mnist_binary
 from ..losses import CrossEntropy
-from ..network import MLP
 from ..optim import train
 from .common import (
     EXPERIMENT,
@@ -59,7 +58,7 @@ def run(settings: Settings) -> Result:
     outputs, rows, checks = {}, [], []
     theory_f = None
     for name, fisher, alpha in progress(cases, settings, "cross-entropy"):
-        net = MLP([784, width, width, 2], "relu", seed=settings.seed, dtype=settings.dtype, device=settings.device)
+        net = settings.network([784, width, width, 2])
         hist = train(net, x, y, fisher, lr=RATE / alpha, steps=steps)
         f = torch.as_tensor(np.stack(hist.f_train), dtype=torch.float64)
         outputs[name] = f

@@ -10,7 +10,6 @@ import torch
 
 from .. import dynamics, theory
 from ..data import mnist_binary
-from ..network import MLP
 from ..optim import train
 from .common import (
     EXPERIMENT,
@@ -52,7 +51,7 @@ def run(settings: Settings) -> Result:
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(13.5, 4.2), gridspec_kw={"width_ratios": [1.3, 1]})
     rows, checks = [], []
     for i, (name, fisher) in enumerate(progress(methods(), settings, "generalization")):
-        net = MLP(widths, "relu", seed=settings.seed, dtype=settings.dtype, device=settings.device)
+        net = settings.network(widths)
         with torch.no_grad():
             f0, f0t = net(x).double().cpu(), net(xt).double().cpu()
         if fisher is None:

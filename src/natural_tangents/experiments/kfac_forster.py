@@ -30,7 +30,6 @@ import torch
 from .. import dynamics, theory
 from .. import fisher as F
 from ..data import forster, synthetic
-from ..network import MLP
 from ..optim import train
 from .common import EXPERIMENT, THEORY, Check, Result, Settings, legend_theory_experiment, log_axis, progress
 
@@ -86,15 +85,7 @@ def run(settings: Settings, sizes: Sizes | None = None) -> Result:
         x = x64.to(settings.device, settings.dtype)
         with warnings.catch_warnings(record=True) as log:
             warnings.simplefilter("always")
-            net = MLP(
-                [m0, m, m, 1],
-                "relu",
-                sigma_w2=SIGMA_W2,
-                sigma_b2=SIGMA_B2,
-                seed=settings.seed,
-                dtype=settings.dtype,
-                device=settings.device,
-            )
+            net = settings.network([m0, m, m, 1], "relu", SIGMA_W2, SIGMA_B2)
             with torch.no_grad():
                 f0 = net(x).double().cpu()
             tb = kfac.coefficient(net, x)

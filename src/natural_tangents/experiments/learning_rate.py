@@ -63,7 +63,7 @@ def run(settings: Settings) -> Result:
     ax.plot(fine, np.maximum((1 - fine) ** 2, 1e-12), color="black", label=r"theory $(1-\eta\alpha)^2$", **THEORY)
     rows, checks = [], []
     for name, fisher in progress(methods(), settings, "learning-rate"):
-        net = MLP([784, width, width, 1], "relu", seed=settings.seed, dtype=settings.dtype, device=settings.device)
+        net = settings.network([784, width, width, 1])
         alpha, ratios = one_step_losses(net, fisher, x, y, grid)
         color, label = method_style(name)
         ax.plot(grid, ratios, color=color, label=label, **{**EXPERIMENT, "linestyle": ":", "linewidth": 0.8})

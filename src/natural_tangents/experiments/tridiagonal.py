@@ -112,15 +112,7 @@ def run(settings: Settings, sizes: Sizes | None = None) -> Result:
     for depth in progress(sizes.depths, settings, "tridiagonal"):
         a_inv, a_pinv = sigma_alpha(depth)
         singular = a_inv is None
-        net = MLP(
-            [x.shape[1]] + [m] * (depth - 1) + [1],
-            "relu",
-            sigma_w2=SIGMA_W2,
-            sigma_b2=SIGMA_B2,
-            seed=settings.seed,
-            dtype=settings.dtype,
-            device=settings.device,
-        )
+        net = settings.network([x.shape[1]] + [m] * (depth - 1) + [1], "relu", SIGMA_W2, SIGMA_B2)
         fx = model_factors(net, x)
         r = (fx.f.double() - y64.to(fx.f.device)).reshape(-1).cpu()
         base = {
@@ -183,14 +175,8 @@ def run(settings: Settings, sizes: Sizes | None = None) -> Result:
     sweep = []
     grid = [(m_s, d, k) for m_s in sizes.sweep_widths for d in sizes.sweep_depths for k in range(sizes.sweep_seeds)]
     for m_s, depth, k in progress(grid, settings, "tridiagonal widths"):
-        net = MLP(
-            [x.shape[1]] + [m_s] * (depth - 1) + [1],
-            "relu",
-            sigma_w2=SIGMA_W2,
-            sigma_b2=SIGMA_B2,
-            seed=settings.seed + k,
-            dtype=settings.dtype,
-            device=settings.device,
+        net = settings.network(
+            [x.shape[1]] + [m_s] * (depth - 1) + [1], "relu", SIGMA_W2, SIGMA_B2, seed=settings.seed + k
         )
         fx = model_factors(net, x)
         rho = 0.0 if sigma_alpha(depth)[0] is not None else min(sizes.dampings)

@@ -10,7 +10,6 @@ from .. import activations as A
 from .. import fisher as F
 from .. import theory
 from ..data import mnist_binary
-from ..network import MLP
 from ..optim import train
 from .common import EXPERIMENT, THEORY, Check, Result, Settings, legend_theory_experiment, log_axis, progress
 
@@ -48,7 +47,7 @@ def run(settings: Settings) -> Result:
             sigma_b2=SIGMA_B2,
             include_output=False,
         )
-        net = MLP(widths, act, SIGMA_W2, SIGMA_B2, seed=settings.seed, dtype=settings.dtype, device=settings.device)
+        net = settings.network(widths, act, SIGMA_W2, SIGMA_B2)
         alpha_hat = F.Unitwise().alpha_hat(net, x)  # ρ = 0: the number of active units per sample (S.137)
         hist = train(net, x, y, F.Unitwise(damping=DAMPING), lr=RATE / alpha, steps=steps)
         th = hist.train_loss[0] * (1 - RATE) ** (2 * ts.double())
