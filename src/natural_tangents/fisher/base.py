@@ -81,9 +81,9 @@ def solve_psd(a: Tensor, b: Tensor, shift: Tensor | float = 0.0) -> Tensor:
     """(A + shift)^{-1} B for symmetric PSD A and a PD shift (a number ρ > 0 or a matrix);
     with a zero shift, A^+ B (the zero-damping limit)."""
     if isinstance(shift, Tensor) or shift > 0:
-        m = a + (
-            shift * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device) if not isinstance(shift, Tensor) else shift
-        )
+        if not isinstance(shift, Tensor):
+            shift = shift * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        m = a + shift
         m = 0.5 * (m + m.mT)
         chol, info = torch.linalg.cholesky_ex(m)
         if not bool((info == 0).all()):
@@ -93,6 +93,15 @@ def solve_psd(a: Tensor, b: Tensor, shift: Tensor | float = 0.0) -> Tensor:
             )
         return torch.cholesky_solve(b, chol)
     return pinv_psd(a) @ b
+
+
+def solve_with_metric(k: Tensor, lam: Tensor | None, damping: float) -> Tensor:
+    """(Λ K + ρ I)^{-1} = (K + ρ Λ^{-1})^{-1} Λ^{-1} for a symmetric PSD kernel K (N·C, N·C) and the
+    per-sample output metric Λ (N, C, C), ``None`` for Λ = I; at ρ = 0, K^+ Λ^{-1}."""
+    if lam is None:
+        return solve_psd(k, torch.eye(k.shape[0], dtype=k.dtype, device=k.device), damping)
+    lam_inv = block_diag_metric(inverse_blocks(lam))
+    return solve_psd(k, lam_inv, damping * lam_inv if damping > 0 else 0.0)
 
 
 def block_diag_metric(lam: Tensor) -> Tensor:
@@ -165,8 +174,8 @@ class Fisher:
         return self.alpha_hat_from_factors(model_factors(model, x))
 
     def alpha_hat_from_factors(self, fx: Factors) -> float:
-        tb = self._coefficient(fx, fx, self._metric(fx))
         lam = self._metric(fx)
+        tb = self._coefficient(fx, fx, lam)
         if lam is not None:
             tb = tb @ block_diag_metric(lam)
         return float(torch.diagonal(tb).mean())

@@ -11,12 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from ..kernels import layer_kernels
 from ..network import Factors
-from .base import DualFisher, block_diag_metric, inverse_blocks, solve_psd
+from .base import DualFisher, solve_with_metric
 
 __all__ = ["Exact"]
 
@@ -30,11 +29,5 @@ class Exact(DualFisher):
 
     def _dual(self, fx: Factors, lam: Tensor | None) -> tuple[Tensor, list[Tensor]]:
         thetas = layer_kernels(fx, dtype=self.solve_dtype) / fx.n
-        theta = thetas.sum(0)
-        if lam is None:
-            eye = torch.eye(theta.shape[0], dtype=theta.dtype, device=theta.device)
-            x = solve_psd(theta, eye, self.damping)
-        else:
-            lam_inv = block_diag_metric(inverse_blocks(lam))
-            x = solve_psd(theta, lam_inv, self.damping * lam_inv if self.damping > 0 else 0.0)
+        x = solve_with_metric(thetas.sum(0), lam, self.damping)
         return thetas, [x] * fx.depth

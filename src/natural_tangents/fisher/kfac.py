@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..network import Factors
-from .base import Fisher, block_diag_metric, inverse_blocks, solve_psd
+from .base import Fisher, block_diag_metric, solve_psd, solve_with_metric
 
 __all__ = ["KFAC"]
 
@@ -134,11 +134,7 @@ class KFAC(Fisher):
         if m < nf:
             return None
         beta = d @ d.T * (blk.b_scale / fx.n)
-        if lam is None:
-            eye = torch.eye(nf, dtype=beta.dtype, device=beta.device)
-            return solve_psd(beta, eye, self.damping)
-        lam_inv = block_diag_metric(inverse_blocks(lam))
-        return solve_psd(beta, lam_inv, self.damping * lam_inv if self.damping > 0 else 0.0)
+        return solve_with_metric(beta, lam, self.damping)
 
     def _output_primal(self, blk: _KronBlock, fx: Factors, lam: Tensor | None) -> Tensor:
         """B* = b_scale Δ^T Λ Δ / N, (M_l, M_l)."""
