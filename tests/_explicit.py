@@ -70,7 +70,7 @@ def output_metric(lam, n, c):
 
 
 def explicit_fisher(
-    kind, model, x, damping, lam=None, sigma=None, kfac_signals=None, kfac_output="seed", kfac_bias="augment"
+    kind, model, x, damping, lam=None, sigma=None, kfac_signals=None, kfac_output="paper", kfac_bias="augment"
 ):
     """The P × P Fisher of ``kind`` built from explicit Jacobians (float64)."""
     j = jacobian(model, x).to(torch.float64)
@@ -104,7 +104,7 @@ def explicit_fisher(
             d = deltas[l].permute(1, 0, 2).reshape(n * c, -1)  # (NC, M_l)
             a_fac = a.T @ a / n
             b_fac = d.T @ lm @ d / n
-            if l == len(hs) - 1 and kfac_output == "seed":
+            if l == len(hs) - 1 and kfac_output == "paper":
                 b_fac = b_fac / n
             eye_b = torch.eye(b_fac.shape[0], dtype=torch.float64)
             if kfac_bias == "block" and model.has_bias and l < len(hs) - 1:
@@ -230,6 +230,68 @@ def explicit_fisher_of(fisher, model, x, depth, signals, lam=None):
         lam=lam,
         sigma=fisher.sigma_matrix(depth) if kind == "layerwise" else None,
         kfac_signals=signals(model, x) if kind == "kfac" else None,
-        kfac_output=getattr(fisher, "output_factor", "seed"),
+        kfac_output=getattr(fisher, "output_factor", "paper"),
         kfac_bias=getattr(fisher, "bias", "augment"),
     )
+
+
+# ------------------------------------------------------------------ any nn.Module: blocks by owning module
+
+
+def module_blocks(model):
+    """Per parameterized module (in ``model.parameters()`` order): its name and, per parameter, the
+    flat column indices of that parameter. Built from ``named_parameters`` alone."""
+    offs, out, index = 0, [], {}
+    for name, p in model.named_parameters():
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        if owner not in index:
+            index[owner] = len(out)
+            out.append((owner, []))
+        out[index[owner]][1].append(list(range(offs, offs + p.numel())))
+        offs += p.numel()
+    return out
+
+
+def module_units(model):
+    """Unit-wise blocks: per Linear/Conv module, one unit per output feature/channel (its weight row
+    or filter with its bias entry); any other module is one unit."""
+    mods = dict(model.named_modules())
+    units = []
+    for owner, params in module_blocks(model):
+        m = mods[owner]
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
+            w = params[0]
+            per = len(w) // m.weight.shape[0]
+            for i in range(m.weight.shape[0]):
+                idx = w[i * per : (i + 1) * per]
+                if len(params) > 1:
+                    idx = [*idx, params[1][i]]
+                units.append(idx)
+        else:
+            units.append([i for p in params for i in p])
+    return units
+
+
+def explicit_module_fisher(kind, model, x, damping, lam=None, sigma=None):
+    """The P × P exact, layer-wise (blocks = parameterized modules) or unit-wise Fisher (float64)."""
+    j = jacobian(model, x).to(torch.float64)
+    n = x.shape[0]
+    lm = output_metric(lam, n, j.shape[0] // n)
+    p = j.shape[1]
+    eye = torch.eye(p, dtype=torch.float64)
+    if kind == "exact":
+        return j.T @ lm @ j / n + damping * eye
+    if kind == "layerwise":
+        blocks = [torch.tensor([i for prm in params for i in prm]) for _, params in module_blocks(model)]
+        g = torch.zeros(p, p, dtype=torch.float64)
+        for l, il in enumerate(blocks):
+            for m, im in enumerate(blocks):
+                g[il[:, None], im[None, :]] = sigma[l, m] * j[:, il].T @ lm @ j[:, im] / n
+        return g + damping * eye
+    if kind == "unitwise":
+        g = damping * eye
+        for idx in module_units(model):
+            t = torch.tensor(idx)
+            g[t[:, None], t[None, :]] += j[:, t].T @ lm @ j[:, t] / n
+        return g
+    raise ValueError(kind)

@@ -6,10 +6,11 @@ theta = nat.empirical_ntk(net, x)                      # J J^T, no 1/N
 step = nat.fisher.BlockDiagonal().natural_gradient(net, x, y)
 """
 
-from . import activations, data, dynamics, fisher, losses, models, theory
+from . import activations, data, distributed, dynamics, fisher, layers, losses, models, theory
 from .kernels import empirical_ntk, empirical_unit_ntk
-from .network import MLP, Factors
+from .network import MLP
 from .optim import GD, NGD, History, optimal_lr, train
+from .signals import Factors, Signals
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,9 @@ __all__ = [
     "MLP",
     "NGD",
     "Factors",
+    "Signals",
+    "layers",
+    "distributed",
     "History",
     "fisher",
     "losses",

@@ -1,7 +1,7 @@
 """Empirical neural tangent kernels from Jacobian factors (seed (S.66)–(S.68), (S.131)).
 
 Convention (the neural-tangents one): these functions return J(x1) J(x2)^T *without* the 1/N of
-the seed's Θ = J J^T / N. Shapes: (N1, N2) for a single output, (N1, N2, C, C) for C > 1, where
+the paper's Θ = J J^T / N. Shapes: (N1, N2) for a single output, (N1, N2, C, C) for C > 1, where
 entry [n, m, k, j] is ∂f_k(x1_n)/∂θ · ∂f_j(x2_m)/∂θ.
 
 Per layer (S.68): J_l(x1) J_l(x2)^T = (a_{l−1}(x1) a_{l−1}(x2)^T) ⊙ (δ_l(x1) δ_l(x2)^T), where a is the
@@ -13,42 +13,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .network import Factors, affine_layers, factors
+from .models import signals
+from .signals import Signals
 
 __all__ = ["empirical_ntk", "empirical_unit_ntk", "layer_kernels", "unit_kernels", "model_factors"]
 
 
-def model_factors(model, x, name: str = "x") -> Factors:
-    """Validated factors of ``x`` for a supported model (:class:`~natural_tangents.MLP` or
-    ``nn.Sequential``)."""
-    if hasattr(model, "check_input"):
-        x = model.check_input(x, name)
-        return factors(model.layers(), x)
-    from .models import check_sequential_input
-
-    layers = affine_layers(model)
-    return factors(layers, check_sequential_input(layers, x, name))
+def model_factors(model, x, name: str = "x") -> Signals:
+    """Validated signals of ``x`` for any supported model (:class:`~natural_tangents.MLP` or an
+    ``nn.Module``, see :mod:`natural_tangents.models`)."""
+    return signals(model, x, name)
 
 
-def layer_kernels(f1: Factors, f2: Factors | None = None, dtype: torch.dtype | None = None) -> Tensor:
+def layer_kernels(f1: Signals, f2: Signals | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """Per-layer J_l(x1) J_l(x2)^T in flat function-space form, shape (L, N1·C, N2·C).
 
-    Rows and columns are sample-major: index n·C + k. No 1/N. ``dtype`` (default: the factors')
+    Rows and columns are sample-major: index n·C + k. No 1/N. ``dtype`` (default: the signals')
     is the precision of the products, e.g. float64 for diagnostics of a float32 network.
     """
-    f2 = f1 if f2 is None else f2
-    dtype = dtype or f1.f.dtype
-    n1, n2, c = f1.n, f2.n, f1.c
-    out = []
-    for a1, a2, d1, d2 in zip(f1.forward, f2.forward, f1.backward, f2.backward):
-        a = a1.to(dtype) @ a2.to(dtype).T  # (N1, N2)
-        if c == 1:
-            b = d1[0].to(dtype) @ d2[0].to(dtype).T
-            out.append(a * b)
-        else:
-            b = torch.einsum("knm,jpm->nkpj", d1.to(dtype), d2.to(dtype))  # (N1, C, N2, C)
-            out.append((b * a[:, None, :, None]).reshape(n1 * c, n2 * c))
-    return torch.stack(out)
+    return f1.layer_kernels(f2, dtype)
 
 
 def _public_shape(k: Tensor, n1: int, n2: int, c: int) -> Tensor:
@@ -64,7 +47,7 @@ def empirical_ntk(model, x1, x2=None, per_layer: bool = False, dtype: torch.dtyp
     """The empirical NTK J(x1) J(x2)^T (no 1/N), built from factors, never from J.
 
     Args:
-        model: a :class:`~natural_tangents.MLP` (or a supported ``nn.Sequential``).
+        model: a :class:`~natural_tangents.MLP` or any supported ``nn.Module``.
         x1: (N1, M_0) inputs. x2: (N2, M_0) inputs; defaults to ``x1``.
         per_layer: if True, return the L per-layer kernels stacked on a leading axis.
         dtype: precision of the kernel products (default: the model's).
@@ -80,23 +63,27 @@ def empirical_ntk(model, x1, x2=None, per_layer: bool = False, dtype: torch.dtyp
     return _public_shape(k, f1.n, f2.n, f1.c)
 
 
-def unit_kernels(f1: Factors, f2: Factors | None, layer: int, dtype: torch.dtype | None = None) -> Tensor:
-    """Per-unit J_{l,i}(x1) J_{l,i}(x2)^T of layer ``layer`` (0-based here), shape (M_l, N1·C, N2·C).
+def unit_kernels(f1: Signals, f2: Signals | None, layer: int, dtype: torch.dtype | None = None) -> Tensor:
+    """Per-unit J_{l,i}(x1) J_{l,i}(x2)^T of layer ``layer`` (0-based here), shape (U, N1·C, N2·C).
 
-    Unit i of layer l owns row i of [W_l | b_l]; its kernel is
-    (a_{l−1}(x1) a_{l−1}(x2)^T) ⊙ (δ_{l,i}(x1) δ_{l,i}(x2)^T) (S.131). No 1/N.
+    For an affine layer unit i owns row i of [W_l | b_l] (an output feature or channel); for an MLP its
+    kernel is (a_{l−1}(x1) a_{l−1}(x2)^T) ⊙ (δ_{l,i}(x1) δ_{l,i}(x2)^T) (S.131). No 1/N.
     """
     f2 = f1 if f2 is None else f2
-    dtype = dtype or f1.f.dtype
-    a = f1.forward[layer].to(dtype) @ f2.forward[layer].to(dtype).T  # (N1, N2)
-    d1, d2 = f1.backward[layer].to(dtype), f2.backward[layer].to(dtype)  # (C, N, M)
-    b = torch.einsum("knm,jpm->mnkpj", d1, d2)  # (M, N1, C, N2, C)
-    k = b * a[None, :, None, :, None]
-    return k.reshape(k.shape[0], f1.n * f1.c, f2.n * f2.c)
+    s1, s2 = f1.layers[layer], f2.layers[layer]
+    dtype = dtype or s1.dtype
+    if getattr(s1, "positions", 0) == 1 and getattr(s2, "positions", 0) == 1:
+        a = s1.a[:, 0].to(dtype) @ s2.a[:, 0].to(dtype).T  # (N1, N2)
+        b = torch.einsum("knm,jpm->mnkpj", s1.d[:, :, 0].to(dtype), s2.d[:, :, 0].to(dtype))  # (M, N1, C, N2, C)
+        k = b * a[None, :, None, :, None]
+        return k.reshape(k.shape[0], f1.n * f1.c, f2.n * f2.c)
+    u1 = s1.units(dtype).jac
+    u2 = u1 if f2 is f1 else s2.units(dtype).jac
+    return u1 @ u2.mT
 
 
 def empirical_unit_ntk(model, x1, x2=None, *, layer: int, dtype: torch.dtype | None = None) -> Tensor:
-    """Per-unit kernels Θ_{l,i}(x1, x2)·N of layer ``layer`` (1-based, as in the seed: 1 … L).
+    """Per-unit kernels Θ_{l,i}(x1, x2)·N of layer ``layer`` (1-based, as in the paper: 1 … L).
 
     Returns (M_l, N1, N2) for C = 1 and (M_l, N1, N2, C, C) for C > 1 (no 1/N).
     """

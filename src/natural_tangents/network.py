@@ -1,6 +1,6 @@
-"""Wide MLPs in the NTK parameterization and their Jacobian factors (seed (S.64)–(S.68)).
+"""Wide MLPs in the NTK parameterization and their Jacobian factors (the paper's (S.64)–(S.68)).
 
-The network (MATH.md §1), with widths M_0 (input), M_1 … M_{L−1} (hidden), M_L = C (outputs):
+The network (docs/conventions.md), with widths M_0 (input), M_1 … M_{L−1} (hidden), M_L = C (outputs):
 
     h_0 = x,   u_l = (σ_w/√M_{l−1}) W_l h_{l−1} + σ_b b_l,   h_l = φ(u_l),   f = u_L
 
@@ -10,8 +10,9 @@ scaled input of layer l with the bias column appended):
 
     ∂f_k/∂[W_l | b_l] = δ_l^{(k)} a_{l−1}^T,   a_{l−1} = [(σ_w/√M_{l−1}) h_{l−1}, σ_b]
 
-:class:`Factors` holds these signals for a batch; every kernel and every Fisher of the library is
-built from them in O(N² M) memory instead of O(N P).
+:class:`~natural_tangents.signals.Signals` holds these signals for a batch (each layer an
+:class:`~natural_tangents.layers.affine.AffineSignals` with one position); every kernel and every
+Fisher of the library is built from them in O(N² M) memory instead of O(N P).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from torch import Tensor, nn
 
 from . import activations as _act
 from ._checks import check_batch, check_widths
+from .layers.affine import AffineSignals
+from .signals import Signals
 
-__all__ = ["MLP", "AffineLayer", "Factors", "factors", "affine_layers"]
+__all__ = ["MLP", "AffineLayer", "factors"]
 
 
 @dataclass(frozen=True)
@@ -57,62 +60,6 @@ class AffineLayer:
         return self.in_features + (self.bias is not None)
 
 
-@dataclass(frozen=True)
-class Factors:
-    """Jacobian factors of a batch of N inputs through L affine layers.
-
-    Attributes:
-        f: outputs, (N, C).
-        forward: per layer l = 1..L, the forward signal a_{l−1} of shape (N, M_{l−1} [+1]):
-            the scaled input of layer l, with the bias column (σ_b in the NTK parameterization,
-            1 in the standard one) appended when the layer has a bias.
-        backward: per layer l = 1..L, the backward signal δ_l of shape (C, N, M_l):
-            δ_l[k, n] = ∂f_k(x_n)/∂u_l. δ_L[k, n] = e_k (times φ′ if the output has an activation).
-        has_bias: per layer, whether the last column of ``forward[l]`` is a bias column.
-
-    The Jacobian of output k of sample n with respect to the layer's parameter matrix
-    [W_l | b_l] (M_l, M_{l−1} [+1]) is ``outer(backward[l][k, n], forward[l][n])`` (S.64).
-    """
-
-    f: Tensor
-    forward: tuple[Tensor, ...]
-    backward: tuple[Tensor, ...]
-    has_bias: tuple[bool, ...]
-
-    @property
-    def n(self) -> int:
-        return self.f.shape[0]
-
-    @property
-    def c(self) -> int:
-        return self.f.shape[1]
-
-    @property
-    def depth(self) -> int:
-        return len(self.forward)
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        """Output widths (M_1, …, M_L) of the layers."""
-        return tuple(d.shape[2] for d in self.backward)
-
-    def to(self, dtype: torch.dtype) -> Factors:
-        """The same factors cast to ``dtype`` (e.g. float64 for kernels and diagnostics)."""
-        return Factors(
-            f=self.f.to(dtype),
-            forward=tuple(a.to(dtype) for a in self.forward),
-            backward=tuple(d.to(dtype) for d in self.backward),
-            has_bias=self.has_bias,
-        )
-
-    def gradient(self, weights: Tensor, layer: int) -> Tensor:
-        """J_l^T w for a function-space vector ``weights`` of shape (N, C): the layer's
-        parameter-matrix update Σ_{n,k} w[n, k] δ_l[k, n] a_{l−1}[n]^T, shape (M_l, M_{l−1} [+1])."""
-        d = self.backward[layer]
-        w = weights.to(d.dtype).T.unsqueeze(-1)  # (C, N, 1)
-        return torch.einsum("knm,nj->mj", d * w, self.forward[layer].to(d.dtype))
-
-
 def _forward_signal(h: Tensor, layer: AffineLayer) -> Tensor:
     a = h * layer.weight_scale
     if layer.bias is not None:
@@ -120,7 +67,7 @@ def _forward_signal(h: Tensor, layer: AffineLayer) -> Tensor:
     return a
 
 
-def factors(layers: list[AffineLayer], x: Tensor) -> Factors:
+def factors(layers: list[AffineLayer], x: Tensor) -> Signals:
     """Forward and backward signals of ``x`` (N, M_0) through ``layers``.
 
     One batched forward pass and one backward pass vectorized over all C outputs at once:
@@ -153,16 +100,23 @@ def factors(layers: list[AffineLayer], x: Tensor) -> Factors:
                 delta = delta * act.derivative(pre[i]).unsqueeze(0)
             back.append(delta)
         back.reverse()
-    return Factors(
+    return Signals(
         f=f,
-        forward=tuple(fwd),
-        backward=tuple(b.contiguous() for b in back),
-        has_bias=tuple(layer.bias is not None for layer in layers),
+        layers=tuple(
+            AffineSignals(
+                a=a[:, None, :],
+                d=b.contiguous()[:, :, None, :],
+                has_bias=layer.bias is not None,
+                params=(layer.weight, layer.bias) if layer.bias is not None else (layer.weight,),
+                name=f"layer {l + 1}",
+            )
+            for l, (a, b, layer) in enumerate(zip(fwd, back, layers))
+        ),
     )
 
 
 class MLP(nn.Module):
-    """A fully connected network in the NTK (or standard) parameterization (MATH.md §1).
+    """A fully connected network in the NTK (or standard) parameterization (docs/conventions.md).
 
     Args:
         widths: [M_0, M_1, …, M_L]; M_0 is the input width and M_L = C the number of outputs.
@@ -272,22 +226,17 @@ class MLP(nn.Module):
             h = layer.activation(u) if layer.activation is not None else u
         return h
 
-    def factors(self, x: Tensor) -> Factors:
-        """Jacobian factors of the batch ``x`` (N, M_0): see :class:`Factors`."""
+    def factors(self, x: Tensor) -> Signals:
+        """Jacobian factors of the batch ``x`` (N, M_0): forward and backward signals per layer, see
+        :class:`~natural_tangents.signals.Signals`."""
         return factors(self.layers(), self.check_input(x))
+
+    def signals(self, x: Tensor, name: str = "x") -> Signals:
+        """As :meth:`factors`, with errors naming the argument ``name``."""
+        return factors(self.layers(), self.check_input(x, name))
 
     def extra_repr(self) -> str:
         return (
             f"widths={list(self.widths)}, activation={self.activation!r}, sigma_w2={self.sigma_w2}, "
             f"sigma_b2={self.sigma_b2}, parameterization={self.parameterization!r}"
         )
-
-
-def affine_layers(model: nn.Module) -> list[AffineLayer]:
-    """The :class:`AffineLayer` view of a supported model (a :class:`MLP`, or a ``torch.nn.Sequential``
-    of ``nn.Linear`` and elementwise activations, see :mod:`natural_tangents.models`)."""
-    if isinstance(model, MLP):
-        return model.layers()
-    from .models import sequential_layers
-
-    return sequential_layers(model)

@@ -1,5 +1,5 @@
 """Full-batch training: natural gradient descent with any Fisher, plain gradient descent, and a
-``train`` loop that records what the seed's figures plot.
+``train`` loop that records what the paper's figures plot.
 
     opt = nat.NGD(net, nat.fisher.BlockDiagonal(), lr="optimal")   # η = 1/α
     for _ in range(5):
@@ -8,6 +8,11 @@
 ``NGD`` is a ``torch.optim.Optimizer``: ``zero_grad``, ``state_dict``/``load_state_dict`` and
 parameter groups with their own learning rate work as usual, and :meth:`NGD.precondition` writes
 the natural gradient into ``.grad`` so that any torch optimizer (SGD with momentum, Adam) can apply it.
+Each step binds the Fisher to the batch once (:meth:`natural_tangents.fisher.Fisher.at`): one
+computation of the signals and one factorization serve both α̂ (for ``lr="optimal"``) and the update.
+
+With ``process_group=`` (torch.distributed, e.g. under torchrun) every rank passes its own shard of
+the batch and the model's replicated parameters receive the whole batch's update on every rank.
 """
 
 from __future__ import annotations
@@ -18,32 +23,30 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import fisher as _fisher
 from . import losses as _losses
-from .fisher.base import Fisher
-from .kernels import model_factors
-from .network import affine_layers
+from .distributed import check_group
+from .fisher.base import BoundFisher, Fisher
+from .models import check_model
 
 __all__ = ["NGD", "GD", "History", "train", "optimal_lr"]
 
 _OPTIMAL = "optimal"
 
 
-def optimal_lr(method: Fisher | str, model: nn.Module, x: Tensor) -> float:
+def optimal_lr(method: Fisher | str, model: nn.Module, x: Tensor, *, process_group=None) -> float:
     """η for ``lr="optimal"``: 1/α̂ for a Fisher (α̂ measured on the batch at the current
     parameters; one step then solves the linearized problem when Θ̄ = α I), and for ``"gd"``
     1/λ_max of Θ = J J^T / N: the largest rate at which every eigen-direction of the linearized
     residual contracts monotonically (1 − ηλ ∈ [0, 1)). Rates up to 2/λ_max are stable for the
     linear model only; at finite width they diverge once λ_max moves."""
     if isinstance(method, str) and method.lower() == "gd":
-        from .kernels import layer_kernels
-
-        fx = model_factors(model, x)
-        theta = layer_kernels(fx, dtype=torch.float64).sum(0) / fx.n
+        theta = _fisher.Exact().at(model, x, process_group=process_group).layer_kernels().sum(0)
         return 1.0 / float(torch.linalg.eigvalsh(theta)[-1])
-    return 1.0 / _fisher.get(method).alpha_hat(model, x)
+    return 1.0 / _fisher.get(method).alpha_hat(model, x, process_group=process_group)
 
 
 class NGD(torch.optim.Optimizer):
@@ -58,9 +61,11 @@ class NGD(torch.optim.Optimizer):
             over ``model.parameters()``; parameters in no group are not updated. The natural
             gradient is always that of the whole model (the Fisher couples all parameters); a group
             applies its own block of it with its own rate.
+        process_group: a torch.distributed group for data parallelism (each rank passes its shard
+            of the batch; every rank applies the whole batch's update), or ``None`` (one process).
 
     An unsupported model or layer is rejected here, before anything is computed (``TypeError`` or
-    ``NotImplementedError`` naming the layer; see :mod:`natural_tangents.models`).
+    ``NotImplementedError`` naming the module; see :mod:`natural_tangents.models`).
     """
 
     def __init__(
@@ -69,11 +74,15 @@ class NGD(torch.optim.Optimizer):
         fisher: Fisher | str = "exact",
         lr: float | str = 1.0,
         param_groups: list[dict] | None = None,
+        process_group=None,
     ) -> None:
         _check_lr(lr)
-        affine_layers(model)  # an unsupported model or layer fails here, before anything is computed
+        check_model(model)  # an unsupported model or layer fails here, before anything is computed
+        if process_group is not None:
+            check_group(process_group)
         self.model = model
         self.fisher = _fisher.get(fisher)
+        self.process_group = process_group
         groups = param_groups if param_groups is not None else [{"params": list(model.parameters())}]
         super().__init__(groups, {"lr": lr})
 
@@ -88,20 +97,24 @@ class NGD(torch.optim.Optimizer):
             _check_lr(group["lr"])
             raise ValueError("param_groups: every parameter must belong to `model`")
 
-    def _lr(self, group: dict, x: Tensor) -> float:
-        if group["lr"] != _OPTIMAL:
-            return float(group["lr"])
-        if group.get("alpha") is None:
-            # one measurement of α̂ serves every group that has none yet (same model, same batch)
-            alpha = self.fisher.alpha_hat(self.model, x)
+    def bind(self, x) -> BoundFisher:
+        """The Fisher bound to the batch ``x`` (this rank's shard when distributed)."""
+        return self.fisher.at(self.model, x, process_group=self.process_group)
+
+    def learning_rates(self, batch: BoundFisher | Tensor) -> list[float]:
+        """Each group's η; ``"optimal"`` groups measure α̂ on ``batch`` (a bound Fisher or the
+        inputs) once and keep it in the group as ``"alpha"`` (saved with ``state_dict``)."""
+        if any(g["lr"] == _OPTIMAL and g.get("alpha") is None for g in self.param_groups):
+            bound = batch if isinstance(batch, BoundFisher) else self.bind(batch)
+            alpha = bound.alpha_hat()
             for g in self.param_groups:
                 if g["lr"] == _OPTIMAL and g.get("alpha") is None:
                     g["alpha"] = alpha
-        return 1.0 / group["alpha"]
+        return [1.0 / g["alpha"] if g["lr"] == _OPTIMAL else float(g["lr"]) for g in self.param_groups]
 
     def natural_gradient(self, x, y) -> list[Tensor]:
         """(G + ρI)^{-1} ∇L at (x, y), aligned with ``model.parameters()``."""
-        return self.fisher.natural_gradient(self.model, x, y)
+        return self.bind(x).natural_gradient(y)
 
     @torch.no_grad()
     def precondition(self, x, y) -> None:
@@ -111,10 +124,11 @@ class NGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, x, y) -> None:  # type: ignore[override]
-        """One full-batch NGD step on (x, y)."""
-        ng = {id(p): g for p, g in zip(self.model.parameters(), self.natural_gradient(x, y), strict=True)}
-        for group in self.param_groups:
-            lr = self._lr(group, x)
+        """One NGD step on the batch (x, y): signals and factorizations computed once."""
+        bound = self.bind(x)
+        grads = bound.natural_gradient(y)
+        ng = {id(p): g for p, g in zip(self.model.parameters(), grads, strict=True)}
+        for group, lr in zip(self.param_groups, self.learning_rates(bound)):
             for p in group["params"]:
                 p.add_(ng[id(p)].to(p.dtype), alpha=-lr)
 
@@ -122,23 +136,50 @@ class NGD(torch.optim.Optimizer):
 class GD:
     """Full-batch gradient descent θ ← θ − η ∇L through autograd (the baseline).
 
-    ``lr="optimal"``: 1/λ_max of Θ = J J^T / N at the first step (see :func:`optimal_lr`).
+    ``lr="optimal"``: 1/λ_max of Θ = J J^T / N at the first step (see :func:`optimal_lr`). With
+    ``process_group=`` each rank passes its shard and the gradients of the whole batch are summed
+    over the ranks (all-reduce), as in data-parallel training.
     """
 
-    def __init__(self, model: nn.Module, lr: float | str = 1.0, loss: _losses.Loss | str = "mse") -> None:
+    def __init__(
+        self, model: nn.Module, lr: float | str = 1.0, loss: _losses.Loss | str = "mse", process_group=None
+    ) -> None:
         _check_lr(lr)
+        if process_group is not None:
+            check_group(process_group)
         self.model, self.lr, self.loss = model, lr, _losses.get(loss)
+        self.process_group = process_group
 
     def step(self, x, y) -> None:
         if self.lr == _OPTIMAL:
-            self.lr = optimal_lr("gd", self.model, x)
+            self.lr = optimal_lr("gd", self.model, x, process_group=self.process_group)
         params = list(self.model.parameters())
         f = self.model(x)
         value = self.loss.value(f, self.loss.check_targets(y, f.detach()))
-        grads = torch.autograd.grad(value, params)
+        share = _batch_share(f.shape[0], self.process_group)
+        grads = torch.autograd.grad(value * share, params)
         with torch.no_grad():
             for p, g in zip(params, grads):
+                if self.process_group is not None:
+                    dist.all_reduce(g, group=self.process_group)
                 p.add_(g, alpha=-float(self.lr))
+
+
+def _batch_share(n_local: int, group) -> float:
+    """N_r / N: the weight of this rank's mean in the whole batch's mean (1 without a group)."""
+    if group is None:
+        return 1.0
+    total = torch.tensor([float(n_local)], dtype=torch.float64)
+    dist.all_reduce(total, group=group)
+    return n_local / float(total)
+
+
+def _whole_batch_mean(value: float, n_local: int, group) -> float:
+    if group is None:
+        return value
+    buf = torch.tensor([value * n_local, float(n_local)], dtype=torch.float64)
+    dist.all_reduce(buf, group=group)
+    return float(buf[0] / buf[1])
 
 
 def _lr_ok(lr) -> bool:
@@ -177,10 +218,6 @@ class History:
     f_train: list[np.ndarray] = field(default_factory=list)
     f_test: list[np.ndarray] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("f_train", "f_test")}
-        return out
-
 
 def train(
     model: nn.Module,
@@ -192,6 +229,7 @@ def train(
     x_test=None,
     y_test=None,
     loss: _losses.Loss | str | None = None,
+    process_group=None,
 ) -> History:
     """Train ``model`` full-batch for ``steps`` steps and record a :class:`History`.
 
@@ -199,52 +237,62 @@ def train(
         method: ``"gd"`` for gradient descent, or a Fisher (instance or name) for NGD.
         lr: a number or ``"optimal"`` (1/α̂ for NGD, 1/λ_max of Θ for GD).
         loss: the loss for GD (default MSE); NGD uses its Fisher's loss.
+        process_group: data parallelism (x, y, x_test, y_test are this rank's shards); the recorded
+            losses and accuracies are the whole batch's, the outputs this rank's.
     """
     if int(steps) < 0:
         raise ValueError(f"steps: must be >= 0, got {steps}")
     is_gd = isinstance(method, str) and method.lower() == "gd"
     if is_gd:
         loss_fn = _losses.get(loss or "mse")
-        opt = GD(model, lr, loss_fn)
+        opt = GD(model, lr, loss_fn, process_group=process_group)
         name = "gd"
     else:
         fisher = _fisher.get(method)
         if loss is not None:
             raise ValueError("loss: set the loss on the Fisher for NGD, e.g. nat.fisher.Exact(loss='cross_entropy')")
         loss_fn = fisher.loss
-        opt = NGD(model, fisher, lr)
+        opt = NGD(model, fisher, lr, process_group=process_group)
         name = fisher.name
-    fx = model_factors(model, x)
-    y = loss_fn.check_targets(y, fx.f)
-    if x_test is not None:
-        ft = model_factors(model, x_test, "x_test")
-        if y_test is None:
-            raise ValueError("y_test: required when x_test is given")
-        y_test = loss_fn.check_targets(y_test, ft.f)
-    if is_gd and opt.lr == _OPTIMAL:
-        opt.lr = optimal_lr("gd", model, x)
-    hist = History(method=name, lr=float(opt.lr) if is_gd else opt._lr(opt.param_groups[0], x))
+    if x_test is not None and y_test is None:
+        raise ValueError("y_test: required when x_test is given")
+    targets: dict[str, Tensor] = {}
+    hist = History(method=name, lr=float("nan"))
     theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+    def measure(xs, ys, key: str) -> tuple[float, float, np.ndarray]:
+        f = model(xs)
+        if key not in targets:  # checked once, against the first outputs
+            targets[key] = loss_fn.check_targets(ys, f)
+        yt = targets[key]
+        n = f.shape[0]
+        value = _whole_batch_mean(float(loss_fn.value(f, yt)), n, process_group)
+        acc = _whole_batch_mean(loss_fn.accuracy(f, yt), n, process_group)
+        return value, acc, f.detach().cpu().numpy()
 
     def record(t: int) -> None:
         with torch.no_grad():
-            f = model(x)
+            value, acc, f = measure(x, y, "train")
             hist.steps.append(t)
-            hist.train_loss.append(float(loss_fn.value(f, y)))
-            hist.train_accuracy.append(loss_fn.accuracy(f, y))
-            hist.f_train.append(f.detach().cpu().numpy())
+            hist.train_loss.append(value)
+            hist.train_accuracy.append(acc)
+            hist.f_train.append(f)
             theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
             hist.distance.append(float((theta - theta0).norm()))
             if x_test is not None:
-                ft = model(x_test)
-                hist.test_loss.append(float(loss_fn.value(ft, y_test)))
-                hist.test_accuracy.append(loss_fn.accuracy(ft, y_test))
-                hist.f_test.append(ft.detach().cpu().numpy())
+                value, acc, f = measure(x_test, y_test, "test")
+                hist.test_loss.append(value)
+                hist.test_accuracy.append(acc)
+                hist.f_test.append(f)
 
     record(0)
     for t in range(1, int(steps) + 1):
         start = time.perf_counter()
-        opt.step(x, y)
+        opt.step(x, targets["train"])
         hist.seconds.append(time.perf_counter() - start)
         record(t)
+    if is_gd:
+        hist.lr = float(opt.lr) if opt.lr != _OPTIMAL else optimal_lr("gd", model, x, process_group=process_group)
+    else:
+        hist.lr = opt.learning_rates(x)[0]
     return hist

@@ -1,7 +1,9 @@
 """Fisher information matrices for natural gradient descent, all in dual (N × N) form.
 
 Every class shares one interface (see :class:`~natural_tangents.fisher.base.Fisher`):
-``natural_gradient(model, x, y)``, ``coefficient(model, x, x_test=None)`` and ``isotropy(model, x)``.
+``natural_gradient(model, x, y)``, ``coefficient(model, x, x_test=None)``, ``alpha_hat(model, x)`` and
+``isotropy(model, x)``; ``fisher.at(model, x)`` binds it to a batch and answers the same questions
+without recomputing anything (:class:`~natural_tangents.fisher.base.BoundFisher`).
 
 =====================  =====================================  ==========================
 class                  Fisher                                 α (isotropic Θ̄ = α I)
@@ -15,7 +17,7 @@ class                  Fisher                                 α (isotropic Θ̄
 =====================  =====================================  ==========================
 """
 
-from .base import Fisher, Isotropy, flatten_coefficient, isotropy
+from .base import BoundFisher, Fisher, Isotropy, flatten_coefficient, isotropy
 from .exact import Exact
 from .kfac import KFAC
 from .layerwise import BlockDiagonal, BlockTriDiagonal, Layerwise, tridiagonal_sigma
@@ -23,6 +25,7 @@ from .unitwise import Unitwise
 
 __all__ = [
     "Fisher",
+    "BoundFisher",
     "Isotropy",
     "Exact",
     "Layerwise",
@@ -39,27 +42,23 @@ __all__ = [
 
 ALL: tuple[type[Fisher], ...] = (Exact, BlockDiagonal, BlockTriDiagonal, KFAC, Unitwise)
 
-_ALIASES = {
-    "exact": Exact,
-    "block_diagonal": BlockDiagonal,
-    "blockdiagonal": BlockDiagonal,
-    "bd": BlockDiagonal,
-    "block_tridiagonal": BlockTriDiagonal,
-    "blocktridiagonal": BlockTriDiagonal,
-    "tridiagonal": BlockTriDiagonal,
-    "kfac": KFAC,
-    "k_fac": KFAC,
-    "unitwise": Unitwise,
-    "unit_wise": Unitwise,
-}
+
+def _aliases() -> dict[str, type[Fisher]]:
+    out: dict[str, type[Fisher]] = {}
+    for cls in (*ALL, Layerwise):
+        for key in (cls.name, *cls.aliases):
+            out[key] = cls
+    return out
 
 
 def get(name: str | Fisher, **kwargs) -> Fisher:
-    """A Fisher from its name (``"exact"``, ``"block_diagonal"``, ``"block_tridiagonal"``,
-    ``"kfac"``, ``"unitwise"``) and keyword arguments, or a Fisher instance as it is."""
+    """A Fisher from its name or alias (``"exact"``, ``"block_diagonal"``, ``"block_tridiagonal"``,
+    ``"kfac"``, ``"unitwise"``, …: each class's ``name`` and ``aliases``) and keyword arguments, or a
+    Fisher instance as it is."""
     if isinstance(name, Fisher):
         return name
     key = str(name).strip().lower().replace("-", "_")
-    if key not in _ALIASES:
-        raise ValueError(f"fisher: unknown name {name!r}; use one of {sorted(set(_ALIASES))}")
-    return _ALIASES[key](**kwargs)
+    table = _aliases()
+    if key not in table:
+        raise ValueError(f"fisher: unknown name {name!r}; use one of {sorted(table)}")
+    return table[key](**kwargs)

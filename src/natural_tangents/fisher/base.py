@@ -1,17 +1,22 @@
-"""The interface every Fisher approximation shares, and the dual-form linear algebra they use.
+"""The interface every Fisher approximation shares, the Fisher bound to a batch, and the dual-form
+linear algebra they use.
 
-Notation (MATH.md §3–4). N samples, C outputs; function-space vectors are (N, C) and flatten
+Notation (docs/conventions.md). N samples, C outputs; function-space vectors are (N, C) and flatten
 sample-major to length N·C. J is the (N·C, P) Jacobian, never formed; Θ = J J^T / N and the
-per-layer Θ_l = J_l J_l^T / N come from :func:`natural_tangents.kernels.layer_kernels`. The loss
-enters through r (∇L = J^T r / N) and the output metric Λ (G = J^T Λ J / N + ρ I; Λ = I for MSE).
+per-layer Θ_l = J_l J_l^T / N come from the layers' signals (:mod:`natural_tangents.layers`). The
+loss enters through r (∇L = J^T r / N) and the output metric Λ (G = J^T Λ J / N + ρ I; Λ = I for MSE).
 
-Every Fisher offers:
+A Fisher is a small frozen configuration (damping, loss, options). ``fisher.at(model, x)`` binds it
+to a batch: the :class:`BoundFisher` computes the batch's signals once, the output metric once and
+each factorization once, and answers every question about that batch:
 
-* ``natural_gradient(model, x, y)``: (G + ρ I)^{-1} ∇L as a list aligned with ``model.parameters()``;
-* ``coefficient(model, x, x_test=None)``: Θ̄(x′, x) = J(x′) G^{-1} J(x)^T / N (S.4);
-* ``isotropy(model, x)``: α̂, condition number and ||Θ̄/α̂ − I||₂ of Θ̄(x, x) (Condition 1).
+* ``natural_gradient(y)``: (G + ρ I)^{-1} ∇L as a list aligned with ``model.parameters()``;
+* ``coefficient(x_test=None)``: Θ̄(x′, x) = J(x′) G^{-1} J(x)^T / N (S.4);
+* ``alpha_hat()`` and ``isotropy()``: α̂ and how close Θ̄(x, x) is to α I (Condition 1).
 
+The Fisher's own methods (``fisher.natural_gradient(model, x, y)`` …) bind and ask in one call.
 ``damping = 0`` is the zero-damping limit ρ → 0⁺, computed with pseudo-inverses (S.90, S.135).
+With ``process_group=`` the batch is sharded over the ranks (see :mod:`natural_tangents.distributed`).
 """
 
 from __future__ import annotations
@@ -24,15 +29,16 @@ from torch import Tensor
 
 from .. import losses as _losses
 from .._checks import check_damping
-from ..kernels import _public_shape, model_factors
-from ..network import Factors
+from ..distributed import agree, check_group, gather_rows, gather_signals
+from ..models import signals as _signals
+from ..signals import Signals
 
-__all__ = ["Fisher", "Isotropy", "isotropy", "flatten_coefficient"]
+__all__ = ["Fisher", "BoundFisher", "Isotropy", "isotropy", "flatten_coefficient"]
 
 
 @dataclass(frozen=True)
 class Isotropy:
-    """How close Θ̄(x, x) is to α I (the seed's Condition 1).
+    """How close Θ̄(x, x) is to α I (the paper's Condition 1).
 
     alpha: mean eigenvalue α̂ = tr Θ̄ / (N·C); condition_number: λ_max / λ_min (inf if λ_min ≤ 0);
     deviation: ||Θ̄/α̂ − I||₂; eigenvalues: ascending, float64.
@@ -52,6 +58,14 @@ def flatten_coefficient(theta_bar: Tensor) -> Tensor:
         n1, n2, c, _ = theta_bar.shape
         return theta_bar.movedim(2, 1).reshape(n1 * c, n2 * c)
     raise ValueError(f"theta_bar: expected shape (N', N) or (N', N, C, C), got {tuple(theta_bar.shape)}")
+
+
+def public_shape(k: Tensor, n1: int, n2: int, c: int) -> Tensor:
+    """(…, N1·C, N2·C) sample-major → (…, N1, N2) for C = 1 or (…, N1, N2, C, C)."""
+    lead = k.shape[:-2]
+    if c == 1:
+        return k.reshape(*lead, n1, n2)
+    return k.reshape(*lead, n1, c, n2, c).movedim(-3, -2)
 
 
 def isotropy(theta_bar: Tensor) -> Isotropy:
@@ -78,12 +92,14 @@ def pinv_psd(a: Tensor) -> Tensor:
 
 
 def solve_psd(a: Tensor, b: Tensor, shift: Tensor | float = 0.0) -> Tensor:
-    """(A + shift)^{-1} B for symmetric PSD A and a PD shift (a number ρ > 0 or a matrix);
-    with a zero shift, A^+ B (the zero-damping limit)."""
+    """(A + shift)^{-1} B for symmetric PSD A (or a batch) and a PD shift (a number ρ > 0 or a
+    matrix); with a zero shift, A^+ B (the zero-damping limit)."""
     if isinstance(shift, Tensor) or shift > 0:
-        if not isinstance(shift, Tensor):
-            shift = shift * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-        m = a + shift
+        if isinstance(shift, Tensor):
+            m = a + shift
+        else:
+            m = a.clone()
+            m.diagonal(dim1=-2, dim2=-1).add_(shift)
         m = 0.5 * (m + m.mT)
         chol, info = torch.linalg.cholesky_ex(m)
         if not bool((info == 0).all()):
@@ -95,23 +111,109 @@ def solve_psd(a: Tensor, b: Tensor, shift: Tensor | float = 0.0) -> Tensor:
     return pinv_psd(a) @ b
 
 
-def solve_with_metric(k: Tensor, lam: Tensor | None, damping: float) -> Tensor:
-    """(Λ K + ρ I)^{-1} = (K + ρ Λ^{-1})^{-1} Λ^{-1} for a symmetric PSD kernel K (N·C, N·C) and the
-    per-sample output metric Λ (N, C, C), ``None`` for Λ = I; at ρ = 0, K^+ Λ^{-1}."""
-    if lam is None:
-        return solve_psd(k, torch.eye(k.shape[0], dtype=k.dtype, device=k.device), damping)
-    lam_inv = block_diag_metric(inverse_blocks(lam))
-    return solve_psd(k, lam_inv, damping * lam_inv if damping > 0 else 0.0)
-
-
 def block_diag_metric(lam: Tensor) -> Tensor:
     """Per-sample (N, C, C) blocks → the (N·C, N·C) block-diagonal output metric (sample-major)."""
     return torch.block_diag(*lam)
 
 
-def inverse_blocks(lam: Tensor) -> Tensor:
-    """Inverse of each (C, C) block of the output metric; (N, C, C)."""
-    return torch.linalg.inv(lam)
+def solve_with_metric(k: Tensor, lam: Tensor | None, damping: float) -> Tensor:
+    """(Λ K + ρ I)^{-1} = (K + ρ Λ^{-1})^{-1} Λ^{-1} for a symmetric PSD kernel K (N·C, N·C) and the
+    per-sample output metric Λ (N, C, C), ``None`` for Λ = I; at ρ = 0, K^+ Λ^{-1}."""
+    if lam is None:
+        return solve_psd(k, torch.eye(k.shape[0], dtype=k.dtype, device=k.device), damping)
+    lam_inv = block_diag_metric(torch.linalg.inv(lam))
+    return solve_psd(k, lam_inv, damping * lam_inv if damping > 0 else 0.0)
+
+
+class BoundFisher:
+    """A Fisher bound to one batch (see the module docstring). Made by :meth:`Fisher.at`.
+
+    Attributes: ``fisher`` (the configuration), ``signals`` (the whole batch's, gathered over the
+    ranks when distributed), ``model``, ``process_group``, ``cache`` (factorizations computed so far).
+    """
+
+    def __init__(self, fisher: Fisher, signals: Signals, model=None, process_group=None, local_n: int | None = None):
+        self.fisher = fisher
+        self.signals = signals
+        self.model = model
+        self.process_group = process_group
+        self.local_n = signals.n if local_n is None else local_n
+        self.cache: dict = {}
+
+    @property
+    def n(self) -> int:
+        return self.signals.n
+
+    @property
+    def c(self) -> int:
+        return self.signals.c
+
+    @property
+    def metric(self) -> Tensor | None:
+        """The output metric Λ (N, C, C) in the solve dtype, ``None`` for Λ = I (MSE)."""
+        if "metric" not in self.cache:
+            lam = self.fisher.loss.output_fisher(self.signals.f)
+            self.cache["metric"] = None if lam is None else lam.to(self.fisher.solve_dtype)
+        return self.cache["metric"]
+
+    def residual(self, y) -> Tensor:
+        """r (N, C) for this rank's targets ``y`` (gathered over the ranks), in the solve dtype."""
+        f = self.signals.f
+        if self.process_group is None:
+            y = self.fisher.loss.check_targets(y, f)
+        else:
+            y = self.fisher.loss.check_targets(y, f[self._local_rows()])
+            y = gather_rows(y, self.process_group)
+        return self.fisher.loss.residual(f, y).to(self.fisher.solve_dtype)
+
+    def _local_rows(self) -> slice:
+        start = self.cache.get("offset", 0)
+        return slice(start, start + self.local_n)
+
+    def natural_gradient(self, y) -> list[Tensor]:
+        """(G + ρI)^{-1} ∇L of the whole batch, aligned with ``model.parameters()``.
+
+        y: targets of this rank's samples, (N_r, C) (MSE) or one-hot / class indices (cross-entropy).
+        """
+        updates = self.fisher._layer_updates(self, self.residual(y))
+        out = []
+        for layer, upd in zip(self.signals.layers, updates):
+            out.extend(u.to(p.dtype) for u, p in zip(upd, layer.params))
+        return out
+
+    def test_signals(self, x_test) -> Signals:
+        if self.model is None:
+            raise ValueError("x_test: this bound Fisher has no model; bind with fisher.at(model, x)")
+        return _signals(self.model, x_test, "x_test")
+
+    def coefficient(self, x_test=None) -> Tensor:
+        """Θ̄(x_test, x) = J(x_test) G^{-1} J(x)^T / N (S.4), Θ̄(x, x) without ``x_test``.
+
+        Returns (N′, N) for one output, (N′, N, C, C) for C > 1, in ``solve_dtype``. ``x_test`` may be
+        a batch or precomputed :class:`~natural_tangents.signals.Signals`.
+        """
+        st = self.signals
+        if x_test is not None:
+            st = x_test if isinstance(x_test, Signals) else self.test_signals(x_test)
+        t = self.fisher._coefficient(self, st)
+        return public_shape(t, st.n, self.n, self.c)
+
+    def alpha_hat(self) -> float:
+        """Empirical α̂ = tr(Θ̄(x, x) Λ) / (N·C) (Λ = I for MSE): the mean eigenvalue of Θ̄ for MSE,
+        and the α of (S.167) for cross-entropy. ``lr="optimal"`` steps use η = 1/α̂."""
+        if "alpha" not in self.cache:
+            self.cache["alpha"] = self.fisher._alpha_hat(self)
+        return self.cache["alpha"]
+
+    def isotropy(self) -> Isotropy:
+        """Isotropy diagnostics of Θ̄(x, x): α̂ (mean eigenvalue), condition number, ||Θ̄/α̂ − I||₂."""
+        return isotropy(self.coefficient())
+
+    def layer_kernels(self) -> Tensor:
+        """Θ_l = J_l J_l^T / N of the batch, (L, N·C, N·C) in the solve dtype (computed once)."""
+        if "thetas" not in self.cache:
+            self.cache["thetas"] = self.signals.layer_kernels(dtype=self.fisher.solve_dtype) / self.n
+        return self.cache["thetas"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +233,7 @@ class Fisher:
 
     name: ClassVar[str] = "fisher"
     label: ClassVar[str] = "Fisher"
+    aliases: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "damping", check_damping(self.damping))
@@ -138,96 +241,110 @@ class Fisher:
         if self.solve_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"solve_dtype: expected torch.float32 or torch.float64, got {self.solve_dtype}")
 
-    # ----------------------------------------------------------------- public interface
-    def natural_gradient(self, model, x, y) -> list[Tensor]:
+    # ----------------------------------------------------------------- binding
+    def at(self, model, x, *, process_group=None) -> BoundFisher:
+        """This Fisher bound to the batch ``x`` of ``model`` (signals computed once).
+
+        With ``process_group`` (torch.distributed), ``x`` is this rank's shard; the bound Fisher holds
+        the whole batch (the shards concatenated in rank order) and every answer is the whole batch's,
+        identical on every rank.
+        """
+        if process_group is None:
+            return BoundFisher(self, _signals(model, x), model)
+        check_group(process_group)
+        local, error = None, None
+        try:
+            local = _signals(model, x)
+        except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
+            error = err
+        agree(model, x, process_group, error)
+        full, offset = gather_signals(local, model, process_group)
+        bound = BoundFisher(self, full, model, process_group, local_n=local.n)
+        bound.cache["offset"] = offset
+        return bound
+
+    def bind(self, signals: Signals, model=None) -> BoundFisher:
+        """This Fisher bound to precomputed signals of a batch."""
+        return BoundFisher(self, signals, model)
+
+    # ----------------------------------------------------------------- one-call interface
+    def natural_gradient(self, model, x, y, *, process_group=None) -> list[Tensor]:
         """(G + ρI)^{-1} ∇L at the batch (x, y), aligned with ``model.parameters()``.
 
-        x: (N, M_0); y: (N, C) targets (MSE) or one-hot / class indices (cross-entropy).
+        x: (N, …) inputs; y: (N, C) targets (MSE) or one-hot / class indices (cross-entropy).
         """
-        return self.natural_gradient_from_factors(model_factors(model, x), y)
+        return self.at(model, x, process_group=process_group).natural_gradient(y)
 
-    def natural_gradient_from_factors(self, fx: Factors, y) -> list[Tensor]:
-        """As :meth:`natural_gradient`, from precomputed factors of the batch."""
-        y = self.loss.check_targets(y, fx.f)
-        r = self.loss.residual(fx.f, y).to(self.solve_dtype)
-        lam = self._metric(fx)
-        mats = self._layer_updates(fx, r, lam)
-        return split_parameters(mats, fx)
-
-    def coefficient(self, model, x, x_test=None) -> Tensor:
+    def coefficient(self, model, x, x_test=None, *, process_group=None) -> Tensor:
         """Θ̄(x_test, x) = J(x_test) G^{-1} J(x)^T / N (S.4), Θ̄(x, x) without ``x_test``.
 
         Returns (N′, N) for one output, (N′, N, C, C) for C > 1, in ``solve_dtype``.
         """
-        fx = model_factors(model, x)
-        ft = fx if x_test is None else model_factors(model, x_test, "x_test")
-        return self.coefficient_from_factors(fx, ft)
+        return self.at(model, x, process_group=process_group).coefficient(x_test)
 
-    def coefficient_from_factors(self, fx: Factors, ft: Factors | None = None) -> Tensor:
-        ft = fx if ft is None else ft
-        t = self._coefficient(fx, ft, self._metric(fx))
-        return _public_shape(t, ft.n, fx.n, fx.c)
+    def alpha_hat(self, model, x, *, process_group=None) -> float:
+        """Empirical α̂ = tr(Θ̄(x, x) Λ) / (N·C) (see :meth:`BoundFisher.alpha_hat`)."""
+        return self.at(model, x, process_group=process_group).alpha_hat()
 
-    def alpha_hat(self, model, x) -> float:
-        """Empirical α̂ = tr(Θ̄(x, x) Λ) / (N·C) (Λ = I for MSE): the mean eigenvalue of Θ̄ for MSE,
-        and the α of (S.167) for cross-entropy. ``lr="optimal"`` steps use η = 1/α̂."""
-        return self.alpha_hat_from_factors(model_factors(model, x))
+    def isotropy(self, model, x, *, process_group=None) -> Isotropy:
+        """Isotropy diagnostics of Θ̄(x, x): α̂ (mean eigenvalue), condition number, ||Θ̄/α̂ − I||₂."""
+        return self.at(model, x, process_group=process_group).isotropy()
 
-    def alpha_hat_from_factors(self, fx: Factors) -> float:
-        lam = self._metric(fx)
-        tb = self._coefficient(fx, fx, lam)
+    def natural_gradient_from_factors(self, fx: Signals, y) -> list[Tensor]:
+        """As :meth:`natural_gradient`, from precomputed signals of the batch."""
+        return self.bind(fx).natural_gradient(y)
+
+    def coefficient_from_factors(self, fx: Signals, ft: Signals | None = None) -> Tensor:
+        """As :meth:`coefficient`, from precomputed signals of the batch (and of the test points)."""
+        return self.bind(fx).coefficient(ft)
+
+    # ----------------------------------------------------------------- for subclasses
+    def _layer_updates(self, bound: BoundFisher, r: Tensor) -> list[list[Tensor]]:
+        """Per layer, the parameter updates (one tensor per parameter of the layer)."""
+        raise NotImplementedError
+
+    def _coefficient(self, bound: BoundFisher, test: Signals) -> Tensor:
+        """Θ̄(x_test, x) flat, (N′·C, N·C)."""
+        raise NotImplementedError
+
+    def _alpha_hat(self, bound: BoundFisher) -> float:
+        tb = self._coefficient(bound, bound.signals)
+        lam = bound.metric
         if lam is not None:
             tb = tb @ block_diag_metric(lam)
         return float(torch.diagonal(tb).mean())
-
-    def isotropy(self, model, x) -> Isotropy:
-        """Isotropy diagnostics of Θ̄(x, x): α̂ (mean eigenvalue), condition number, ||Θ̄/α̂ − I||₂."""
-        return isotropy(self.coefficient(model, x))
-
-    # ----------------------------------------------------------------- for subclasses
-    def _metric(self, fx: Factors) -> Tensor | None:
-        lam = self.loss.output_fisher(fx.f)
-        return None if lam is None else lam.to(self.solve_dtype)
-
-    def _layer_updates(self, fx: Factors, r: Tensor, lam: Tensor | None) -> list[Tensor]:
-        raise NotImplementedError
-
-    def _coefficient(self, fx: Factors, ft: Factors, lam: Tensor | None) -> Tensor:
-        raise NotImplementedError
-
-
-def split_parameters(mats: list[Tensor], fx: Factors) -> list[Tensor]:
-    """Per-layer [W_l | b_l] updates → the list W_1, b_1, W_2, … aligned with ``parameters()``."""
-    out = []
-    for m, bias in zip(mats, fx.has_bias):
-        m = m.to(fx.f.dtype)
-        if bias:
-            out.extend([m[:, :-1], m[:, -1]])  # views: no copy of a model-sized update
-        else:
-            out.append(m)
-    return out
 
 
 class DualFisher(Fisher):
     """Fishers whose update is Δθ_l = J_l^T X_l r / N for per-layer N·C × N·C matrices X_l
     (exact and layer-wise): then Θ̄(x′, x) = Σ_l Θ_l(x′, x) X_l."""
 
-    def _dual(self, fx: Factors, lam: Tensor | None) -> tuple[Tensor, list[Tensor]]:
-        """Return (Θ_l for the training batch, shape (L, NC, NC); the list of X_l)."""
+    def _dual(self, bound: BoundFisher) -> list[Tensor]:
+        """The list of X_l for the bound batch (computed once per batch)."""
         raise NotImplementedError
 
-    def _layer_updates(self, fx: Factors, r: Tensor, lam: Tensor | None) -> list[Tensor]:
-        _, xs = self._dual(fx, lam)
+    def _duals(self, bound: BoundFisher) -> list[Tensor]:
+        if "dual" not in bound.cache:
+            bound.cache["dual"] = self._dual(bound)
+        return bound.cache["dual"]
+
+    def _layer_updates(self, bound: BoundFisher, r: Tensor) -> list[list[Tensor]]:
         rf = r.reshape(-1)
-        out = []
-        for l, x_l in enumerate(xs):
-            v = (x_l @ rf).reshape(fx.n, fx.c)
-            out.append(fx.gradient(v, l) / fx.n)
+        out, last = [], (None, None)
+        for layer, x_l in zip(bound.signals.layers, self._duals(bound)):
+            v = last[1] if x_l is last[0] else (x_l @ rf).reshape(bound.n, bound.c) / bound.n
+            last = (x_l, v)
+            out.append(layer.transpose(v))
         return out
 
-    def _coefficient(self, fx: Factors, ft: Factors, lam: Tensor | None) -> Tensor:
-        from ..kernels import layer_kernels
-
-        thetas, xs = self._dual(fx, lam)
-        cross = thetas if ft is fx else layer_kernels(ft, fx, self.solve_dtype) / fx.n
+    def _coefficient(self, bound: BoundFisher, test: Signals) -> Tensor:
+        xs = self._duals(bound)
+        if test is bound.signals:
+            cross = bound.layer_kernels()
+        else:
+            cross = test.layer_kernels(bound.signals, self.fisher_dtype) / bound.n
         return sum(c @ x for c, x in zip(cross, xs))
+
+    @property
+    def fisher_dtype(self) -> torch.dtype:
+        return self.solve_dtype

@@ -1,4 +1,4 @@
-"""Exact natural gradient in dual form (MATH.md §4; seed (S.51)–(S.53), (S.91)).
+"""Exact natural gradient in dual form (docs/conventions.md; the paper's (S.51)–(S.53), (S.91)).
 
     Δθ = (J^T Λ J / N + ρ I)^{-1} J^T r / N = J^T (Θ + ρ Λ^{-1})^{-1} Λ^{-1} r / N,
     Θ̄(x′, x) = Θ(x′, x) (Θ + ρ Λ^{-1})^{-1} Λ^{-1}            (Λ = I for MSE: Θ(x′,x)(Θ + ρI)^{-1})
@@ -13,9 +13,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from ..kernels import layer_kernels
-from ..network import Factors
-from .base import DualFisher, solve_with_metric
+from .base import BoundFisher, DualFisher, solve_with_metric
 
 __all__ = ["Exact"]
 
@@ -27,7 +25,9 @@ class Exact(DualFisher):
     name: ClassVar[str] = "exact"
     label: ClassVar[str] = "Exact"
 
-    def _dual(self, fx: Factors, lam: Tensor | None) -> tuple[Tensor, list[Tensor]]:
-        thetas = layer_kernels(fx, dtype=self.solve_dtype) / fx.n
-        x = solve_with_metric(thetas.sum(0), lam, self.damping)
-        return thetas, [x] * fx.depth
+    aliases: ClassVar[tuple[str, ...]] = ("exact",)
+
+    def _dual(self, bound: BoundFisher) -> list[Tensor]:
+        thetas = bound.layer_kernels()
+        x = solve_with_metric(thetas.sum(0), bound.metric, self.damping)
+        return [x] * len(thetas)

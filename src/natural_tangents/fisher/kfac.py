@@ -1,10 +1,10 @@
-"""K-FAC in dual form (MATH.md §4; seed Appendix B.3, (S.95)–(S.111), (S.123)–(S.124)).
+"""K-FAC in dual form (docs/conventions.md; the paper's Appendix B.3, (S.95)–(S.111), (S.123)–(S.124)).
 
 Per layer the Fisher block is a Kronecker product of an output factor B*_l (M_l × M_l) and an
 input factor A*_{l−1} (p × p, p = M_{l−1} [+ 1 for the bias column]):
 
     A*_{l−1} = a^T a / N   (= σ_w² h^T h / (N M_{l−1}) with the bias column σ_b appended)   (S.95)
-    B*_l     = Δ_l^T Λ Δ_l / N  (summed over outputs),   B*_L = mean_n Λ_n / N  (seed convention)
+    B*_l     = Δ_l^T Λ Δ_l / N  (summed over outputs),   B*_L = mean_n Λ_n / N  (the paper's convention)
 
 and the natural gradient of [W_l | b_l] is (B*_l + ρI)^{-1} ∇L (A*_{l−1} + ρI)^{-1}. Both inverses
 are taken in whichever form is smaller: the push-through identity gives the dual form
@@ -19,6 +19,13 @@ so that (1/N) Θ̄ = Σ_{l<L} B̄_l ⊙ (Ā_{l−1} + 1 1^T) + Ā_{L−1} (S.124
 the inputs restores isotropy when M_0 < N: α = N(2L − 2) + M_0 (N(2L − 1) when M_0 ≥ N). The output
 layer keeps its bias in the augmented factor: on its own, an output-bias block would add the rank-C
 term N 1 1^T of (S.124) with B̄_L = 1 1^T and break isotropy.
+
+Convolutions (and Linear layers applied at several positions T) follow KFC (Grosse & Martens, 2016)
+with this normalization: A* = Σ_{n,t} a_{n,t} a_{n,t}^T / (N T) and B* = Σ_{n,t} δ_{n,t}^T Λ_n δ_{n,t} / N,
+so that B* ⊗ A* is the expected per-sample Fisher when the derivatives of different positions are
+uncorrelated and the patches' statistics do not depend on the position; for T = 1 this is (S.95).
+Both factors are small there (C_out and C_in·k² + 1) and are inverted as they are (primal). A
+module without Kronecker structure (the generic kind) keeps its exact block J_l^T Λ J_l / N + ρ I.
 """
 
 from __future__ import annotations
@@ -30,8 +37,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..network import Factors
-from .base import Fisher, block_diag_metric, solve_psd, solve_with_metric
+from ..layers.affine import AffineSignals
+from ..signals import Signals
+from .base import BoundFisher, Fisher, block_diag_metric, pinv_psd, solve_psd, solve_with_metric
 
 __all__ = ["KFAC"]
 
@@ -48,61 +56,69 @@ class _KronBlock:
 
 @dataclass(frozen=True, kw_only=True)
 class KFAC(Fisher):
-    """Block-diagonal K-FAC (seed (S.95)) with factored damping (B* + ρI) ⊗ (A* + ρI).
+    """Block-diagonal K-FAC (the paper's (S.95)) with factored damping (B* + ρI) ⊗ (A* + ρI).
 
     Args:
         bias: ``"augment"`` (default; σ_b appended to the forward signal, B.3.3) or ``"block"``
-            (a separate bias block, (S.123)).
-        output_factor: ``"seed"`` (default; B*_L = mean Λ / N, i.e. I_C / N for MSE, giving
+            (a separate bias block, (S.123); MLP-like layers only, convolutions always augment).
+        output_factor: ``"paper"`` (default; B*_L = mean Λ / N, i.e. I_C / N for MSE, giving
             α = N L) or ``"fisher"`` (B*_L = mean Λ, the plain K-FAC factor: α = N (L − 1) + 1).
         warn: warn when a layer's input factor is narrower than N and the inputs are not in
             radial isotropic position, where the isotropic condition fails (S.109).
     """
 
     bias: str = "augment"
-    output_factor: str = "seed"
+    output_factor: str = "paper"
     warn: bool = True
 
     name: ClassVar[str] = "kfac"
     label: ClassVar[str] = "K-FAC"
+    aliases: ClassVar[tuple[str, ...]] = ("kfac", "k_fac")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.bias not in ("augment", "block"):
             raise ValueError(f"bias: expected 'augment' or 'block', got {self.bias!r}")
-        if self.output_factor not in ("seed", "fisher"):
-            raise ValueError(f"output_factor: expected 'seed' or 'fisher', got {self.output_factor!r}")
+        if self.output_factor not in ("paper", "fisher"):
+            raise ValueError(f"output_factor: expected 'paper' or 'fisher', got {self.output_factor!r}")
 
     # ------------------------------------------------------------------ structure
-    def _blocks(self, fx: Factors) -> list[_KronBlock]:
-        out = []
-        for l, (a, has_bias) in enumerate(zip(fx.forward, fx.has_bias)):
-            b_scale = 1.0 / fx.n if (l == fx.depth - 1 and self.output_factor == "seed") else 1.0
-            p = a.shape[1]
-            if has_bias and self.bias == "block" and l < fx.depth - 1:
+    def _blocks(self, sig: Signals) -> list[_KronBlock]:
+        out, last = [], sig.depth - 1
+        for l, layer in enumerate(sig.layers):
+            kr = layer.kron
+            if kr is None or kr.positions > 1:
+                out.append(_KronBlock(l, slice(None), 1.0, 1.0))
+                continue
+            b_scale = 1.0 / sig.n if (l == last and self.output_factor == "paper") else 1.0
+            p = kr.in_width
+            if kr.has_bias and self.bias == "block" and l < last:
                 out.append(_KronBlock(l, slice(0, p - 1), 1.0, b_scale))
-                out.append(_KronBlock(l, slice(p - 1, p), 1.0 / fx.n, b_scale))
+                out.append(_KronBlock(l, slice(p - 1, p), 1.0 / sig.n, b_scale))
             else:
                 out.append(_KronBlock(l, slice(0, p), 1.0, b_scale))
         return out
 
-    def _check_isotropy(self, fx: Factors) -> None:
+    def _check_isotropy(self, sig: Signals) -> None:
         if not self.warn or self.damping > 0:
             return
-        n = fx.n
-        for l, a in enumerate(fx.forward):
-            p = a.shape[1] - (fx.has_bias[l] and self.bias == "block")
+        n = sig.n
+        for l, layer in enumerate(sig.layers):
+            kr = layer.kron
+            if kr is None or kr.positions > 1:
+                continue
+            p = kr.in_width - (kr.has_bias and self.bias == "block")
             if p >= n:
                 continue
             if l == 0:
-                x = a[:, :p].to(torch.float64)
+                x = kr.a[:, 0, :p].to(torch.float64)
                 x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
                 gram = x.T @ x * (p / n)
                 if float(torch.linalg.matrix_norm(gram - torch.eye(p, dtype=gram.dtype), 2)) < 1e-6:
                     continue
                 hint = (
                     "put the inputs in radial isotropic position with nat.data.forster(x)"
-                    if not (fx.has_bias[0] and self.bias == "augment")
+                    if not (kr.has_bias and self.bias == "augment")
                     else "use KFAC(bias='block') and nat.data.forster(x): the appended bias column "
                     "keeps the augmented inputs out of radial isotropic position"
                 )
@@ -110,15 +126,28 @@ class KFAC(Fisher):
                 hint = "widen the layer to at least N units"
             warnings.warn(
                 f"K-FAC: layer {l + 1} has an input factor of width {p} < N = {n}, so Θ̄ is not "
-                f"isotropic (seed (S.109)) and η = 1/α is not one-step optimal; {hint}",
+                f"isotropic (the paper's (S.109)) and η = 1/α is not one-step optimal; {hint}",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
 
-    # ------------------------------------------------------------------ factor inverses
-    def _input_side(self, blk: _KronBlock, fx: Factors) -> tuple[Tensor, Tensor]:
+    # ------------------------------------------------------------------ factor inverses (cached)
+    def _factors(self, bound: BoundFisher, i: int, blk: _KronBlock):
+        key = ("kfac", i)
+        if key not in bound.cache:
+            layer = bound.signals.layers[blk.layer]
+            if layer.kron is None:
+                theta = layer.gram(dtype=self.solve_dtype) / bound.n
+                bound.cache[key] = ("exact", solve_with_metric(theta, bound.metric, self.damping))
+            elif layer.kron.positions > 1:
+                bound.cache[key] = ("primal", *self._kfc_inverses(bound, layer.kron))
+            else:
+                bound.cache[key] = ("dual", *self._input_side(bound, blk), self._output_dual(bound, blk))
+        return bound.cache[key]
+
+    def _input_side(self, bound: BoundFisher, blk: _KronBlock) -> tuple[Tensor, Tensor]:
         """(a, R_A) with R_A = a (A* + ρI)^{-1}, both (N, p), in solve dtype."""
-        a = fx.forward[blk.layer][:, blk.cols].to(self.solve_dtype)
+        a = bound.signals.layers[blk.layer].kron.a[:, 0, blk.cols].to(self.solve_dtype)
         n, p = a.shape
         t = blk.a_scale / n
         if p < n:  # primal p × p (S.108)
@@ -127,71 +156,86 @@ class KFAC(Fisher):
             r = solve_psd(t * (a @ a.T), a, self.damping)
         return a, r
 
-    def _output_dual(self, blk: _KronBlock, fx: Factors, lam: Tensor | None) -> Tensor | None:
-        """Z = (b_scale Λ β / N + ρ)^{-1} (N·C × N·C) with β = Δ Δ^T, or None to go primal."""
-        d = _flat_delta(fx, blk.layer, self.solve_dtype)
+    def _output_dual(self, bound: BoundFisher, blk: _KronBlock) -> Tensor:
+        """Z = (b_scale Λ β / N + ρ)^{-1} (N·C × N·C) with β = Δ Δ^T, or the primal
+        (B* + ρ)^{-1} Δ^T (M_l, N·C) for a layer narrower than N·C."""
+        d = bound.signals.layers[blk.layer].kron.flat_delta(self.solve_dtype)
         nf, m = d.shape
+        lam = bound.metric
         if m < nf:
-            return None
-        beta = d @ d.T * (blk.b_scale / fx.n)
-        return solve_with_metric(beta, lam, self.damping)
+            ld = d if lam is None else block_diag_metric(lam) @ d
+            b_star = d.T @ ld * (blk.b_scale / bound.n)
+            return solve_psd(b_star, d.T, self.damping)  # (M, NC)
+        beta = d @ d.T * (blk.b_scale / bound.n)
+        return d.T @ solve_with_metric(beta, lam, self.damping)  # Δ^T Z, (M, NC)
 
-    def _output_primal(self, blk: _KronBlock, fx: Factors, lam: Tensor | None) -> Tensor:
-        """B* = b_scale Δ^T Λ Δ / N, (M_l, M_l)."""
-        d = _flat_delta(fx, blk.layer, self.solve_dtype)
-        ld = d if lam is None else block_diag_metric(lam) @ d
-        return d.T @ ld * (blk.b_scale / fx.n)
+    def _kfc_inverses(self, bound: BoundFisher, kr: AffineSignals) -> tuple[Tensor, Tensor]:
+        """(B* + ρ)^{-1} (M, M) and (A* + ρ)^{-1} (p, p) of a layer with positions (KFC)."""
+        sd, n = self.solve_dtype, bound.n
+        a2, d = kr.a2.to(sd), kr.d.to(sd)
+        a_star = a2.T @ a2 / (n * kr.positions)
+        lam = bound.metric
+        if lam is None:
+            b_star = torch.einsum("knti,kntm->im", d, d) / n
+        else:
+            b_star = torch.einsum("knti,nkj,jntm->im", d, lam, d) / n
+        return _inverse(b_star, self.damping), _inverse(a_star, self.damping)
 
     # ------------------------------------------------------------------ interface
-    def _layer_updates(self, fx: Factors, r: Tensor, lam: Tensor | None) -> list[Tensor]:
-        self._check_isotropy(fx)
-        parts: dict[int, list[Tensor]] = {}
-        n, c = fx.n, fx.c
-        for blk in self._blocks(fx):
-            _, ra = self._input_side(blk, fx)
-            d = _flat_delta(fx, blk.layer, self.solve_dtype)  # (NC, M)
-            z = self._output_dual(blk, fx, lam)
-            if z is not None:
-                # Zr[(m, j), n] = Σ_k Z[(m, j), (n, k)] r[n, k];  update = Δ^T Zr R_A / N
-                zr = torch.einsum("ank,nk->an", z.reshape(n * c, n, c), r)
-                dtype = fx.f.dtype  # the O(M p N) product in the model's precision
-                upd = (d.T @ zr).to(dtype) @ ra.to(dtype) / n
+    def _layer_updates(self, bound: BoundFisher, r: Tensor) -> list[list[Tensor]]:
+        sig = bound.signals
+        self._check_isotropy(sig)
+        done: dict[int, list[Tensor]] = {}
+        mats: dict[int, list[Tensor]] = {}
+        n = bound.n
+        for i, blk in enumerate(self._blocks(sig)):
+            layer = sig.layers[blk.layer]
+            fac = self._factors(bound, i, blk)
+            if fac[0] == "exact":
+                done[blk.layer] = layer.transpose((fac[1] @ r.reshape(-1)).reshape(r.shape) / n)
+            elif fac[0] == "primal":
+                kr = layer.kron
+                w = torch.einsum("nk,kntm->ntm", r, kr.d.to(self.solve_dtype))
+                grad = w.reshape(-1, kr.out_width).T @ kr.a2.to(self.solve_dtype) / n
+                done[blk.layer] = kr.to_params(fac[1] @ grad @ fac[2])
             else:
-                g = torch.einsum("am,an,np->mp", d, _expand(r), ra)  # Σ_{n,k} r δ R_A^T
-                upd = solve_psd(self._output_primal(blk, fx, lam), g, self.damping) / n
-            parts.setdefault(blk.layer, []).append(upd)
-        return [parts[l][0] if len(parts[l]) == 1 else torch.cat(parts[l], dim=1) for l in range(fx.depth)]
+                _, _, ra, dz = fac
+                zr = torch.einsum("mnk,nk->mn", dz.reshape(-1, n, bound.c), r)  # (M, N)
+                dtype = sig.f.dtype  # the O(M p N) product in the model's precision
+                mats.setdefault(blk.layer, []).append(zr.to(dtype) @ ra.to(dtype) / n)
+        for l, m in mats.items():
+            done[l] = sig.layers[l].kron.to_params(torch.cat(m, dim=1) if len(m) > 1 else m[0])
+        return [done[l] for l in range(sig.depth)]
 
-    def _coefficient(self, fx: Factors, ft: Factors, lam: Tensor | None) -> Tensor:
-        self._check_isotropy(fx)
-        n, c = fx.n, fx.c
+    def _coefficient(self, bound: BoundFisher, test: Signals) -> Tensor:
+        sig = bound.signals
+        self._check_isotropy(sig)
+        n, c, sd = bound.n, bound.c, self.solve_dtype
         total = 0.0
-        for blk in self._blocks(fx):
-            _, ra = self._input_side(blk, fx)
-            at = ft.forward[blk.layer][:, blk.cols].to(self.solve_dtype)
+        for i, blk in enumerate(self._blocks(sig)):
+            layer, tl = sig.layers[blk.layer], test.layers[blk.layer]
+            fac = self._factors(bound, i, blk)
+            if fac[0] == "exact":
+                cross = layer.gram(dtype=sd) if tl is layer else tl.gram(layer, sd)
+                total = total + cross / n @ fac[1]
+                continue
+            if fac[0] == "primal":
+                g = layer.kron.units(sd).jac.transpose(0, 1)  # (NC, M, p)
+                gt = g if tl is layer else tl.kron.units(sd).jac.transpose(0, 1)
+                h = fac[1] @ g @ fac[2]
+                total = total + gt.flatten(1) @ h.flatten(1).T / n
+                continue
+            _, _, ra, dz = fac
+            at = tl.kron.a[:, 0, blk.cols].to(sd)
             a_part = at @ ra.T  # a′ (A* + ρ)^{-1} a^T, (N′, N)
-            d = _flat_delta(fx, blk.layer, self.solve_dtype)
-            dt = _flat_delta(ft, blk.layer, self.solve_dtype)
-            z = self._output_dual(blk, fx, lam)
-            if z is not None:
-                b_part = (dt @ d.T) @ z  # Δ′ (B* + ρ)^{-1} Δ^T, (N′C, NC)
-            else:
-                b_part = dt @ solve_psd(self._output_primal(blk, fx, lam), d.T, self.damping)
+            dt = tl.kron.flat_delta(sd)
+            b_part = dt @ dz  # Δ′ (B* + ρ)^{-1} Δ^T, (N′C, NC)
             expand = a_part.repeat_interleave(c, 0).repeat_interleave(c, 1)
             total = total + b_part * expand / n
         return total
 
 
-def _flat_delta(fx: Factors, layer: int, dtype: torch.dtype) -> Tensor:
-    """Δ_l as an (N·C, M_l) matrix, rows sample-major (n, k)."""
-    d = fx.backward[layer].to(dtype)
-    return d.permute(1, 0, 2).reshape(fx.n * fx.c, d.shape[2])
-
-
-def _expand(r: Tensor) -> Tensor:
-    """(N, C) → (N·C, N) with entry [(n, k), n] = r[n, k] (zero elsewhere)."""
-    n, c = r.shape
-    out = torch.zeros(n, c, n, dtype=r.dtype, device=r.device)
-    idx = torch.arange(n, device=r.device)
-    out[idx, :, idx] = r
-    return out.reshape(n * c, n)
+def _inverse(m: Tensor, damping: float) -> Tensor:
+    if damping > 0:
+        return solve_psd(m, torch.eye(m.shape[0], dtype=m.dtype, device=m.device), damping)
+    return pinv_psd(m)

@@ -1,4 +1,4 @@
-"""Layer-wise Fishers with any L × L pattern Σ, in dual form (MATH.md §4; seed Appendix B).
+"""Layer-wise Fishers with any L × L pattern Σ, in dual form (docs/conventions.md; the paper's Appendix B).
 
     G = S^T (Σ ⊗ Λ) S / N + ρ I,   S = blockdiag(J_1, …, J_L)   (S.72)
 
@@ -22,9 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..kernels import layer_kernels
-from ..network import Factors
-from .base import DualFisher, block_diag_metric, inverse_blocks, pinv_psd
+from .base import BoundFisher, DualFisher, block_diag_metric, pinv_psd
 
 __all__ = ["Layerwise", "BlockDiagonal", "BlockTriDiagonal", "tridiagonal_sigma"]
 
@@ -41,7 +39,8 @@ def _identity_sigma(depth: int) -> Tensor:
 
 @dataclass(frozen=True, kw_only=True)
 class Layerwise(DualFisher):
-    """Layer-wise Fisher with pattern Σ (seed (S.72)).
+    """Layer-wise Fisher with pattern Σ (the paper's (S.72)); the blocks are the model's parameterized
+    layers (for a user model: the modules holding parameters, in ``model.parameters()`` order).
 
     Args:
         sigma: an (L, L) symmetric array, or a callable depth → (L, L) array.
@@ -75,40 +74,41 @@ class Layerwise(DualFisher):
         if float(torch.linalg.cond(s)) > 1e12:
             raise ValueError(
                 f"sigma: Σ is singular at depth L = {depth} (e.g. the block tri-diagonal pattern at "
-                "L = 3s + 2, seed (S.92)), so the zero-damping limit does not exist; use damping > 0, "
+                "L = 3s + 2, the paper's (S.92)), so the zero-damping limit does not exist; use damping > 0, "
                 "another depth, or nat.fisher.Exact for Σ = 1 1^T"
             )
         return torch.linalg.solve(s, torch.ones(depth, dtype=torch.float64))
 
-    def _dual(self, fx: Factors, lam: Tensor | None) -> tuple[Tensor, list[Tensor]]:
-        thetas = layer_kernels(fx, dtype=self.solve_dtype) / fx.n
-        depth, nf = fx.depth, thetas.shape[1]
+    def _dual(self, bound: BoundFisher) -> list[Tensor]:
+        thetas, lam = bound.layer_kernels(), bound.metric
+        depth, nf = thetas.shape[0], thetas.shape[1]
         opts = {"dtype": thetas.dtype, "device": thetas.device}
         lam_full = block_diag_metric(lam) if lam is not None else None
         if self.damping == 0:
             c = self.sigma_weights(depth).to(**opts)
-            lam_inv = block_diag_metric(inverse_blocks(lam)) if lam is not None else None
+            lam_inv = block_diag_metric(torch.linalg.inv(lam)) if lam is not None else None
             xs = []
             for l in range(depth):
                 p = pinv_psd(thetas[l]) * c[l]
                 xs.append(p @ lam_inv if lam_inv is not None else p)
-            return thetas, xs
+            return xs
         s = self.sigma_matrix(depth).to(**opts)
         left = thetas if lam_full is None else lam_full @ thetas  # Λ Θ_l, (L, NC, NC)
         big = (s[:, None, :, None] * left.permute(1, 0, 2)[None]).reshape(depth * nf, depth * nf)
         big = big + self.damping * torch.eye(depth * nf, **opts)
         rhs = torch.eye(nf, **opts).repeat(depth, 1)
         x = torch.linalg.solve(big, rhs)
-        return thetas, list(x.reshape(depth, nf, nf))
+        return list(x.reshape(depth, nf, nf))
 
 
 @dataclass(frozen=True, kw_only=True)
 class BlockDiagonal(Layerwise):
-    """Block-diagonal Fisher, Σ = I: α = L (seed Theorem 4.1)."""
+    """Block-diagonal Fisher, Σ = I: α = L (the paper's Theorem 4.1)."""
 
     sigma: Callable[[int], Tensor] | None = field(default=None, repr=False, compare=False)
     name: ClassVar[str] = "block_diagonal"
     label: ClassVar[str] = "Block diagonal"
+    aliases: ClassVar[tuple[str, ...]] = ("blockdiagonal", "bd")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sigma", _identity_sigma)
@@ -117,12 +117,13 @@ class BlockDiagonal(Layerwise):
 
 @dataclass(frozen=True, kw_only=True)
 class BlockTriDiagonal(Layerwise):
-    """Block tri-diagonal Fisher, Σ_{ll′} = 1 if |l − l′| ≤ 1 (seed Lemma 4.3): α = s for L = 3s,
+    """Block tri-diagonal Fisher, Σ_{ll′} = 1 if |l − l′| ≤ 1 (the paper's Lemma 4.3): α = s for L = 3s,
     s + 1 for L = 3s + 1; Σ is singular for L = 3s + 2."""
 
     sigma: Callable[[int], Tensor] | None = field(default=None, repr=False, compare=False)
     name: ClassVar[str] = "block_tridiagonal"
     label: ClassVar[str] = "Block tri-diagonal"
+    aliases: ClassVar[tuple[str, ...]] = ("blocktridiagonal", "tridiagonal")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sigma", tridiagonal_sigma)

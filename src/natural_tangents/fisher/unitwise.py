@@ -1,4 +1,4 @@
-"""Unit-wise Fisher in dual form (MATH.md §4; seed Appendix C, (S.129)–(S.141)).
+"""Unit-wise Fisher in dual form (docs/conventions.md; the paper's Appendix C, (S.129)–(S.141)).
 
 Unit i of layer l owns θ_{l,i} = row i of [W_l | b_l]; its Jacobian is J_{l,i} = E_i a with
 E_i[(n, k), n] = δ_{l,i}^{(k)}(x_n), so its Fisher block J_{l,i}^T Λ J_{l,i} / N + ρI is inverted
@@ -11,10 +11,15 @@ sample n), the push-through identity gives
 (one symmetric positive-definite solve per unit). Rows of a sample on which the unit is inactive
 (s_n = 0, as for ReLU) decouple, so each solve is restricted to the unit's support, |S| × |S| —
 about N/2 for ReLU, an eighth of the work. At ρ = 0 the limit is the pseudo-inverse (S.135):
-w_S = N K_SS^{-1} (b / s²)_S. For one output, S K S / N is the seed's
+w_S = N K_SS^{-1} (b / s²)_S. For one output, S K S / N is the paper's
 Θ_{l,i} = diag(δ_{l,i}) (σ_w² A_{l−1} + σ_b²) diag(δ_{l,i}) / N (S.131), and on the training set
 Θ̄ = Σ_{l,i} Θ_{l,i} Θ_{l,i}^+ = Σ_{l,i} diag(1[δ_{l,i} ≠ 0]) (S.137): α = Σ_{l<L} γ_l M_l (+ C).
 Never a (M_{l−1} + 1)² block per unit, never J.
+
+Layers with positions (convolutions: a unit is an output channel, its filter with its bias) and
+generic modules (one unit: the whole module) go through their units' per-sample Jacobians J_u
+(N·C × p): each unit's block J_u^T Λ J_u / N + ρ I is inverted as it is (p × p) when p ≤ N·C, and in
+dual form (N·C × N·C) otherwise.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..network import Factors
-from .base import Fisher, pinv_psd
+from ..signals import Signals
+from .base import BoundFisher, Fisher, block_diag_metric, pinv_psd, solve_psd, solve_with_metric
 
 __all__ = ["Unitwise"]
 
@@ -36,7 +41,7 @@ _CHUNK_ELEMENTS = 2**23  # units per batched solve: chunk · N² ≤ this (64 Mi
 
 @dataclass(frozen=True, kw_only=True)
 class Unitwise(Fisher):
-    """Unit-wise Fisher: block diagonal over the units (l, i) (seed (S.129)).
+    """Unit-wise Fisher: block diagonal over the units (l, i) (the paper's (S.129)).
 
     Args:
         rcond: at ρ = 0, the pseudo-inverse's relative cut-off: sample n counts as active for unit i
@@ -52,10 +57,11 @@ class Unitwise(Fisher):
 
     name: ClassVar[str] = "unitwise"
     label: ClassVar[str] = "Unit-wise"
+    aliases: ClassVar[tuple[str, ...]] = ("unitwise", "unit_wise")
 
-    def _unit_scales(self, fx: Factors, layer: int, lam: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _unit_scales(self, layer, lam: Tensor | None) -> tuple[Tensor, Tensor]:
         """s (M, N) with s_n² = δ_n^T Λ_n δ_n, and δ itself as (M, N, C)."""
-        d = fx.backward[layer].to(self.solve_dtype).permute(2, 1, 0)  # (M, N, C)
+        d = layer.kron.d[:, :, 0].to(self.solve_dtype).permute(2, 1, 0)  # (M, N, C)
         if lam is None:
             s2 = (d * d).sum(-1)
         else:
@@ -129,55 +135,124 @@ class Unitwise(Fisher):
             out[units] = out[units].scatter(1, gidx, w * valid[:, :, None])
         return out
 
-    def alpha_hat_from_factors(self, fx: Factors) -> float:
-        """tr(Θ̄ Λ) / (N·C) without forming Θ̄: Σ_{l,i} tr(Θ_{l,i} (Θ_{l,i} + ρ)^{-1}) / (N·C). Each
-        trace is |S_i| − ρ ||L_i^{-1}||_F² for the Cholesky factor L_i of the support system, and at
-        ρ = 0 the number |S_i| of samples on which unit i is active (S.137)."""
-        lam = self._metric(fx)
-        total = 0.0
-        for l in range(fx.depth):
-            s, _ = self._unit_scales(fx, l, lam)
-            a = fx.forward[l].to(self.solve_dtype)
-            k = a @ a.T
-            if self.damping == 0:
-                total += float(self._support(k, s).sum())
-                continue
-            for _, _, valid, chol, _ in self._batches(k, s):
-                eye = torch.eye(chol.shape[-1], dtype=k.dtype, device=k.device).expand_as(chol)
-                inv = torch.linalg.solve_triangular(chol, eye, upper=False) * valid[:, :, None]
-                total += float(valid.sum() - self.damping * (inv**2).sum())
-        return total / (fx.n * fx.c)
+    # ------------------------------------------------------------------ rank-one units (MLP layers)
+    @staticmethod
+    def _rank_one(layer) -> bool:
+        return layer.kron is not None and layer.kron.positions == 1
 
-    def _layer_updates(self, fx: Factors, r: Tensor, lam: Tensor | None) -> list[Tensor]:
-        out = []
-        for l in range(fx.depth):
-            a = fx.forward[l]
-            k = a.to(self.solve_dtype) @ a.to(self.solve_dtype).T
-            s, d = self._unit_scales(fx, l, lam)
-            b = torch.einsum("mnk,nk->mn", d, r)  # δ_n · r_n
-            w = self._solve_units(k, s, b[:, :, None])[:, :, 0]  # (M, N)
-            out.append(w.to(a.dtype) @ a / fx.n)
-        return out
+    def _layer_k(self, bound: BoundFisher, l: int) -> Tensor:
+        """K = a a^T (N, N) of layer l, shared by its units (computed once per batch)."""
+        key = ("unit_k", l)
+        if key not in bound.cache:
+            a = bound.signals.layers[l].kron.a[:, 0].to(self.solve_dtype)
+            bound.cache[key] = a @ a.T
+        return bound.cache[key]
 
-    def _coefficient(self, fx: Factors, ft: Factors, lam: Tensor | None) -> Tensor:
-        n, c, nt = fx.n, fx.c, ft.n
-        total = torch.zeros(nt * c, n * c, dtype=self.solve_dtype, device=fx.f.device)
-        for l in range(fx.depth):
-            a = fx.forward[l].to(self.solve_dtype)
-            k = a @ a.T
-            k_cross = ft.forward[l].to(self.solve_dtype) @ a.T / n  # (N′, N)
-            s, d = self._unit_scales(fx, l, lam)
-            dt = ft.backward[l].to(self.solve_dtype).permute(2, 1, 0)  # (M, N′, C)
-            step = max(1, _CHUNK_ELEMENTS // (n * max(n, nt)))
-            eye = torch.eye(n, dtype=k.dtype, device=k.device)
-            for lo in range(0, s.shape[0], step):
-                sl = slice(lo, lo + step)
-                m = s[sl].shape[0]
-                # (S²K/N + ρ)^{-1} restricted to the columns it meets (δ vanishes elsewhere), (m, N, N)
-                r_i = self._solve_units(k, s[sl], eye.expand(m, n, n) * (s[sl] > 0)[:, :, None])
-                t_i = k_cross @ r_i  # (m, N′, N)
-                total += torch.einsum("ipk,ipn,inj->pknj", dt[sl], t_i, d[sl]).reshape(nt * c, n * c)
+    def _rank_one_update(self, bound: BoundFisher, l: int, r: Tensor) -> list[Tensor]:
+        layer = bound.signals.layers[l]
+        a = layer.kron.a[:, 0]
+        s, d = self._unit_scales(layer, bound.metric)
+        b = torch.einsum("mnk,nk->mn", d, r)  # δ_n · r_n
+        w = self._solve_units(self._layer_k(bound, l), s, b[:, :, None])[:, :, 0]  # (M, N)
+        return layer.kron.to_params(w.to(a.dtype) @ a / bound.n)
+
+    def _rank_one_coefficient(self, bound: BoundFisher, l: int, test: Signals) -> Tensor:
+        n, c, nt = bound.n, bound.c, test.n
+        layer, tl = bound.signals.layers[l], test.layers[l]
+        k = self._layer_k(bound, l)
+        k_cross = tl.kron.a[:, 0].to(self.solve_dtype) @ layer.kron.a[:, 0].to(self.solve_dtype).T / n  # (N′, N)
+        s, d = self._unit_scales(layer, bound.metric)
+        dt = tl.kron.d[:, :, 0].to(self.solve_dtype).permute(2, 1, 0)  # (M, N′, C)
+        step = max(1, _CHUNK_ELEMENTS // (n * max(n, nt)))
+        eye = torch.eye(n, dtype=k.dtype, device=k.device)
+        total = torch.zeros(nt * c, n * c, dtype=self.solve_dtype, device=k.device)
+        for lo in range(0, s.shape[0], step):
+            sl = slice(lo, lo + step)
+            m = s[sl].shape[0]
+            # (S²K/N + ρ)^{-1} restricted to the columns it meets (δ vanishes elsewhere), (m, N, N)
+            r_i = self._solve_units(k, s[sl], eye.expand(m, n, n) * (s[sl] > 0)[:, :, None])
+            t_i = k_cross @ r_i  # (m, N′, N)
+            total += torch.einsum("ipk,ipn,inj->pknj", dt[sl], t_i, d[sl]).reshape(nt * c, n * c)
         return total
+
+    def _rank_one_trace(self, bound: BoundFisher, l: int) -> float:
+        """Σ_i tr(Θ_{l,i} (Θ_{l,i} + ρ)^{-1}) without forming Θ̄: |S_i| − ρ ||L_i^{-1}||_F² per unit
+        for the Cholesky factor L_i of its support system, |S_i| at ρ = 0 (S.137)."""
+        s, _ = self._unit_scales(bound.signals.layers[l], bound.metric)
+        k = self._layer_k(bound, l)
+        if self.damping == 0:
+            return float(self._support(k, s).sum())
+        total = 0.0
+        for _, _, valid, chol, _ in self._batches(k, s):
+            eye = torch.eye(chol.shape[-1], dtype=k.dtype, device=k.device).expand_as(chol)
+            inv = torch.linalg.solve_triangular(chol, eye, upper=False) * valid[:, :, None]
+            total += float(valid.sum() - self.damping * (inv**2).sum())
+        return total
+
+    # ------------------------------------------------------------------ units by their Jacobians
+    def _jacobian_units(self, bound: BoundFisher, l: int):
+        """(route, J_u (U, N·C, p), inverse): (J_u^T Λ J_u / N + ρ)^{-1} (U, p, p) for "primal",
+        (Λ J_u J_u^T / N + ρ)^{-1} (U, N·C, N·C) for "dual" (pseudo-inverses at ρ = 0)."""
+        key = ("unit_jac", l)
+        if key not in bound.cache:
+            units = bound.signals.layers[l].units(self.solve_dtype)
+            jac, n, lam = units.jac, bound.n, bound.metric
+            if jac.shape[2] <= jac.shape[1]:
+                lj = jac if lam is None else block_diag_metric(lam) @ jac
+                f = jac.mT @ lj / n
+                if self.damping > 0:
+                    eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device).expand_as(f)
+                    inv = solve_psd(f, eye, self.damping)
+                else:
+                    inv = pinv_psd(f)
+                bound.cache[key] = ("primal", units, inv)
+            else:
+                k = jac @ jac.mT / n
+                bound.cache[key] = ("dual", units, torch.stack([solve_with_metric(ku, lam, self.damping) for ku in k]))
+        return bound.cache[key]
+
+    def _jacobian_update(self, bound: BoundFisher, l: int, r: Tensor) -> list[Tensor]:
+        route, units, inv = self._jacobian_units(bound, l)
+        rf = r.reshape(-1)
+        if route == "primal":
+            w = (inv @ (units.jac.mT @ rf)[:, :, None])[:, :, 0] / bound.n
+        else:
+            w = (units.jac.mT @ (inv @ rf)[:, :, None])[:, :, 0] / bound.n
+        return [t.to(bound.signals.f.dtype) for t in units.to_params(w)]
+
+    def _jacobian_coefficient(self, bound: BoundFisher, l: int, test: Signals) -> Tensor:
+        route, units, inv = self._jacobian_units(bound, l)
+        jt = units.jac if test is bound.signals else test.layers[l].units(self.solve_dtype).jac
+        if route == "primal":
+            return (jt @ inv @ units.jac.mT).sum(0) / bound.n
+        return ((jt @ units.jac.mT / bound.n) @ inv).sum(0)
+
+    # ------------------------------------------------------------------ interface
+    def _layer_updates(self, bound: BoundFisher, r: Tensor) -> list[list[Tensor]]:
+        return [
+            self._rank_one_update(bound, l, r) if self._rank_one(layer) else self._jacobian_update(bound, l, r)
+            for l, layer in enumerate(bound.signals.layers)
+        ]
+
+    def _coefficient(self, bound: BoundFisher, test: Signals) -> Tensor:
+        total = 0.0
+        for l, layer in enumerate(bound.signals.layers):
+            if self._rank_one(layer):
+                total = total + self._rank_one_coefficient(bound, l, test)
+            else:
+                total = total + self._jacobian_coefficient(bound, l, test)
+        return total
+
+    def _alpha_hat(self, bound: BoundFisher) -> float:
+        """tr(Θ̄ Λ) / (N·C), layer by layer; MLP layers without forming Θ̄ (see :meth:`_rank_one_trace`)."""
+        total, lam = 0.0, bound.metric
+        for l, layer in enumerate(bound.signals.layers):
+            if self._rank_one(layer):
+                total += self._rank_one_trace(bound, l)
+            else:
+                t = self._jacobian_coefficient(bound, l, bound.signals)
+                total += float(torch.diagonal(t if lam is None else t @ block_diag_metric(lam)).sum())
+        return total / (bound.n * bound.c)
 
 
 def _cholesky_solve(chol: Tensor, b: Tensor) -> Tensor:

@@ -171,7 +171,7 @@ def _kfac_alpha(fisher, widths: tuple[int, ...], sigma_b2: float, n_train: int, 
             f"widths: the K-FAC α assumes hidden widths M_l >= N = {n} (positive definite B_l and A_l), "
             f"got {list(widths[1:-1])}"
         )
-    c_out = float(n) if fisher.output_factor == "seed" else 1.0
+    c_out = float(n) if fisher.output_factor == "paper" else 1.0
     block = fisher.bias == "block"
     # the first layer's forward signal carries the σ_b column unless its bias has its own block
     p0 = widths[0] + (1 if sigma_b2 > 0 and not (block and depth > 1) else 0)

@@ -91,7 +91,7 @@ def _kfac(
     sw2, sb2 = ktt.sigma_w2, ktt.sigma_b2
     block = fisher.bias == "block" and sb2 > 0
     eye = torch.eye(n, dtype=_F64)
-    c_out = n / (1.0 + n * rho) if fisher.output_factor == "seed" else 1.0 / (1.0 + rho)
+    c_out = n / (1.0 + n * rho) if fisher.output_factor == "paper" else 1.0 / (1.0 + rho)
     bias_factor = sb2 / (sb2 + n * rho) if block else 0.0  # Ā of a separate bias block (times 1 1^T)
 
     def forward_factor(l: int) -> Tensor:  # Ā_{l−1}, l = 1 … L

@@ -1,0 +1,156 @@
+"""Affine layers — a weight acting on input vectors, optionally at several positions — share one
+set of signals: the Kronecker view of the paper's (S.64)–(S.68), extended to weight sharing over
+positions (convolutions, or a Linear applied to sequences).
+
+For sample n, position t and output k, the layer computes u_{n,t} = W a_{n,t} (with a bias column
+appended to a when the layer has one), so the per-sample Jacobian of output k is
+
+    ∂f_k(x_n)/∂[W | b] = G_n^{(k)} = Σ_t δ_{n,t}^{(k)} a_{n,t}^T          (M × p)
+
+with the *forward signal* a (N, T, p) and the *backward signal* δ (C, N, T, M). With one position
+(T = 1, the MLP) G is rank one and every kernel is a Hadamard product of two Grams (S.68):
+J_l(x) J_l(x′)^T = (a a′^T) ⊙ (δ δ′^T). With T > 1 the kernel is
+Σ_{t,s} (δ_{n,t}·δ′_{m,s})(a_{n,t}·a′_{m,s}), computed from the per-sample Jacobians G (memory
+N·C·M·p, the cheap route for small filters) or from position sums (memory N·N′·T²·C², the cheap
+route for few positions), whichever is smaller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from .base import LayerSignals, Units
+
+__all__ = ["AffineSignals"]
+
+
+@dataclass(frozen=True)
+class AffineSignals(LayerSignals):
+    """Signals of an affine layer for a batch.
+
+    Attributes:
+        a: forward signal (N, T, p): the layer's input at each position, scaled as the layer scales
+            it (σ_w/√M in the NTK parameterization, 1 in the standard one), with the bias column
+            (σ_b, or 1) appended as the last entry of p when ``has_bias``.
+        d: backward signal (C, N, T, M): δ[k, n, t] = ∂f_k(x_n)/∂u_{n,t}.
+        has_bias: whether the last column of ``a`` belongs to a bias parameter.
+        params: (weight,) or (weight, bias); the weight reshapes to (M, p − has_bias).
+        name: the module's path in the model.
+    """
+
+    a: Tensor
+    d: Tensor
+    has_bias: bool
+    params: tuple[Tensor, ...]
+    name: str = ""
+
+    # ---------------------------------------------------------------- shape
+    @property
+    def n(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def c(self) -> int:
+        return self.d.shape[0]
+
+    @property
+    def positions(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def in_width(self) -> int:
+        """p: the forward signal's width (input features, plus one for the bias)."""
+        return self.a.shape[2]
+
+    @property
+    def out_width(self) -> int:
+        """M: the number of output units (features or channels)."""
+        return self.d.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
+    @property
+    def kron(self) -> AffineSignals:
+        return self
+
+    @property
+    def a2(self) -> Tensor:
+        """The forward signal as (N·T, p) rows (sample-major, then position)."""
+        return self.a.reshape(-1, self.a.shape[2])
+
+    def flat_delta(self, dtype: torch.dtype | None = None) -> Tensor:
+        """δ as an (N·C, M) matrix, rows sample-major (n, k); only for T = 1."""
+        d = self.d[:, :, 0, :] if dtype is None else self.d[:, :, 0, :].to(dtype)
+        return d.permute(1, 0, 2).reshape(self.n * self.c, self.out_width)
+
+    # ---------------------------------------------------------------- interface
+    def gram(self, other: LayerSignals | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        o = self if other is None else other
+        dtype = dtype or self.dtype
+        n1, n2, c = self.n, o.n, self.c
+        if self.positions == 1 and o.positions == 1:
+            a = self.a[:, 0].to(dtype) @ o.a[:, 0].to(dtype).T  # (N1, N2)
+            if c == 1:
+                return a * (self.d[0, :, 0].to(dtype) @ o.d[0, :, 0].to(dtype).T)
+            b = torch.einsum("knm,jpm->nkpj", self.d[:, :, 0].to(dtype), o.d[:, :, 0].to(dtype))
+            return (b * a[:, None, :, None]).reshape(n1 * c, n2 * c)
+        t1, t2 = self.positions, o.positions
+        if (n1 + n2) * self.out_width * self.in_width <= n1 * n2 * t1 * t2 * c:  # per-sample Jacobians are smaller
+            g1 = self._per_sample(dtype).reshape(n1 * c, -1)
+            g2 = g1 if o is self else o._per_sample(dtype).reshape(n2 * c, -1)
+            return g1 @ g2.T
+        aa = torch.einsum("ntp,msp->nmts", self.a.to(dtype), o.a.to(dtype))  # (N1, N2, T1, T2)
+        dd = torch.einsum("kntq,jmsq->nkmjts", self.d.to(dtype), o.d.to(dtype))
+        return (dd * aa[:, None, :, None]).sum((-2, -1)).reshape(n1 * c, n2 * c)
+
+    def matrix_update(self, v: Tensor) -> Tensor:
+        """Σ_{n,k} v[n, k] G_n^{(k)} (M, p) for v (N, C), in the model's dtype (J_l^T v as a matrix)."""
+        w = torch.einsum("nk,kntm->ntm", v.to(self.dtype), self.d)  # (N, T, M)
+        return w.reshape(-1, self.out_width).T @ self.a2
+
+    def to_params(self, mat: Tensor) -> list[Tensor]:
+        """An (…, M, p) [W | b] matrix → the module's parameter tensors (views where possible)."""
+        w = self.params[0]
+        if self.has_bias:
+            return [mat[..., :-1].reshape(*mat.shape[:-2], *w.shape), mat[..., -1]]
+        return [mat.reshape(*mat.shape[:-2], *w.shape)]
+
+    def transpose(self, v: Tensor) -> list[Tensor]:
+        return self.to_params(self.matrix_update(v))
+
+    def _per_sample(self, dtype: torch.dtype) -> Tensor:
+        """G (N, C, M, p): the per-sample Jacobians as [W | b] matrices."""
+        if self.positions == 1:
+            return self.d[:, :, 0].to(dtype).permute(1, 0, 2)[..., None] * self.a[:, 0].to(dtype)[:, None, None, :]
+        return torch.einsum("kntm,ntp->nkmp", self.d.to(dtype), self.a.to(dtype))
+
+    def jacobian(self, dtype: torch.dtype | None = None) -> Tensor:
+        g = self._per_sample(dtype or self.dtype)  # (N, C, M, p)
+        rows = self.n * self.c
+        if not self.has_bias:
+            return g.reshape(rows, -1)
+        return torch.cat([g[..., :-1].reshape(rows, -1), g[..., -1].reshape(rows, -1)], 1)
+
+    def units(self, dtype: torch.dtype | None = None) -> Units:
+        g = self._per_sample(dtype or self.dtype)  # (N, C, M, p)
+        jac = g.permute(2, 0, 1, 3).reshape(self.out_width, self.n * self.c, self.in_width)
+        return Units(jac=jac, to_params=self.to_params)
+
+    def to(self, dtype: torch.dtype) -> AffineSignals:
+        return replace(self, a=self.a.to(dtype), d=self.d.to(dtype))
+
+    @staticmethod
+    def cat(parts: list[AffineSignals]) -> AffineSignals:
+        first = parts[0]
+        return replace(first, a=torch.cat([p.a for p in parts], 0), d=torch.cat([p.d for p in parts], 1))
+
+    def tensors(self) -> list[Tensor]:
+        return [self.a, self.d.transpose(0, 1)]  # sample axis first
+
+    def with_tensors(self, tensors: list[Tensor]) -> AffineSignals:
+        return replace(self, a=tensors[0], d=tensors[1].transpose(0, 1).contiguous())

@@ -1,0 +1,110 @@
+"""The layer-kind interface: what one parameterized module of a batch offers every Fisher.
+
+A Fisher never looks at a concrete layer. It asks each :class:`LayerSignals` of a batch for
+
+* ``gram(other)``: the per-layer kernel J_l(x) J_l(x′)^T, flat sample-major (N·C, N′·C), no 1/N
+  (the paper's (S.68); divide by N for its Θ_l);
+* ``transpose(v)``: J_l^T v for a function-space vector v (N, C): the layer's parameter update, one
+  tensor per parameter of the module (a weighted backward pass);
+* ``jacobian()``: the per-sample Jacobian (N·C, P_l), for the routes that need it explicitly;
+* ``units()``: the unit-wise view (which rows of the parameters form one unit);
+* ``kron``: the Kronecker (K-FAC) signals when the layer has them (affine kinds), else ``None``.
+
+Three kinds implement it: :mod:`~natural_tangents.layers.linear` (rank-one factors, the paper's
+MLP), :mod:`~natural_tangents.layers.conv` (patches and per-position output derivatives) and
+:mod:`~natural_tangents.layers.generic` (any other module, through per-sample gradients).
+Distribution (``process_group``) only ever concatenates signals along the sample axis (:meth:`cat`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["LayerSignals", "Units"]
+
+
+@dataclass(frozen=True)
+class Units:
+    """The unit-wise view of a layer: ``jac`` (U, N·C, p) holds the per-sample Jacobian of each of the
+    U units (rows sample-major), and ``to_params(w)`` maps per-unit parameter vectors w (U, p) back to
+    the module's parameter tensors."""
+
+    jac: Tensor
+    to_params: object  # Callable[[Tensor], list[Tensor]]
+
+
+class LayerSignals:
+    """Signals of one parameterized module for a batch of N inputs with C outputs (abstract).
+
+    Attributes every kind has: ``name`` (the module's path in the model), ``params`` (its parameters,
+    in ``model.parameters()`` order), ``n`` and ``c``.
+    """
+
+    name: str
+    params: tuple[Tensor, ...]
+
+    @property
+    def n(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def c(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    @property
+    def kron(self):
+        """Kronecker signals (:class:`~natural_tangents.layers.affine.AffineSignals`) or ``None``."""
+        return None
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def gram(self, other: LayerSignals | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """J_l(x) J_l(x′)^T, (N·C, N′·C) sample-major, no 1/N; ``other`` defaults to ``self``."""
+        raise NotImplementedError
+
+    def transpose(self, v: Tensor) -> list[Tensor]:
+        """J_l^T v for v (N, C): the update of each parameter of the module, in the model's dtype."""
+        raise NotImplementedError
+
+    def jacobian(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The per-sample Jacobian (N·C, P_l), rows sample-major, columns the flattened parameters."""
+        raise NotImplementedError
+
+    def units(self, dtype: torch.dtype | None = None) -> Units:
+        """The unit-wise view (see :class:`Units`)."""
+        raise NotImplementedError
+
+    def to(self, dtype: torch.dtype) -> LayerSignals:
+        raise NotImplementedError
+
+    @staticmethod
+    def cat(parts: list[LayerSignals]) -> LayerSignals:
+        """The signals of the concatenated batch (parts in order)."""
+        raise NotImplementedError
+
+    def tensors(self) -> list[Tensor]:
+        """The per-sample tensors (sample axis first after any output axis), for gathering."""
+        raise NotImplementedError
+
+    def with_tensors(self, tensors: list[Tensor]) -> LayerSignals:
+        """The same kind of signals holding ``tensors`` (as returned by :meth:`tensors`)."""
+        raise NotImplementedError
+
+
+def split_flat(flat: Tensor, params: tuple[Tensor, ...]) -> list[Tensor]:
+    """A flat (…, P_l) vector → one tensor per parameter (views), shaped like the parameters."""
+    out, start = [], 0
+    for p in params:
+        k = p.numel()
+        out.append(flat[..., start : start + k].reshape(*flat.shape[:-1], *p.shape))
+        start += k
+    return out

@@ -1,0 +1,230 @@
+"""Any nn.Module: a CNN with strided and padded convolutions, a skip connection and pooling, and
+modules read by the generic kind, against the explicit parameter-space route (torch.func Jacobians,
+P × P Fishers built from them), float64, relative error ≤ 1e-8."""
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+
+import natural_tangents as nat
+from _explicit import explicit_module_fisher, flat, jacobian, module_blocks, output_metric
+from natural_tangents import fisher as F
+
+TOL = 1e-8
+F64 = torch.float64
+
+
+class SmallCNN(nn.Module):
+    """Conv (strided) → tanh → + conv (padded) → tanh (skip) → avg-pool → flatten → Linear → tanh → Linear."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, stride=2)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.fc1 = nn.Linear(12, 6)
+        self.fc2 = nn.Linear(6, c)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv1(x))  # (N, 3, 3, 3) for 7 × 7 inputs
+        h = h + torch.tanh(self.conv2(h))
+        h = Fn.avg_pool2d(h, 2, stride=1).flatten(1)  # (N, 12)
+        return self.fc2(torch.tanh(self.fc1(h)))
+
+
+def _cnn(c, seed=0):
+    torch.manual_seed(seed)
+    return SmallCNN(c).to(F64)
+
+
+def _data(n, c, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 7, 7, generator=g, dtype=F64), torch.randn(n, c, generator=g, dtype=F64)
+
+
+def _rel(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+SIGMA4 = torch.tensor([[2.0, 0.5, 0.0, 0.0], [0.5, 1.0, 0.3, 0.0], [0.0, 0.3, 1.5, 0.2], [0.0, 0.0, 0.2, 1.0]])
+CASES = {
+    "exact": (F.Exact, "exact", None),
+    "block_diagonal": (F.BlockDiagonal, "layerwise", torch.eye(4, dtype=F64)),
+    "block_tridiagonal": (F.BlockTriDiagonal, "layerwise", F.tridiagonal_sigma(4)),
+    "layerwise": (lambda **kw: F.Layerwise(sigma=SIGMA4, **kw), "layerwise", SIGMA4),
+    "unitwise": (F.Unitwise, "unitwise", None),
+}
+
+
+def _check(fisher, kind, sigma, model, x, y, x_test, lam=None, residual=None):
+    n = x.shape[0]
+    j = jacobian(model, x)
+    g = explicit_module_fisher(kind, model, x, fisher.damping, lam=lam, sigma=sigma)
+    r = (model(x) - y) if residual is None else residual
+    want = torch.linalg.solve(g, j.T @ r.detach().reshape(-1) / n)
+    bound = fisher.at(model, x)
+    assert _rel(flat(bound.natural_gradient(y)), want) < TOL
+    jt = jacobian(model, x_test)
+    want_tb = jt @ torch.linalg.solve(g, j.T) / n
+    got_tb = F.flatten_coefficient(bound.coefficient(x_test))
+    assert _rel(got_tb, want_tb) < TOL
+    want_train = j @ torch.linalg.solve(g, j.T) / n
+    assert _rel(F.flatten_coefficient(bound.coefficient()), want_train) < TOL
+    lm = output_metric(lam, n, want_train.shape[0] // n)
+    assert bound.alpha_hat() == pytest.approx(float(torch.diagonal(want_train @ lm).mean()), rel=1e-8)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("c", [1, 2])
+@pytest.mark.parametrize("damping", [1e-3, 0.7])
+def test_cnn_update_and_coefficient_match_explicit(name, c, damping):
+    make, kind, sigma = CASES[name]
+    model = _cnn(c)
+    x, y = _data(5, c)
+    x_test, _ = _data(3, c, seed=7)
+    _check(make(damping=damping), kind, sigma, model, x, y, x_test)
+
+
+def test_cnn_exact_cross_entropy_matches_explicit():
+    model = _cnn(3)
+    x, _ = _data(6, 3)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    fisher = F.Exact(damping=1e-2, loss="cross_entropy")
+    with torch.no_grad():
+        f = model(x)
+    lam = fisher.loss.output_fisher(f)
+    y = Fn.one_hot(labels, 3).to(F64)
+    _check(
+        fisher, "exact", None, model, x, labels, _data(2, 3, seed=9)[0], lam=lam, residual=fisher.loss.residual(f, y)
+    )
+
+
+def _patches(conv, h):
+    cols = Fn.unfold(h, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    a = cols.transpose(1, 2)  # (N, T, C_in k²)
+    return torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype)], 2)
+
+
+def _probe_deltas(model, x, modules):
+    """∂f/∂(module output) per sample, by jacrev through additive probes (C, N, *out)."""
+    outs = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o: outs.__setitem__(mod, o)) for m in modules]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+
+    def f_of(probes):
+        slot = dict(zip(modules, probes))
+        hs = [m.register_forward_hook(lambda mod, a, o: o + slot[mod]) for m in modules]
+        try:
+            return model(x)
+        finally:
+            for h in hs:
+                h.remove()
+
+    probes = tuple(torch.zeros_like(outs[m]) for m in modules)
+    jac = torch.func.jacrev(f_of)(probes)
+    idx = torch.arange(x.shape[0])
+    return [jl[idx, :, idx].transpose(0, 1) for jl in jac], outs
+
+
+def test_cnn_kfac_matches_the_stated_kfc_formula_built_explicitly():
+    """K-FAC on the CNN: for each convolution (B* + ρ) ⊗ (A* + ρ) with A* = Σ_{n,t} a a^T / (N T) and
+    B* = Σ_{n,t} δ δ^T / N, for each Linear the paper's factors (output layer B*_L / N), P × P."""
+    c, n, rho = 2, 5, 1e-2
+    model = _cnn(c)
+    x, y = _data(n, c)
+    mods = [model.conv1, model.conv2, model.fc1, model.fc2]
+    deltas, _ = _probe_deltas(model, x, mods)
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o: inputs.__setitem__(mod, a[0])) for m in mods]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    p_total = sum(p.numel() for p in model.parameters())
+    g = torch.zeros(p_total, p_total, dtype=F64)
+    for (_owner, params), m, d in zip(module_blocks(model), mods, deltas):
+        if isinstance(m, nn.Conv2d):
+            a = _patches(m, inputs[m])  # (N, T, p)
+            t = a.shape[1]
+            dd = d.reshape(c, n, m.out_channels, -1).transpose(2, 3)  # (C, N, T, M)
+            a_star = torch.einsum("ntp,ntq->pq", a, a) / (n * t)
+            b_star = torch.einsum("kntm,knto->mo", dd, dd) / n
+        else:
+            a = torch.cat([inputs[m], torch.ones(n, 1, dtype=F64)], 1)
+            a_star = a.T @ a / n
+            b_star = torch.einsum("knm,kno->mo", d, d) / n
+            if m is model.fc2:
+                b_star = b_star / n  # the paper's output factor
+        kron = torch.kron(
+            b_star + rho * torch.eye(len(b_star), dtype=F64), a_star + rho * torch.eye(len(a_star), dtype=F64)
+        )
+        w, b = params
+        per = len(w) // len(b)
+        order = torch.tensor([i for u in range(len(b)) for i in (*w[u * per : (u + 1) * per], b[u])])
+        g[order[:, None], order[None, :]] = kron
+    j = jacobian(model, x)
+    want = torch.linalg.solve(g, j.T @ (model(x) - y).detach().reshape(-1) / n)
+    fisher = F.KFAC(damping=rho)
+    bound = fisher.at(model, x)
+    assert _rel(flat(bound.natural_gradient(y)), want) < TOL
+    x_test, _ = _data(3, c, seed=7)
+    want_tb = jacobian(model, x_test) @ torch.linalg.solve(g, j.T) / n
+    assert _rel(F.flatten_coefficient(bound.coefficient(x_test)), want_tb) < TOL
+
+
+class _Generic(nn.Module):
+    """Embedding, LayerNorm, PReLU, eval-mode BatchNorm and a parameter of the model itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 3)
+        self.fc = nn.Linear(6, 5)
+        self.norm = nn.LayerNorm(5)
+        self.act = nn.PReLU()
+        self.bn = nn.BatchNorm1d(5)
+        self.out = nn.Linear(5, 2)
+        self.scale = nn.Parameter(torch.tensor([1.3, 0.7]))
+
+    def forward(self, tokens):
+        h = self.embed(tokens).flatten(1)  # (N, 6) from (N, 2) integer tokens
+        h = self.bn(self.act(self.norm(self.fc(h))))
+        return self.out(h) * self.scale
+
+
+@pytest.mark.parametrize("name", ["exact", "block_diagonal", "unitwise"])
+def test_generic_modules_match_explicit(name):
+    torch.manual_seed(3)
+    model = _Generic().to(F64)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 7, (6, 2), generator=g)
+    y = torch.randn(6, 2, generator=g, dtype=F64)
+    x_test = torch.randint(0, 7, (3, 2), generator=g)
+    depth = len(module_blocks(model))
+    make, kind, _ = CASES[name]
+    sigma = torch.eye(depth, dtype=F64) if kind == "layerwise" else None
+    _check(make(damping=1e-2), kind, sigma, model, x, y, x_test)
+
+
+def test_ngd_on_the_cnn_computes_signals_once_per_step(monkeypatch):
+    model = _cnn(2)
+    x, y = _data(8, 2)
+    calls = []
+    real = nat.models.signals
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F.base, "_signals", counting)
+    opt = nat.NGD(model, F.Exact(damping=1e-3), lr="optimal")
+    opt.step(x, y)  # α̂ and the update from one binding
+    assert len(calls) == 1 and opt.param_groups[0]["alpha"] > 0
+    opt.step(x, y)
+    assert len(calls) == 2
