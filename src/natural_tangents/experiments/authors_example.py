@@ -186,8 +186,14 @@ def _cuts(rows: list[dict], config: str) -> torch.Tensor:
     return torch.tensor([s[0] / s[1] for s in by_seed.values()], dtype=torch.float64)
 
 
+def _g(v: float, digits: int) -> str:
+    """``digits`` significant figures, without an exponent for large numbers (260, not 2.6e+02)."""
+    s = f"{v:.{digits}g}"
+    return f"{v:.0f}" if "e+" in s else s
+
+
 def _pm(mean: float, sd: float) -> str:
-    return f"{mean:.3g} ± {sd:.2g}"
+    return f"{_g(mean, 3)} ± {_g(sd, 2)}"
 
 
 def _checks(rows: list[dict], config: str) -> list[Check]:
