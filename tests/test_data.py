@@ -483,13 +483,13 @@ def test_dataset_checks_shapes():
 
 @pytest.mark.parametrize("method", ["fixed_point", "newton"])
 def test_forster_radial_isotropic_position(method):
-    x = data.gaussian(80, 40, seed=0)  # the seed's N = 80, M_0 = 40 example
+    x = data.gaussian(80, 40, seed=0)  # the paper's N = 80, M_0 = 40 example
     assert isotropy_error(x) > 0.5  # not isotropic to begin with
     xbar, a = data.forster(x, method=method, return_transform=True)
     assert xbar.shape == (80, 40) and xbar.dtype == F64
     assert spectral(xbar.T @ xbar - 2.0 * torch.eye(40, dtype=F64)) < 1e-8  # X̄^T X̄ = (N/M_0) I
     assert unit_error(xbar) < 1e-12
-    # the seed's use: equal leverage scores diag(X̄ (X̄^T X̄)^{-1} X̄^T) = M_0/N, by least squares
+    # the paper's use: equal leverage scores diag(X̄ (X̄^T X̄)^{-1} X̄^T) = M_0/N, by least squares
     hat = xbar @ torch.linalg.lstsq(xbar, torch.eye(80, dtype=F64)).solution
     assert torch.allclose(torch.diagonal(hat), torch.full((80,), 0.5, dtype=F64), atol=1e-8)
     # every x̄_n is the direction of A x_n, and apply_forster reproduces the training map

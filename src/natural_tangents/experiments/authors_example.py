@@ -197,7 +197,8 @@ def _pm(mean: float, sd: float) -> str:
 
 
 def _checks(rows: list[dict], config: str) -> list[Check]:
-    p, tag = PUBLISHED[config], f"({'a' if config == 'analytic' else 'b'}) {PUBLISHED[config].code} run"
+    p = PUBLISHED[config]
+    tag = f"({'a' if config == 'analytic' else 'b'}) {p.code} run, {p.prediction.split(' (')[0]} prediction"
 
     def both(key: str, step: int) -> tuple[str, str]:
         theory_mean, theory_sd = _stats(rows, config, key + "_theory", step)
@@ -283,14 +284,14 @@ def _figure(rows: list[dict], width: int, n_seeds: int) -> plt.Figure:
     for ax in axes:
         ax.set_xticks(ts)
     axes[0].text(
-        0.97,
-        0.97,
-        "both predictions of the training loss are 0 from t = 1 on\n"
-        "(Θ̄(x, x) = I and η = 1; ours ~1e-30, theirs ~1e-16: rounding)",
+        0.03,
+        0.03,
+        "both predictions of the training\n"
+        "loss are 0 from t = 1 on (Θ̄ = I, η = 1;\n"
+        "ours ~1e-30, theirs ~1e-16: rounding)",
         transform=axes[0].transAxes,
         fontsize=7.5,
-        ha="right",
-        va="top",
+        va="bottom",
         bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0},
     )
     axes[0].set_title(f"training set (N = {N_TRAIN})")
