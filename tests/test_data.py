@@ -123,6 +123,88 @@ def test_mnist_binary_odd_counts_one_hot_and_dtype():
     assert torch.equal(plain.y_train[:, 0] > 0, ds.y_train[:, 0] == 1)
 
 
+def test_target_scale_gives_exactly_plus_minus_s_and_leaves_inputs_alone():
+    plain = data.mnist_binary((0, 1), n_train=30, n_test=11, seed=4)
+    half = data.mnist_binary((0, 1), n_train=30, n_test=11, seed=4, target_scale=0.5)
+    for y, y1 in ((half.y_train, plain.y_train), (half.y_test, plain.y_test)):
+        assert set(y.flatten().tolist()) == {0.5, -0.5}
+        assert torch.equal(y, 0.5 * y1)  # same samples, same order, same signs
+    assert torch.equal(half.x_train, plain.x_train) and torch.equal(half.x_test, plain.x_test)
+    f32 = data.mnist_binary((0, 1), n_train=5, n_test=0, seed=0, target_scale=0.3, dtype=torch.float32)
+    assert torch.equal(f32.y_train.abs(), torch.full((5, 1), 0.3, dtype=torch.float32))
+
+
+def test_standardize_uses_one_global_mean_and_std_per_split_then_unit_norm(subset):
+    """Recover each drawn image from the subset, then redo the convention by hand: one scalar mean
+    and one population std over all pixels of the split, then rows scaled to unit norm."""
+    images, _ = subset
+    unit = images / images.norm(dim=1, keepdim=True)
+    plain = data.mnist_binary((0, 1), n_train=40, n_test=15, seed=6)
+    std = data.mnist_binary((0, 1), n_train=40, n_test=15, seed=6, standardize=True)
+    assert "standardized" in std.source and "standardized" not in plain.source
+    for xp, xs, y, ys in (
+        (plain.x_train, std.x_train, plain.y_train, std.y_train),
+        (plain.x_test, std.x_test, plain.y_test, std.y_test),
+    ):
+        assert torch.equal(y, ys)
+        raw = images[(xp @ unit.T).argmax(dim=1)]  # the drawn 0–255 images, in the drawn order
+        z = (raw - raw.mean()) / raw.std(correction=0)  # global, not per pixel
+        expected = z / z.norm(dim=1, keepdim=True)
+        assert torch.allclose(xs, expected, atol=1e-13, rtol=0)
+        assert unit_error(xs) < 1e-12
+        assert xs.min() < 0  # the shift moved background pixels below zero
+        per_pixel = raw - raw.mean(0)  # the other convention gives other inputs
+        assert not torch.allclose(xs, per_pixel / per_pixel.norm(dim=1, keepdim=True), atol=1e-3)
+    # the train standardization does not depend on the test draw: its statistics are its own
+    alone = data.mnist_binary((0, 1), n_train=40, n_test=0, seed=6, standardize=True)
+    assert torch.allclose(alone.x_train, std.x_train, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"target_scale": 0.0}, "target_scale"),
+        ({"target_scale": -1.0}, "target_scale"),
+        ({"target_scale": float("nan")}, "target_scale"),
+        ({"target_scale": "half"}, "target_scale"),
+        ({"target_scale": 0.5, "one_hot": True}, "one_hot"),
+    ],
+)
+def test_target_scale_is_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        data.mnist_binary(n_train=4, n_test=0, **kwargs)
+
+
+def test_public_api_of_the_data_package_is_unchanged():
+    """Every name of the former single-module nat.data is still importable from it, as the object
+    its submodule defines (functions, not submodules of the same name)."""
+    import inspect
+
+    import natural_tangents as nat
+
+    names = [
+        "Dataset",
+        "Teacher",
+        "mnist_binary",
+        "load_mnist",
+        "load_mnist_subset",
+        "gaussian",
+        "synthetic",
+        "normalize",
+        "forster",
+        "apply_forster",
+    ]
+    assert sorted(data.__all__) == sorted(names)
+    assert nat.data is data
+    for name in names:
+        obj = getattr(data, name)
+        assert inspect.isfunction(obj) or inspect.isclass(obj), name
+        assert obj.__module__.startswith("natural_tangents.data."), (name, obj.__module__)
+    from natural_tangents.data import forster, synthetic
+
+    assert callable(forster) and callable(synthetic) and not inspect.ismodule(forster)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -401,13 +483,13 @@ def test_dataset_checks_shapes():
 
 @pytest.mark.parametrize("method", ["fixed_point", "newton"])
 def test_forster_radial_isotropic_position(method):
-    x = data.gaussian(80, 40, seed=0)  # the seed's N = 80, M_0 = 40 example
+    x = data.gaussian(80, 40, seed=0)  # the paper's N = 80, M_0 = 40 example
     assert isotropy_error(x) > 0.5  # not isotropic to begin with
     xbar, a = data.forster(x, method=method, return_transform=True)
     assert xbar.shape == (80, 40) and xbar.dtype == F64
     assert spectral(xbar.T @ xbar - 2.0 * torch.eye(40, dtype=F64)) < 1e-8  # X̄^T X̄ = (N/M_0) I
     assert unit_error(xbar) < 1e-12
-    # the seed's use: equal leverage scores diag(X̄ (X̄^T X̄)^{-1} X̄^T) = M_0/N, by least squares
+    # the paper's use: equal leverage scores diag(X̄ (X̄^T X̄)^{-1} X̄^T) = M_0/N, by least squares
     hat = xbar @ torch.linalg.lstsq(xbar, torch.eye(80, dtype=F64)).solution
     assert torch.allclose(torch.diagonal(hat), torch.full((80,), 0.5, dtype=F64), atol=1e-8)
     # every x̄_n is the direction of A x_n, and apply_forster reproduces the training map

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import (
     alpha_shift,
+    authors_example,
     condition,
     convergence,
     cross_entropy,
@@ -30,6 +31,7 @@ REGISTRY = {
         learning_rate,
         generalization,
         cross_entropy,
+        authors_example,
     )
 }
 

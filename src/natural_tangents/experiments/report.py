@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 from pathlib import Path
 
@@ -60,5 +61,10 @@ def write_report(results: list[Result], out: str | Path, settings: dict) -> Path
             "",
         ]
     path = out / "report.md"
-    path.write_text("\n".join(parts))
+    tmp = out / f".report.md.{os.getpid()}.tmp"  # written whole, then renamed: never a half report.md
+    try:
+        tmp.write_text("\n".join(parts))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
