@@ -85,5 +85,5 @@ def test_cli_reproduce_all_writes_the_report_with_every_figure(tmp_path, capsys)
     for name in REGISTRY:
         assert f"![{name}]({name}.png)" in report
         assert (tmp_path / f"{name}.png").stat().st_size > 0
-    assert len(REGISTRY) == 9
+    assert len(REGISTRY) == 10
     assert "report:" in capsys.readouterr().out
