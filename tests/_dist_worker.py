@@ -1,0 +1,97 @@
+"""One rank of a multi-process test (run as a script by tests/test_distributed.py; gloo on 127.0.0.1).
+
+usage: python _dist_worker.py CASE RANK WORLD PORT OUT
+Writes what the rank computed (or the error it raised) to OUT with torch.save.
+"""
+
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import natural_tangents as nat
+from natural_tangents import fisher as F
+
+FISHERS = {
+    "exact": lambda: F.Exact(damping=1e-3),
+    "exact_rho0": lambda: F.Exact(),
+    "block_diagonal": lambda: F.BlockDiagonal(damping=1e-3),
+    "block_tridiagonal": lambda: F.BlockTriDiagonal(damping=1e-3),
+    "kfac": lambda: F.KFAC(damping=1e-3),
+    "unitwise": lambda: F.Unitwise(damping=1e-3),
+    "exact_ce": lambda: F.Exact(damping=1e-2, loss="cross_entropy"),
+}
+SPLITS = {2: [4, 7], 3: [2, 5, 4]}  # uneven shards of N = 11
+
+
+def problem():
+    """The whole batch and the model every rank (and the single-process reference) uses."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(11, 6, generator=g, dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True)
+    y = torch.randn(11, 2, generator=g, dtype=torch.float64)
+    labels = torch.arange(11) % 2
+    net = nat.MLP([6, 16, 16, 2], activation="tanh", sigma_b2=0.3, seed=1, dtype=torch.float64)
+    return net, x, y, labels
+
+
+def results(net, x, y, labels, group):
+    out = {}
+    for name, make in FISHERS.items():
+        fisher = make()
+        bound = fisher.at(net, x, process_group=group)
+        targets = labels if name.endswith("_ce") else y
+        out[name] = {
+            "ng": [t.detach().clone() for t in bound.natural_gradient(targets)],
+            "coef": bound.coefficient(),
+            "alpha": bound.alpha_hat(),
+        }
+    opt = nat.NGD(net, F.BlockDiagonal(damping=1e-3), lr="optimal", process_group=group)
+    opt.step(x, y)
+    out["after_step"] = [p.detach().clone() for p in net.parameters()]
+    return out
+
+
+def shard(t, rank, world):
+    sizes = SPLITS[world]
+    start = sum(sizes[:rank])
+    return t[start : start + sizes[rank]]
+
+
+def main() -> None:
+    case, rank, world, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    group = dist.group.WORLD
+    net, x, y, labels = problem()
+    xs, ys, ls = shard(x, rank, world), shard(y, rank, world), shard(labels, rank, world)
+    try:
+        if case == "fishers":
+            result = results(net, xs, ys, ls, group)
+        elif case == "mismatched_parameters":
+            if rank == world - 1:
+                with torch.no_grad():
+                    net.W1[0, 0] += 1e-6
+            result = F.Exact().natural_gradient(net, xs, ys, process_group=group)
+        elif case == "mismatched_width":
+            if rank == 1:
+                xs = torch.randn(len(xs), 5, dtype=torch.float64)
+            result = F.Exact().natural_gradient(net, xs, ys, process_group=group)
+        elif case == "mismatched_outputs":
+            if rank == 1:
+                net = nat.MLP([6, 16, 16, 3], activation="tanh", sigma_b2=0.3, seed=1, dtype=torch.float64)
+            result = F.Exact().natural_gradient(net, xs, ys, process_group=group)
+        else:
+            raise SystemExit(f"unknown case {case}")
+        torch.save({"ok": result}, out)
+    except (ValueError, RuntimeError, TypeError, NotImplementedError) as err:
+        torch.save({"error": f"{type(err).__name__}: {err}"}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Data parallelism with torch.distributed: 2 and 3 gloo processes on 127.0.0.1 with uneven shards
+against the single-process run on the whole batch (every Fisher's natural gradient, Θ̄ and α̂ to
+1e-10, and an NGD step), and the refusals (uninitialized group, differing replicas, differing shards).
+
+Each rank is a fresh Python process (tests/_dist_worker.py) with a timeout, so a hung collective
+fails the test instead of the suite; the port is picked free for each run.
+"""
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import _dist_worker as W
+import natural_tangents as nat
+from natural_tangents import fisher as F
+
+WORKER = Path(W.__file__)
+TIMEOUT = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(case: str, world: int, tmp_path) -> list[dict]:
+    port = _free_port()
+    outs = [tmp_path / f"{case}-{world}-{r}.pt" for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), case, str(r), str(world), str(port), str(outs[r])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(world)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT)[0].decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return [torch.load(o, weights_only=False) for o in outs]
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def reference():
+    net, x, y, labels = W.problem()
+    return W.results(net, x, y, labels, None)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_batch_equals_the_single_process_run(world, tmp_path, reference):
+    ranks = _run("fishers", world, tmp_path)
+    for got in ranks:
+        assert "ok" in got, got.get("error")
+        got = got["ok"]
+        for name in W.FISHERS:
+            want = reference[name]
+            assert len(got[name]["ng"]) == len(want["ng"])
+            for a, b in zip(got[name]["ng"], want["ng"]):
+                assert _rel(a, b) < 1e-10, name
+            assert _rel(got[name]["coef"], want["coef"]) < 1e-10, name
+            assert got[name]["alpha"] == pytest.approx(want["alpha"], rel=1e-10), name
+        for a, b in zip(got["after_step"], reference["after_step"]):
+            assert _rel(a, b) < 1e-10
+    # every rank holds the identical update
+    for other in ranks[1:]:
+        for a, b in zip(other["ok"]["exact"]["ng"], ranks[0]["ok"]["exact"]["ng"]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("case", "patterns"),
+    [
+        ("mismatched_parameters", [r"parameters on rank 1 differ from rank 0's.*broadcast"] * 2),
+        ("mismatched_width", [r"rank 1 could not compute", r"x: expected 6 features"]),
+        ("mismatched_outputs", [r"rank 1 has a different parameter count"] * 2),
+    ],
+)
+def test_mismatched_replicas_and_shards_are_refused_on_every_rank(case, patterns, tmp_path):
+    ranks = _run(case, 2, tmp_path)
+    for got, pattern in zip(ranks, patterns):
+        assert "error" in got, f"{case}: rank computed a result instead of refusing"
+        assert re.search(pattern, got["error"]), got["error"]
+
+
+def test_an_uninitialized_process_group_is_refused():
+    net, x, y, _ = W.problem()
+    with pytest.raises(RuntimeError, match=r"process_group: torch\.distributed is not initialized"):
+        F.Exact().natural_gradient(net, x, y, process_group=object())
+    with pytest.raises(RuntimeError, match=r"not initialized"):
+        nat.NGD(net, F.Exact(), process_group=object())
