@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .base import BoundFisher, DualFisher, block_diag_metric, pinv_psd
 
-__all__ = ["Layerwise", "BlockDiagonal", "BlockTriDiagonal", "tridiagonal_sigma"]
+__all__ = ["Layerwise", "BlockDiagonal", "BlockTriDiagonal", "tridiagonal_sigma", "check_invertible_sigma"]
 
 
 def tridiagonal_sigma(depth: int) -> Tensor:
@@ -35,6 +35,19 @@ def tridiagonal_sigma(depth: int) -> Tensor:
 
 def _identity_sigma(depth: int) -> Tensor:
     return torch.eye(depth, dtype=torch.float64)
+
+
+def check_invertible_sigma(sigma: Tensor) -> None:
+    """Raise ValueError when the pattern Σ (L, L) is numerically singular (condition number above
+    1e12): then the zero-damping limit of the layer-wise Fisher and the α = 1^T Σ^{-1} 1 of the theory
+    do not exist. The one criterion both use."""
+    depth = sigma.shape[0]
+    if float(torch.linalg.cond(sigma)) > 1e12:
+        raise ValueError(
+            f"sigma: Σ is singular at depth L = {depth} (e.g. the block tri-diagonal pattern at "
+            "L = 3s + 2, the paper's (S.92)), so the zero-damping limit and α = 1^T Σ^{-1} 1 do not exist; "
+            "use damping > 0, another depth, or nat.fisher.Exact for Σ = 1 1^T"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,12 +84,7 @@ class Layerwise(DualFisher):
     def sigma_weights(self, depth: int) -> Tensor:
         """c = Σ^{-1} 1 (the per-layer weights of (S.71)); raises for a singular Σ."""
         s = self.sigma_matrix(depth)
-        if float(torch.linalg.cond(s)) > 1e12:
-            raise ValueError(
-                f"sigma: Σ is singular at depth L = {depth} (e.g. the block tri-diagonal pattern at "
-                "L = 3s + 2, the paper's (S.92)), so the zero-damping limit does not exist; use damping > 0, "
-                "another depth, or nat.fisher.Exact for Σ = 1 1^T"
-            )
+        check_invertible_sigma(s)
         return torch.linalg.solve(s, torch.ones(depth, dtype=torch.float64))
 
     def _dual(self, bound: BoundFisher) -> list[Tensor]:

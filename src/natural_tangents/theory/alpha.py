@@ -1,7 +1,7 @@
-"""The isotropy constant α of each Fisher approximation, and the unit-wise γ_l (seed (S.138)–(S.141)).
+"""The isotropy constant α of each Fisher approximation, and the unit-wise γ_l (the paper's (S.138)–(S.141)).
 
-Under the isotropic condition (MATH.md §3, Condition 1) the coefficient matrix on the training
-set is Θ̄(x, x) = α I, and NGD with η = 1/α converges in one step. In the seed's 1/N conventions
+Under the isotropic condition (the paper's Condition 1; docs/conventions.md) the coefficient matrix on the training
+set is Θ̄(x, x) = α I, and NGD with η = 1/α converges in one step. In the paper's 1/N conventions
 (Θ = J J^T / N, G = J^T J / N + ρ I) and in the zero-damping limit ρ → 0:
 
 =================================  ==============================================================
@@ -9,7 +9,7 @@ Fisher                             α
 =================================  ==============================================================
 exact                              1 (S.53)
 layer-wise, pattern Σ              1^T Σ^{-1} 1 (S.71); singular Σ (tri-diagonal, L = 3s+2): none
-K-FAC, M_0 ≥ N                     N L (S.107) with the seed's B*_L = 1/N; N (L−1) + 1 with B*_L = 1
+K-FAC, M_0 ≥ N                     N L (S.107) with the paper's B*_L = 1/N; N (L−1) + 1 with B*_L = 1
 K-FAC, M_0 < N, Forster inputs     N (L−1) + M_0 (S.111)
 K-FAC, M_0 < N, raw inputs         not isotropic (S.109); the mean eigenvalue is N (L−1) + M_0
 K-FAC, bias blocks (S.123)         N (2L−1) for M_0 ≥ N, N (2L−2) + M_0 with Forster inputs
@@ -19,21 +19,24 @@ unit-wise                          Σ_{l<L} γ_l M_l (S.128), + C output units a
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .. import activations as _act
+from .. import fisher as _fisher
 from .._checks import check_widths
 from .gaussian import second_moment
 from .kernels import check_variances
 
-__all__ = ["gamma", "alpha", "variances"]
+__all__ = ["gamma", "alpha", "variances", "alpha_rule", "AlphaQuery"]
 
 _F64 = torch.float64
 _SCAN_NODES = 64  # sample points per piece between kinks when testing φ′ ≠ 0
@@ -138,27 +141,16 @@ def variances(
 
 
 # ------------------------------------------------------------------------------------ alpha
-def _sigma_alpha(sigma: Tensor) -> float:
+def _sigma_alpha(fisher, depth: int) -> float:
     """1^T Σ^{-1} 1 for a layer-wise pattern Σ (L × L), refusing a singular Σ."""
-    sigma = torch.as_tensor(sigma, dtype=_F64)
-    depth = sigma.shape[0]
-    sv = torch.linalg.svdvals(sigma)
-    if float(sv[-1]) <= depth * torch.finfo(_F64).eps * 16 * float(sv[0]):
-        raise ValueError(
-            f"fisher: the layer pattern Σ is singular at depth L = {depth} (the block tri-diagonal Σ "
-            "is singular exactly when L = 3s + 2), so α = 1^T Σ^{-1} 1 does not exist and Θ̄ has no "
-            "isotropic limit; use another depth, or train with damping > 0 (Θ̄ then exists but is "
-            "not α I)"
-        )
-    ones = torch.ones(depth, 1, dtype=_F64)
-    return float((ones.T @ torch.linalg.solve(sigma, ones)).squeeze())
+    return float(fisher.sigma_weights(depth).sum())
 
 
 def _kfac_alpha(fisher, widths: tuple[int, ...], sigma_b2: float, n_train: int, forster: bool) -> float:
     """α (or, where Θ̄ is not isotropic, its mean eigenvalue) of K-FAC on the training set.
 
     From (S.105): Θ̄ = N Σ_{l<L} B̄_l ⊙ Ā_{l−1} + c_L Ā_{L−1}, with B̄_l = I on the training set (wide
-    hidden layers), c_L = N for the seed's B*_L = 1/N and 1 for B*_L = 1. Ā_{l−1} = I when the forward
+    hidden layers), c_L = N for the paper's B*_L = 1/N and 1 for B*_L = 1. Ā_{l−1} = I when the forward
     signal of layer l is at least N wide; an input narrower than N (p_0 < N) gives the projection
     P = X(X^TX)^{-1}X^T (S.108) of trace p_0, whose diagonal is p_0/N only in radial isotropic
     position (S.109)–(S.111). ``bias="block"`` gives the hidden layers' biases their own blocks, which
@@ -194,7 +186,7 @@ def _kfac_alpha(fisher, widths: tuple[int, ...], sigma_b2: float, n_train: int, 
             hint = "put the inputs in radial isotropic position with nat.data.forster(x) (then it is α, (S.111))"
         warnings.warn(
             f"alpha: the first layer's input is {p0} < N = {n} wide, so K-FAC's Θ̄ is not isotropic "
-            f"(seed (S.109)); returning its mean eigenvalue. To fix: {hint}",
+            f"(the paper's (S.109)); returning its mean eigenvalue. To fix: {hint}",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -202,17 +194,71 @@ def _kfac_alpha(fisher, widths: tuple[int, ...], sigma_b2: float, n_train: int, 
 
 
 def _resolve_fisher(fisher):
-    """A supported Fisher instance (names go through ``nat.fisher.get``), else ValueError."""
-    from .. import fisher as _fisher
-
-    if isinstance(fisher, str):
-        fisher = _fisher.get(fisher)
-    if not isinstance(fisher, _fisher.Exact | _fisher.Layerwise | _fisher.KFAC | _fisher.Unitwise):
+    """A Fisher instance (names go through ``nat.fisher.get``), else ValueError."""
+    fisher = _fisher.get(fisher) if isinstance(fisher, str) else fisher
+    if not isinstance(fisher, _fisher.Fisher):
         raise ValueError(
-            "fisher: expected a nat.fisher.Exact, Layerwise (BlockDiagonal, BlockTriDiagonal), KFAC or "
-            f"Unitwise instance (or its name), got {type(fisher).__name__}"
+            f"fisher: expected an instance of a nat.fisher class (or its name), got {type(fisher).__name__}"
         )
     return fisher
+
+
+@dataclass(frozen=True)
+class AlphaQuery:
+    """What an analytic-α rule may need: the network's widths [M_0, …, M_L] and activation, σ_w²,
+    σ_b², the number of training samples N, whether the inputs are Forster-transformed, and whether
+    the C output units count (unit-wise)."""
+
+    widths: tuple[int, ...]
+    activation: object
+    sigma_w2: float | None
+    sigma_b2: float
+    n_train: int | None
+    forster: bool
+    include_output: bool
+
+    @property
+    def depth(self) -> int:
+        return len(self.widths) - 1
+
+
+@functools.singledispatch
+def alpha_rule(fisher, query: AlphaQuery) -> float:
+    """The registry of analytic α's, one rule per Fisher class (``alpha_rule.register``)."""
+    raise ValueError(
+        f"fisher: no analytic α is registered for {type(fisher).__name__}; register one with "
+        "nat.theory.alpha_rule.register"
+    )
+
+
+@alpha_rule.register
+def _(fisher: _fisher.Exact, query: AlphaQuery) -> float:
+    return 1.0
+
+
+@alpha_rule.register
+def _(fisher: _fisher.Layerwise, query: AlphaQuery) -> float:
+    return _sigma_alpha(fisher, query.depth)
+
+
+@alpha_rule.register
+def _(fisher: _fisher.KFAC, query: AlphaQuery) -> float:
+    if query.n_train is None or int(query.n_train) < 1:
+        raise ValueError(f"n_train: K-FAC's α depends on N; pass the number of samples, got {query.n_train!r}")
+    return _kfac_alpha(fisher, query.widths, float(query.sigma_b2), int(query.n_train), bool(query.forster))
+
+
+@alpha_rule.register
+def _(fisher: _fisher.Unitwise, query: AlphaQuery) -> float:
+    if query.activation is None or query.sigma_w2 is None:
+        raise ValueError(
+            "activation, sigma_w2: the unit-wise α = Σ γ_l M_l needs the activation and σ_w² (and "
+            "sigma_b2) to compute γ_l at the forward variances q_l"
+        )
+    widths, depth, act = query.widths, query.depth, query.activation
+    qs = variances(depth, activation=act, sigma_w2=query.sigma_w2, sigma_b2=query.sigma_b2, q0=1.0 / widths[0])
+    total = sum(gamma(act, float(qs[l - 1])) * widths[l] for l in range(1, depth))
+    return float(total + (widths[-1] if query.include_output else 0))
 
 
 def alpha(
@@ -227,7 +273,7 @@ def alpha(
     include_output: bool = True,
 ) -> float:
     """The theoretical α of Θ̄(x, x) = α I for ``fisher`` (zero-damping limit; the Fisher's
-    ``damping`` is not used). Seed conventions: Θ = J J^T / N, so exact NGD has α = 1 and η = 1/α
+    ``damping`` is not used). The paper's conventions: Θ = J J^T / N, so exact NGD has α = 1 and η = 1/α
     is the one-step learning rate.
 
     Args:
@@ -247,34 +293,16 @@ def alpha(
             make it isotropic; ``bias="block"`` (hidden biases in their own blocks, (S.123)–(S.124))
             adds N per hidden layer: α = N (2L−1) for M_0 ≥ N, N (2L−2) + M_0 with Forster inputs.
         include_output: unit-wise only: add the C output units (each contributes exactly 1 at finite
-            width since its Θ_{L,k} is positive definite; the seed drops this O(1/M) term). Default
+            width since its Θ_{L,k} is positive definite; the paper drops this O(1/M) term). Default
             True, which is what a finite-width measurement of the mean eigenvalue gives.
 
     Unit-wise: α = Σ_{l=1}^{L−1} γ_l M_l (+ C) (S.128), with γ_l = :func:`gamma` at q_l from
-    :func:`variances` with q_0 = 1/M_0 (unit-norm inputs, the seed's Assumption 2).
+    :func:`variances` with q_0 = 1/M_0 (unit-norm inputs, the paper's Assumption 2).
 
     Raises:
         ValueError: a singular layer pattern Σ (block tri-diagonal at L = 3s + 2), a missing
             argument the Fisher needs, or an unsupported Fisher.
     """
-    from .. import fisher as _fisher
-
-    fisher = _resolve_fisher(fisher)
     widths = check_widths(widths)
-    depth = len(widths) - 1
-    if isinstance(fisher, _fisher.Exact):
-        return 1.0
-    if isinstance(fisher, _fisher.Layerwise):
-        return _sigma_alpha(fisher.sigma_matrix(depth))
-    if isinstance(fisher, _fisher.KFAC):
-        if n_train is None or int(n_train) < 1:
-            raise ValueError(f"n_train: K-FAC's α depends on N; pass the number of samples, got {n_train!r}")
-        return _kfac_alpha(fisher, widths, float(sigma_b2), int(n_train), bool(forster))
-    if activation is None or sigma_w2 is None:  # the unit-wise Fisher
-        raise ValueError(
-            "activation, sigma_w2: the unit-wise α = Σ γ_l M_l needs the activation and σ_w² (and "
-            "sigma_b2) to compute γ_l at the forward variances q_l"
-        )
-    qs = variances(depth, activation=activation, sigma_w2=sigma_w2, sigma_b2=sigma_b2, q0=1.0 / widths[0])
-    total = sum(gamma(activation, float(qs[l - 1])) * widths[l] for l in range(1, depth))
-    return float(total + (widths[-1] if include_output else 0))
+    query = AlphaQuery(widths, activation, sigma_w2, float(sigma_b2), n_train, bool(forster), bool(include_output))
+    return alpha_rule(_resolve_fisher(fisher), query)

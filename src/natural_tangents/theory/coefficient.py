@@ -1,9 +1,9 @@
-"""Infinite-width coefficient matrices Θ̄(x′, x) of NGD for each Fisher (seed Appendices A–C).
+"""Infinite-width coefficient matrices Θ̄(x′, x) of NGD for each Fisher (the paper's Appendices A–C).
 
 Θ̄(x′, x) = J(x′) G^{-1} J(x)^T / N (S.4) drives the function-space dynamics
 f_{t+1} − f_t = −η Θ̄ (f_t − y). In the infinite-width limit it is a function of the analytic
 kernels of :mod:`natural_tangents.theory.kernels` alone. Everything here is for one output (C = 1)
-and in the seed's 1/N convention: Θ = Θ_ana / N, Θ_l = Θ_ana,l / N (N = number of training samples).
+and in the paper's 1/N convention: Θ = Θ_ana / N, Θ_l = Θ_ana,l / N (N = number of training samples).
 
 * exact (S.53): Θ̄ = Θ(x′, x) (Θ + ρI)^{-1}; at ρ = 0, Θ(x′, x) Θ^{-1} (Θ̄(x, x) = I).
 * layer-wise with pattern Σ (S.71)–(S.74): at ρ = 0, Θ̄ = Σ_l (Σ^{-1} 1)_l Θ_l(x′, x) Θ_l^{-1}; with
@@ -14,14 +14,14 @@ and in the seed's 1/N convention: Θ = Θ_ana / N, Θ_l = Θ_ana,l / N (N = numb
       B̄_l = B_l(x′, x) (B_l + NρI)^{-1},   Ā_{l−1} = F_l(x′, x) (F_l + NρI)^{-1}
 
   with F_l = Q_l = σ_w² A_{l−1} + σ_b² (the σ_b column appended to the forward signal, B.3.3),
-  c_L = N/(1 + Nρ) for the seed's output factor B*_L = 1/N (B̄_L = 1 1^T) and 1/(1 + ρ) for
+  c_L = N/(1 + Nρ) for the paper's output factor B*_L = 1/N (B̄_L = 1 1^T) and 1/(1 + ρ) for
   B*_L = 1. When the first layer's forward signal a = [σ_w x/√M_0 (, σ_b)] is narrower than N, A*_0
   is inverted as it is (S.108): Ā_0 = a′ (a^T a + NρI)^{-1} a^T, i.e. X′(X^TX)^{-1}X^T at ρ = 0.
   ``bias="block"`` gives each hidden layer's bias its own block (S.123): F_l = σ_w² A_{l−1} and an
   extra N B̄_l σ_b²/(σ_b² + Nρ) per hidden layer, as in (S.124); the output layer keeps its bias in
   the augmented factor (a separate output-bias block would add the rank-one c_L 1 1^T and break
   isotropy), matching :class:`natural_tangents.fisher.KFAC`.
-* unit-wise: Θ̄(x, x) = α I on the training set (Lemma C.2, S.128); the seed has no closed form on
+* unit-wise: Θ̄(x, x) = α I on the training set (Lemma C.2, S.128); the paper has no closed form on
   other inputs ((S.155) sums over products of different units' backward signals).
 
 All solves are float64 and use the (symmetric positive definite) training kernels; no explicit
@@ -30,17 +30,20 @@ inverse is formed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .. import activations as _act
+from .. import fisher as _fisher
 from .._checks import check_widths
-from .alpha import _resolve_fisher, _sigma_alpha, alpha
+from .alpha import _resolve_fisher, alpha
 from .kernels import AnalyticKernels, check_depth, check_pair, check_variances, kernels
 
-__all__ = ["coefficient"]
+__all__ = ["coefficient", "coefficient_rule", "CoefficientQuery"]
 
 _F64 = torch.float64
 
@@ -58,19 +61,43 @@ def _right_solve(left: Tensor, mat: Tensor, name: str) -> Tensor:
     return torch.cholesky_solve(left.T, chol).T
 
 
-def _exact(kst: AnalyticKernels, ktt: AnalyticKernels, n: int, rho: float) -> Tensor:
-    theta = ktt.ntk / n + rho * torch.eye(n, dtype=_F64)
-    return _right_solve(kst.ntk / n, theta, "x_train")
+@dataclass(frozen=True)
+class CoefficientQuery:
+    """What an analytic-Θ̄ rule may need: the analytic kernels of (test, train) and (train, train),
+    the inputs, N and ρ."""
+
+    kst: AnalyticKernels
+    ktt: AnalyticKernels
+    x_test: Tensor
+    x_train: Tensor
+    n: int
+    rho: float
 
 
-def _layerwise(fisher, kst: AnalyticKernels, ktt: AnalyticKernels, n: int, rho: float) -> Tensor:
+@functools.singledispatch
+def coefficient_rule(fisher, query: CoefficientQuery) -> Tensor:
+    """The registry of analytic Θ̄(x′, x), one rule per Fisher class (``coefficient_rule.register``)."""
+    raise ValueError(
+        f"fisher: no analytic Θ̄ is registered for {type(fisher).__name__}; register one with "
+        "nat.theory.coefficient_rule.register"
+    )
+
+
+@coefficient_rule.register
+def _exact(fisher: _fisher.Exact, q: CoefficientQuery) -> Tensor:
+    theta = q.ktt.ntk / q.n + q.rho * torch.eye(q.n, dtype=_F64)
+    return _right_solve(q.kst.ntk / q.n, theta, "x_train")
+
+
+@coefficient_rule.register
+def _layerwise(fisher: _fisher.Layerwise, q: CoefficientQuery) -> Tensor:
+    kst, ktt, n, rho = q.kst, q.ktt, q.n, q.rho
     depth = ktt.depth
     sigma = fisher.sigma_matrix(depth)
     th_t = ktt.per_layer / n  # (L, N, N)
     th_s = kst.per_layer / n  # (L, N', N)
     if rho == 0:
-        _sigma_alpha(sigma)  # raises for a singular Σ, naming the remedies
-        c = torch.linalg.solve(sigma, torch.ones(depth, dtype=_F64))
+        c = fisher.sigma_weights(depth)  # raises for a singular Σ, naming the remedies
         return sum(c[l] * _right_solve(th_s[l], th_t[l], "x_train") for l in range(depth))
     big = (sigma[:, None, :, None] * th_t.permute(1, 0, 2)[None]).reshape(depth * n, depth * n)
     big = big + rho * torch.eye(depth * n, dtype=_F64)
@@ -78,15 +105,9 @@ def _layerwise(fisher, kst: AnalyticKernels, ktt: AnalyticKernels, n: int, rho: 
     return torch.einsum("lab,lbc->ac", th_s, v)
 
 
-def _kfac(
-    fisher,
-    kst: AnalyticKernels,
-    ktt: AnalyticKernels,
-    x_test: Tensor,
-    x_train: Tensor,
-    n: int,
-    rho: float,
-) -> Tensor:
+@coefficient_rule.register
+def _kfac(fisher: _fisher.KFAC, q: CoefficientQuery) -> Tensor:
+    kst, ktt, x_test, x_train, n, rho = q.kst, q.ktt, q.x_test, q.x_train, q.n, q.rho
     depth = ktt.depth
     sw2, sb2 = ktt.sigma_w2, ktt.sigma_b2
     block = fisher.bias == "block" and sb2 > 0
@@ -157,8 +178,6 @@ def coefficient(
         ValueError: bad inputs, a singular Σ at ρ = 0, a singular training kernel.
         NotImplementedError: unit-wise Θ̄ on inputs other than the training set (S.155).
     """
-    from .. import fisher as _fisher
-
     fisher = _resolve_fisher(fisher)
     depth = check_depth(depth)
     sigma_w2, sigma_b2 = check_variances(sigma_w2, sigma_b2)
@@ -176,7 +195,7 @@ def coefficient(
     if isinstance(fisher, _fisher.Unitwise):
         if not on_train:
             raise NotImplementedError(
-                "x_test: the unit-wise Θ̄(x′, x) has no closed form off the training set (seed (S.155) "
+                "x_test: the unit-wise Θ̄(x′, x) has no closed form off the training set (the paper's (S.155) "
                 "sums products of different units' backward signals); measure it on a network with "
                 "nat.fisher.Unitwise().coefficient(net, x_train, x_test)"
             )
@@ -196,9 +215,4 @@ def coefficient(
     ktt = kernels(x_train, method=method, order=order, **opts)
     kst = ktt if on_train else kernels(x_test_, x_train, method=method, order=order, **opts)
     x_s = x_train if on_train else x_test_
-    rho = float(fisher.damping)
-    if isinstance(fisher, _fisher.Exact):
-        return _exact(kst, ktt, n, rho)
-    if isinstance(fisher, _fisher.Layerwise):
-        return _layerwise(fisher, kst, ktt, n, rho)
-    return _kfac(fisher, kst, ktt, x_s, x_train, n, rho)
+    return coefficient_rule(fisher, CoefficientQuery(kst, ktt, x_s, x_train, n, float(fisher.damping)))
