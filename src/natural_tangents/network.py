@@ -59,6 +59,15 @@ class AffineLayer:
         """Width of the forward signal a: M_in, plus one for the bias column."""
         return self.in_features + (self.bias is not None)
 
+    def preactivation(self, h: Tensor) -> Tensor:
+        """u = weight_scale · h W^T + bias_scale · b for inputs h (N, M_in)."""
+        u = self.weight_scale * (h @ self.weight.T)
+        return u if self.bias is None else u + self.bias_scale * self.bias
+
+    def output(self, u: Tensor) -> Tensor:
+        """φ(u), or u for a layer without activation."""
+        return u if self.activation is None else self.activation(u)
+
 
 def _forward_signal(h: Tensor, layer: AffineLayer) -> Tensor:
     a = h * layer.weight_scale
@@ -77,14 +86,10 @@ def factors(layers: list[AffineLayer], x: Tensor) -> Signals:
         h = x
         fwd, pre = [], []
         for layer in layers:
-            a = _forward_signal(h, layer)
-            w = layer.weight
-            u = layer.weight_scale * (h @ w.T)
-            if layer.bias is not None:
-                u = u + layer.bias_scale * layer.bias
-            fwd.append(a)
+            u = layer.preactivation(h)
+            fwd.append(_forward_signal(h, layer))
             pre.append(u)
-            h = layer.activation(u) if layer.activation is not None else u
+            h = layer.output(u)
         f = h
         n, c = f.shape
         last = layers[-1]
@@ -220,10 +225,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.check_input(x)
         for layer in self.layers():
-            u = layer.weight_scale * (h @ layer.weight.T)
-            if layer.bias is not None:
-                u = u + layer.bias_scale * layer.bias
-            h = layer.activation(u) if layer.activation is not None else u
+            h = layer.output(layer.preactivation(h))
         return h
 
     def factors(self, x: Tensor) -> Signals:

@@ -41,7 +41,7 @@ from ..layers.affine import AffineSignals
 from ..signals import Signals
 from .base import BoundFisher, Fisher, block_diag_metric, pinv_psd, solve_psd, solve_with_metric
 
-__all__ = ["KFAC"]
+__all__ = ["KFAC", "warn_narrow_input"]
 
 
 @dataclass(frozen=True)
@@ -116,19 +116,8 @@ class KFAC(Fisher):
                 gram = x.T @ x * (p / n)
                 if float(torch.linalg.matrix_norm(gram - torch.eye(p, dtype=gram.dtype), 2)) < 1e-6:
                     continue
-                hint = (
-                    "put the inputs in radial isotropic position with nat.data.forster(x)"
-                    if not (kr.has_bias and self.bias == "augment")
-                    else "use KFAC(bias='block') and nat.data.forster(x): the appended bias column "
-                    "keeps the augmented inputs out of radial isotropic position"
-                )
-            else:
-                hint = "widen the layer to at least N units"
-            warnings.warn(
-                f"K-FAC: layer {l + 1} has an input factor of width {p} < N = {n}, so Θ̄ is not "
-                f"isotropic (the paper's (S.109)) and η = 1/α is not one-step optimal; {hint}",
-                RuntimeWarning,
-                stacklevel=5,
+            warn_narrow_input(
+                f"K-FAC: layer {l + 1}", p, n, first=l == 0, augmented=kr.has_bias and self.bias == "augment"
             )
 
     # ------------------------------------------------------------------ factor inverses (cached)
@@ -233,6 +222,28 @@ class KFAC(Fisher):
             expand = a_part.repeat_interleave(c, 0).repeat_interleave(c, 1)
             total = total + b_part * expand / n
         return total
+
+
+def warn_narrow_input(where: str, p: int, n: int, *, first: bool, augmented: bool, single: bool = False) -> None:
+    """The one warning for a K-FAC input factor narrower than N (Θ̄ not isotropic, (S.109)), with
+    the fix that applies: Forster inputs, bias blocks when a bias column is appended, a wider layer."""
+    if single:
+        hint = "a single layer has Θ̄ = c_L X(X^TX)^{-1}X^T, a projection, for any inputs; use N <= M_0"
+    elif not first:
+        hint = "widen the layer to at least N units"
+    elif augmented:
+        hint = (
+            "use KFAC(bias='block') and nat.data.forster(x): the appended bias column keeps the "
+            "augmented inputs out of radial isotropic position"
+        )
+    else:
+        hint = "put the inputs in radial isotropic position with nat.data.forster(x) (then α = N (L−1) + M_0, (S.111))"
+    warnings.warn(
+        f"{where} has an input factor of width {p} < N = {n}, so K-FAC's Θ̄ is not isotropic "
+        f"(the paper's (S.109)) and η = 1/α is not one-step optimal; {hint}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _inverse(m: Tensor, damping: float) -> Tensor:

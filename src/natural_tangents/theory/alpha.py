@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from torch import Tensor
 from .. import activations as _act
 from .. import fisher as _fisher
 from .._checks import check_widths
+from ..fisher.kfac import warn_narrow_input
 from .gaussian import second_moment
 from .kernels import check_variances
 
@@ -175,21 +175,8 @@ def _kfac_alpha(fisher, widths: tuple[int, ...], sigma_b2: float, n_train: int, 
         if block and sigma_b2 > 0:
             mean += n * (depth - 1)
     if p0 < n and (depth == 1 or not forster):
-        if depth == 1:
-            hint = "a single layer has Θ̄ = c_L X(X^TX)^{-1}X^T, a projection, for any inputs; use N <= M_0"
-        elif p0 > widths[0]:
-            hint = (
-                "the appended bias column keeps the augmented inputs out of radial isotropic position; "
-                "use KFAC(bias='block') with nat.data.forster(x)"
-            )
-        else:
-            hint = "put the inputs in radial isotropic position with nat.data.forster(x) (then it is α, (S.111))"
-        warnings.warn(
-            f"alpha: the first layer's input is {p0} < N = {n} wide, so K-FAC's Θ̄ is not isotropic "
-            f"(the paper's (S.109)); returning its mean eigenvalue. To fix: {hint}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        warn_narrow_input("alpha: K-FAC's first layer", p0, n, first=True, augmented=p0 > widths[0], single=depth == 1)
+        # the mean eigenvalue is returned
     return float(mean)
 
 
