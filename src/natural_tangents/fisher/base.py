@@ -116,13 +116,17 @@ def block_diag_metric(lam: Tensor) -> Tensor:
     return torch.block_diag(*lam)
 
 
-def solve_with_metric(k: Tensor, lam: Tensor | None, damping: float) -> Tensor:
+def solve_with_metric(k: Tensor, lam: Tensor | None, damping: float, rhs: Tensor | None = None) -> Tensor:
     """(Λ K + ρ I)^{-1} = (K + ρ Λ^{-1})^{-1} Λ^{-1} for a symmetric PSD kernel K (N·C, N·C) and the
-    per-sample output metric Λ (N, C, C), ``None`` for Λ = I; at ρ = 0, K^+ Λ^{-1}."""
+    per-sample output metric Λ (N, C, C), ``None`` for Λ = I; at ρ = 0, K^+ Λ^{-1}. With ``rhs``
+    (N·C, R), that matrix applied to it (one factorization, no inverse)."""
     if lam is None:
-        return solve_psd(k, torch.eye(k.shape[0], dtype=k.dtype, device=k.device), damping)
+        if rhs is None:
+            rhs = torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
+        return solve_psd(k, rhs, damping)
     lam_inv = block_diag_metric(torch.linalg.inv(lam))
-    return solve_psd(k, lam_inv, damping * lam_inv if damping > 0 else 0.0)
+    b = lam_inv if rhs is None else lam_inv @ rhs
+    return solve_psd(k, b, damping * lam_inv if damping > 0 else 0.0)
 
 
 class BoundFisher:
@@ -210,9 +214,13 @@ class BoundFisher:
         return isotropy(self.coefficient())
 
     def layer_kernels(self) -> Tensor:
-        """Θ_l = J_l J_l^T / N of the batch, (L, N·C, N·C) in the solve dtype (computed once)."""
+        """Θ_l = J_l J_l^T / N of the batch, (L, N·C, N·C) in the solve dtype (computed once).
+
+        The Grams are formed in the network's precision (the O(N² M) work) and only the N·C × N·C
+        results are cast to the solve dtype."""
         if "thetas" not in self.cache:
-            self.cache["thetas"] = self.signals.layer_kernels(dtype=self.fisher.solve_dtype) / self.n
+            grams = self.signals.layer_kernels()
+            self.cache["thetas"] = grams.to(self.fisher.solve_dtype) / self.n
         return self.cache["thetas"]
 
 
@@ -328,12 +336,18 @@ class DualFisher(Fisher):
             bound.cache["dual"] = self._dual(bound)
         return bound.cache["dual"]
 
-    def _layer_updates(self, bound: BoundFisher, r: Tensor) -> list[list[Tensor]]:
+    def _dual_vectors(self, bound: BoundFisher, r: Tensor) -> list[Tensor]:
+        """The per-layer dual vectors v_l = X_l r (N·C), by solves with the one right-hand side r
+        (subclasses), or from the X_l when the batch has them already."""
         rf = r.reshape(-1)
+        return [x_l @ rf for x_l in self._duals(bound)]
+
+    def _layer_updates(self, bound: BoundFisher, r: Tensor) -> list[list[Tensor]]:
+        vs = self._dual_vectors(bound, r)
         out, last = [], (None, None)
-        for layer, x_l in zip(bound.signals.layers, self._duals(bound)):
-            v = last[1] if x_l is last[0] else (x_l @ rf).reshape(bound.n, bound.c) / bound.n
-            last = (x_l, v)
+        for layer, v_l in zip(bound.signals.layers, vs):
+            v = last[1] if v_l is last[0] else v_l.reshape(bound.n, bound.c) / bound.n
+            last = (v_l, v)
             out.append(layer.transpose(v))
         return out
 

@@ -31,3 +31,10 @@ class Exact(DualFisher):
         thetas = bound.layer_kernels()
         x = solve_with_metric(thetas.sum(0), bound.metric, self.damping)
         return [x] * len(thetas)
+
+    def _dual_vectors(self, bound: BoundFisher, r: Tensor) -> list[Tensor]:
+        if "dual" in bound.cache:
+            return super()._dual_vectors(bound, r)
+        thetas = bound.layer_kernels()
+        v = solve_with_metric(thetas.sum(0), bound.metric, self.damping, r.reshape(-1, 1))[:, 0]
+        return [v] * len(thetas)

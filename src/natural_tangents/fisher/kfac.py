@@ -135,28 +135,33 @@ class KFAC(Fisher):
         return bound.cache[key]
 
     def _input_side(self, bound: BoundFisher, blk: _KronBlock) -> tuple[Tensor, Tensor]:
-        """(a, R_A) with R_A = a (A* + ρI)^{-1}, both (N, p), in solve dtype."""
-        a = bound.signals.layers[blk.layer].kron.a[:, 0, blk.cols].to(self.solve_dtype)
+        """(a, R_A) with R_A = a (A* + ρI)^{-1}, both (N, p). The O(N² p) products stay in the
+        network's precision; only the small factor is solved in the solve dtype."""
+        a = bound.signals.layers[blk.layer].kron.a[:, 0, blk.cols]
         n, p = a.shape
         t = blk.a_scale / n
+        sd = self.solve_dtype
         if p < n:  # primal p × p (S.108)
-            r = solve_psd(t * (a.T @ a), a.T, self.damping).T
-        else:  # dual N × N
-            r = solve_psd(t * (a @ a.T), a, self.damping)
-        return a, r
+            a64 = a.to(sd)
+            return a64, solve_psd(t * (a64.T @ a64), a64.T, self.damping).T
+        gram = (a @ a.T).to(sd) * t  # dual N × N
+        inv = _inverse(gram, self.damping)
+        return a, inv.to(a.dtype) @ a
 
     def _output_dual(self, bound: BoundFisher, blk: _KronBlock) -> Tensor:
-        """Z = (b_scale Λ β / N + ρ)^{-1} (N·C × N·C) with β = Δ Δ^T, or the primal
-        (B* + ρ)^{-1} Δ^T (M_l, N·C) for a layer narrower than N·C."""
-        d = bound.signals.layers[blk.layer].kron.flat_delta(self.solve_dtype)
+        """(B* + ρ)^{-1} Δ^T (M_l, N·C): through Δ^T Z with Z = (b_scale Λ β / N + ρ)^{-1} and
+        β = Δ Δ^T (N·C × N·C) for a wide layer, as it is (primal) for a layer narrower than N·C."""
+        kr = bound.signals.layers[blk.layer].kron
+        d = kr.flat_delta()
         nf, m = d.shape
         lam = bound.metric
         if m < nf:
+            d = d.to(self.solve_dtype)
             ld = d if lam is None else block_diag_metric(lam) @ d
             b_star = d.T @ ld * (blk.b_scale / bound.n)
             return solve_psd(b_star, d.T, self.damping)  # (M, NC)
-        beta = d @ d.T * (blk.b_scale / bound.n)
-        return d.T @ solve_with_metric(beta, lam, self.damping)  # Δ^T Z, (M, NC)
+        beta = (d @ d.T).to(self.solve_dtype) * (blk.b_scale / bound.n)
+        return d.T @ solve_with_metric(beta, lam, self.damping).to(d.dtype)  # Δ^T Z, (M, NC)
 
     def _kfc_inverses(self, bound: BoundFisher, kr: AffineSignals) -> tuple[Tensor, Tensor]:
         """(B* + ρ)^{-1} (M, M) and (A* + ρ)^{-1} (p, p) of a layer with positions (KFC)."""
@@ -189,9 +194,9 @@ class KFAC(Fisher):
                 done[blk.layer] = kr.to_params(fac[1] @ grad @ fac[2])
             else:
                 _, _, ra, dz = fac
-                zr = torch.einsum("mnk,nk->mn", dz.reshape(-1, n, bound.c), r)  # (M, N)
-                dtype = sig.f.dtype  # the O(M p N) product in the model's precision
-                mats.setdefault(blk.layer, []).append(zr.to(dtype) @ ra.to(dtype) / n)
+                dtype = sig.f.dtype  # the O(M p N) products in the model's precision
+                zr = torch.einsum("mnk,nk->mn", dz.reshape(-1, n, bound.c).to(dtype), r.to(dtype))  # (M, N)
+                mats.setdefault(blk.layer, []).append(zr @ ra.to(dtype) / n)
         for l, m in mats.items():
             done[l] = sig.layers[l].kron.to_params(torch.cat(m, dim=1) if len(m) > 1 else m[0])
         return [done[l] for l in range(sig.depth)]
@@ -216,9 +221,9 @@ class KFAC(Fisher):
                 continue
             _, _, ra, dz = fac
             at = tl.kron.a[:, 0, blk.cols].to(sd)
-            a_part = at @ ra.T  # a′ (A* + ρ)^{-1} a^T, (N′, N)
+            a_part = at @ ra.to(sd).T  # a′ (A* + ρ)^{-1} a^T, (N′, N)
             dt = tl.kron.flat_delta(sd)
-            b_part = dt @ dz  # Δ′ (B* + ρ)^{-1} Δ^T, (N′C, NC)
+            b_part = dt @ dz.to(sd)  # Δ′ (B* + ρ)^{-1} Δ^T, (N′C, NC)
             expand = a_part.repeat_interleave(c, 0).repeat_interleave(c, 1)
             total = total + b_part * expand / n
         return total

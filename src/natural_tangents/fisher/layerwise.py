@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import BoundFisher, DualFisher, block_diag_metric, pinv_psd
+from .base import BoundFisher, DualFisher, block_diag_metric, pinv_psd, solve_with_metric
 
 __all__ = ["Layerwise", "BlockDiagonal", "BlockTriDiagonal", "tridiagonal_sigma", "check_invertible_sigma"]
 
@@ -86,6 +86,20 @@ class Layerwise(DualFisher):
         s = self.sigma_matrix(depth)
         check_invertible_sigma(s)
         return torch.linalg.solve(s, torch.ones(depth, dtype=torch.float64))
+
+    def _dual_vectors(self, bound: BoundFisher, r: Tensor) -> list[Tensor]:
+        if "dual" in bound.cache or self.damping == 0:
+            return super()._dual_vectors(bound, r)
+        thetas, lam, rf = bound.layer_kernels(), bound.metric, r.reshape(-1, 1)
+        depth, nf = thetas.shape[0], thetas.shape[1]
+        s = self.sigma_matrix(depth)
+        if bool((s == torch.diag(torch.diagonal(s))).all()):  # diagonal Σ: L decoupled N·C × N·C solves
+            return [solve_with_metric(float(s[l, l]) * thetas[l], lam, self.damping, rf)[:, 0] for l in range(depth)]
+        opts = {"dtype": thetas.dtype, "device": thetas.device}
+        left = thetas if lam is None else block_diag_metric(lam) @ thetas
+        big = (s.to(**opts)[:, None, :, None] * left.permute(1, 0, 2)[None]).reshape(depth * nf, depth * nf)
+        big.diagonal().add_(self.damping)
+        return list(torch.linalg.solve(big, rf.repeat(depth, 1))[:, 0].reshape(depth, nf))
 
     def _dual(self, bound: BoundFisher) -> list[Tensor]:
         thetas, lam = bound.layer_kernels(), bound.metric
