@@ -1,11 +1,20 @@
 """Data parallelism with torch.distributed: the batch sharded over the ranks of a process group.
 
 Every rank holds the same parameters and its own shard of the batch (uneven sizes allowed; the batch
-is the shards concatenated in rank order). The ranks exchange their layers' signals (all-gather,
-O(N · Σ_l signal width) bytes, the size of the activations data-parallel training already computes),
-after which every rank holds the whole batch's signals and computes the same N·C × N·C algebra and
-the same update: the natural gradient of the whole batch, identical on every rank. Works with any
-backend (gloo on CPU, NCCL on GPU) under torchrun.
+is the shards concatenated in rank order). The design (the dual form makes every N × N object a Gram
+of per-sample signals):
+
+* the ranks all-gather their layers' signals (O(N · Σ_l signal width) bytes, the activations that
+  data-parallel training computes anyway), so every rank holds the whole batch's signals;
+* each rank computes its own rows of every per-layer Gram against the whole batch (O(N_r N M)
+  work) and the rows are all-gathered (O(N² L) bytes);
+* the small N·C × N·C solves are replicated, so every rank holds the same dual vectors;
+* each rank applies J_l^T to its own rows of the dual vectors and the parts are summed by an
+  all-reduce (O(P) bytes, what data-parallel SGD sends).
+
+The result is the natural gradient of the whole batch, the same on every rank. K-FAC and unit-wise
+solve their factor and unit systems from the gathered signals on every rank. Any backend works
+(gloo on CPU, NCCL on GPU), under torchrun or any launcher.
 
 Before anything else the ranks compare a descriptor of their inputs (input shape beyond the sample
 axis, whether the shard passed its checks) and a checksum of the parameters, and all refuse together,
@@ -19,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["agree", "check_group", "gather_rows", "gather_signals", "rank_and_size"]
+__all__ = ["agree", "all_reduce_sum", "check_group", "gather_rows", "gather_signals", "rank_and_size"]
 
 
 def check_group(process_group) -> None:
@@ -53,6 +62,13 @@ def gather_rows(t: Tensor, group, sizes: list[int] | None = None) -> Tensor:
     if sizes is None:
         sizes = _gather_sizes(t.shape[0], t.device, group)
     return torch.cat(_all_gather_uneven(t, sizes, group), 0)
+
+
+def all_reduce_sum(t: Tensor, group) -> Tensor:
+    """The sum over the ranks of ``t`` (a contiguous copy; every rank receives the same values)."""
+    out = t.contiguous().clone()
+    dist.all_reduce(out, group=group)
+    return out
 
 
 def _gather_sizes(n: int, device, group) -> list[int]:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import losses as _losses
 from .._checks import check_damping
-from ..distributed import agree, check_group, gather_rows, gather_signals
+from ..distributed import agree, all_reduce_sum, check_group, gather_rows, gather_signals
 from ..models import signals as _signals
 from ..signals import Signals
 
@@ -136,12 +136,13 @@ class BoundFisher:
     ranks when distributed), ``model``, ``process_group``, ``cache`` (factorizations computed so far).
     """
 
-    def __init__(self, fisher: Fisher, signals: Signals, model=None, process_group=None, local_n: int | None = None):
+    def __init__(self, fisher: Fisher, signals: Signals, model=None, process_group=None, local: Signals | None = None):
         self.fisher = fisher
         self.signals = signals
         self.model = model
         self.process_group = process_group
-        self.local_n = signals.n if local_n is None else local_n
+        self.local = signals if local is None else local
+        self.local_n = self.local.n
         self.cache: dict = {}
 
     @property
@@ -219,7 +220,11 @@ class BoundFisher:
         The Grams are formed in the network's precision (the O(N² M) work) and only the N·C × N·C
         results are cast to the solve dtype."""
         if "thetas" not in self.cache:
-            grams = self.signals.layer_kernels()
+            if self.process_group is None:
+                grams = self.signals.layer_kernels()
+            else:  # this rank's rows against the whole batch, then the rows of every rank
+                rows = self.local.layer_kernels(self.signals).transpose(0, 1)  # (N_r·C, L, N·C)
+                grams = gather_rows(rows, self.process_group).transpose(0, 1)
             self.cache["thetas"] = grams.to(self.fisher.solve_dtype) / self.n
         return self.cache["thetas"]
 
@@ -267,7 +272,7 @@ class Fisher:
             error = err
         agree(model, x, process_group, error)
         full, offset = gather_signals(local, model, process_group)
-        bound = BoundFisher(self, full, model, process_group, local_n=local.n)
+        bound = BoundFisher(self, full, model, process_group, local=local)
         bound.cache["offset"] = offset
         return bound
 
@@ -343,12 +348,17 @@ class DualFisher(Fisher):
         return [x_l @ rf for x_l in self._duals(bound)]
 
     def _layer_updates(self, bound: BoundFisher, r: Tensor) -> list[list[Tensor]]:
+        """Δθ_l = J_l^T v_l / N. Distributed, each rank applies J_l^T to its own rows of v_l and the
+        parts are summed over the ranks (one all-reduce of the P update entries)."""
         vs = self._dual_vectors(bound, r)
+        rows = slice(None) if bound.process_group is None else bound._local_rows()
         out, last = [], (None, None)
-        for layer, v_l in zip(bound.signals.layers, vs):
-            v = last[1] if v_l is last[0] else v_l.reshape(bound.n, bound.c) / bound.n
+        for layer, v_l in zip(bound.local.layers, vs):
+            v = last[1] if v_l is last[0] else v_l.reshape(bound.n, bound.c)[rows] / bound.n
             last = (v_l, v)
             out.append(layer.transpose(v))
+        if bound.process_group is not None:
+            out = [[all_reduce_sum(t, bound.process_group) for t in upd] for upd in out]
         return out
 
     def _coefficient(self, bound: BoundFisher, test: Signals) -> Tensor:
