@@ -38,7 +38,9 @@ import hashlib
 import math
 import os
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +234,7 @@ def tiled(
     device: torch.device | str = "cpu",
     signature: Sequence[object] = (),
     desc: str = "kernel",
+    threads: int | None = None,
 ) -> Tensor:
     """Compute a (*lead, N1, N2) kernel tile by tile (module docstring: tiles, files, processes).
 
@@ -253,6 +256,8 @@ def tiled(
         device: where the in-memory result lives (the collectives' backend must support it).
         signature: extra items every rank must agree on (e.g. a checksum of the data, the settings).
         desc: the progress bar's label.
+        threads: worker threads, each computing whole tiles with one intra-op thread (default
+            ``torch.get_num_threads()``; 1: tiles one after another with torch's own threads).
 
     Returns:
         The (*lead, N1, N2) kernel, on every rank.
@@ -271,11 +276,12 @@ def tiled(
         items = (n1, n2, batch_size, lead, str(dtype), None if out_path is None else str(out_path.resolve()))
         _check_agreement(process_group, world, (*items, *signature))
     shape = (*lead, n1, ncols)
+    threads = torch.get_num_threads() if threads is None else max(1, int(threads))
     todo = tiles(n1, n2, batch_size)[rank::world]
     if out_path is None:
         buf = torch.zeros(shape, dtype=dtype, device=device)
         sink = _MemorySink(buf)
-        _fill(block_fn, todo, sink, symmetric, dtype, progress, rank, desc)
+        _fill(block_fn, todo, sink, symmetric, dtype, progress, rank, desc, threads)
         if world > 1:
             import torch.distributed as dist
 
@@ -284,17 +290,21 @@ def tiled(
             dist.all_reduce(moved, group=process_group)
             buf.copy_(moved)
         return buf
-    return _to_file(block_fn, todo, out_path, shape, symmetric, dtype, progress, process_group, rank, world, desc)
+    return _to_file(
+        block_fn, todo, out_path, shape, symmetric, dtype, progress, process_group, rank, world, desc, threads
+    )
 
 
-def _to_file(block_fn, todo, out: Path, shape, symmetric, dtype, progress, process_group, rank, world, desc) -> Tensor:
+def _to_file(
+    block_fn, todo, out: Path, shape, symmetric, dtype, progress, process_group, rank, world, desc, threads
+) -> Tensor:
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     error = _create(out, shape, np_dtype) if rank == 0 else None
     _broadcast_error(process_group, error)  # also the barrier after rank 0 created the file
     try:
         sink = _FileSink(out, shape[:-2], shape[-2], shape[-1], dtype)
         try:
-            _fill(block_fn, todo, sink, symmetric, dtype, progress, rank, desc)
+            _fill(block_fn, todo, sink, symmetric, dtype, progress, rank, desc, threads)
         finally:
             sink.close(sync=world > 1)
         _barrier(process_group)
@@ -304,20 +314,43 @@ def _to_file(block_fn, todo, out: Path, shape, symmetric, dtype, progress, proce
     return torch.from_numpy(np.load(out, mmap_mode="r+"))
 
 
-def _fill(block_fn, todo, sink, symmetric: bool, dtype: torch.dtype, progress, rank: int, desc: str) -> None:
+def _tile_worker_init() -> None:
+    torch.set_num_threads(1)  # thread-local (OpenMP/MKL): the pool's parallelism is over tiles
+
+
+def _one_tile(block_fn, sink, symmetric: bool, dtype: torch.dtype, rows: slice, cols: slice) -> None:
+    block = block_fn(rows, cols)
+    shape = (rows.stop - rows.start, cols.stop - cols.start)
+    if tuple(block.shape[-2:]) != shape:
+        raise ValueError(
+            f"block_fn: returned a tile of shape {tuple(block.shape)} for rows {rows.start}:{rows.stop} "
+            f"and columns {cols.start}:{cols.stop}; expected (..., {shape[0]}, {shape[1]})"
+        )
+    block = block.to(dtype)
+    if symmetric and rows == cols:
+        block = torch.triu(block) + torch.triu(block, 1).transpose(-1, -2)
+    sink.put(block, rows, cols)
+    if symmetric and rows != cols:
+        sink.put(block.transpose(-1, -2), cols, rows)
+
+
+def _fill(block_fn, todo, sink, symmetric: bool, dtype, progress, rank: int, desc: str, threads: int) -> None:
+    """Compute and store this rank's tiles. With ``threads`` > 1, that many worker threads take whole
+    tiles (each with one intra-op thread), at most 2·threads tiles in flight: no synchronization
+    per elementwise operation, which matters on small tiles and on a loaded machine."""
     with _progress_bar(len(todo), progress, rank, desc) as bar:
-        for rows, cols in todo:
-            block = block_fn(rows, cols)
-            shape = (rows.stop - rows.start, cols.stop - cols.start)
-            if tuple(block.shape[-2:]) != shape:
-                raise ValueError(
-                    f"block_fn: returned a tile of shape {tuple(block.shape)} for rows {rows.start}:{rows.stop} "
-                    f"and columns {cols.start}:{cols.stop}; expected (..., {shape[0]}, {shape[1]})"
-                )
-            block = block.to(dtype)
-            if symmetric and rows == cols:
-                block = torch.triu(block) + torch.triu(block, 1).transpose(-1, -2)
-            sink.put(block, rows, cols)
-            if symmetric and rows != cols:
-                sink.put(block.transpose(-1, -2), cols, rows)
-            bar.update(1)
+        if threads <= 1 or len(todo) <= 1:
+            for rows, cols in todo:
+                _one_tile(block_fn, sink, symmetric, dtype, rows, cols)
+                bar.update(1)
+            return
+        with ThreadPoolExecutor(threads, initializer=_tile_worker_init) as pool:
+            pending: deque = deque()
+            for rows, cols in todo:
+                pending.append(pool.submit(_one_tile, block_fn, sink, symmetric, dtype, rows, cols))
+                if len(pending) >= 2 * threads:
+                    pending.popleft().result()
+                    bar.update(1)
+            while pending:
+                pending.popleft().result()
+                bar.update(1)
