@@ -104,15 +104,6 @@ def check_pair(x1, x2, names: tuple[str, str] = ("x1", "x2")) -> tuple[Tensor, T
     return x1, check_batch(x2, n2, features=x1.shape[1], dtype=_F64)
 
 
-def _check_positive(q: Tensor, name: str) -> None:
-    if bool((q <= 0).any()):
-        n = int((q <= 0).nonzero()[0, 0])
-        raise ValueError(
-            f"{name}: sample {n} is the zero vector and sigma_b2 = 0, so u_1 ≡ 0 and the kernel is "
-            "undefined; drop the sample or use sigma_b2 > 0"
-        )
-
-
 def _check_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype: expected torch.float32 or torch.float64 (the stored kernel), got {dtype!r}")
@@ -141,12 +132,10 @@ class _Problem:
 
 def _problem(x1, x2, arch: Architecture, method: str, order: int | None) -> _Problem:
     x1, x2 = check_pair(x1, x2)
-    q1 = _tiles.per_sample_variances(x1, arch, method, order)
-    _check_positive(q1[1], "x1")
+    q1 = _tiles.per_sample_variances(x1, arch, method, order, "x1")
     if x2 is None:
         return _Problem(x1, x1, q1, q1, True, arch, method, order)
-    q2 = _tiles.per_sample_variances(x2, arch, method, order)
-    _check_positive(q2[1], "x2")
+    q2 = _tiles.per_sample_variances(x2, arch, method, order, "x2")
     return _Problem(x1, x2, q1, q2, False, arch, method, order)
 
 

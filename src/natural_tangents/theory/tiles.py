@@ -31,14 +31,20 @@ __all__ = ["per_sample_variances", "ntk_tile_relu", "ntk_tile_erf", "ntk_tile_ge
 _F64 = torch.float64
 
 
-def per_sample_variances(x: Tensor, arch: Architecture, method: str, order: int | None) -> Tensor:
+def per_sample_variances(x: Tensor, arch: Architecture, method: str, order: int | None, name: str = "x") -> Tensor:
     """(L+1, N): row 0 is ||x||²/M_0, row l is q_l(x) = σ_w² E[φ(u)²]_{u~N(0, q_{l−1})} + σ_b² (S.175)
-    (with E[φ(u)²] replaced by q_0 at l = 1)."""
+    (with E[φ(u)²] replaced by q_0 at l = 1). Refuses a zero sample when σ_b² = 0 (``name`` for the message)."""
     q = torch.empty(arch.depth + 1, x.shape[0], dtype=_F64)
     q[0] = (x * x).sum(1) / x.shape[1]
     qa = q[0]
     for l in range(1, arch.depth + 1):
         q[l] = arch.sigma_w2 * qa + arch.sigma_b2
+        if l == 1 and bool((q[1] <= 0).any()):
+            n = int((q[1] <= 0).nonzero()[0, 0])
+            raise ValueError(
+                f"{name}: sample {n} is the zero vector and sigma_b2 = 0, so u_1 ≡ 0 and the kernel is "
+                "undefined; drop the sample or use sigma_b2 > 0"
+            )
         if l < arch.depth:
             qa = second_moment(arch.activation, q[l], method=method, order=order)
     return q
