@@ -140,7 +140,7 @@ def test_uninitialized_and_one_rank_process_groups(tmp_path):
 # ------------------------------------------------------------------------------- spawned processes
 WORKER = textwrap.dedent(
     """
-    import datetime, json, sys
+    import datetime, json, os, sys
     import numpy as np, torch, torch.distributed as dist
     from natural_tangents import theory
     from natural_tangents.tiling import tiled
@@ -174,8 +174,12 @@ WORKER = textwrap.dedent(
             refusals[name] = "not refused"
         except (ValueError, FileExistsError) as err:
             refusals[name] = f"{type(err).__name__}: {err}"
-    json.dump(refusals, open(f"{folder}/refusals_{rank}.json", "w"))
-    dist.destroy_process_group()
+    with open(f"{folder}/refusals_{rank}.json", "w") as f:
+        json.dump(refusals, f)
+    dist.barrier()
+    # leave without tearing the group down: rank 0 hosts the TCP store, and a rank whose teardown
+    # outlives rank 0 can abort in torch's C++ threads ("terminate called without an active exception")
+    os._exit(0)
     """
 )
 

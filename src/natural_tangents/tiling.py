@@ -41,13 +41,14 @@ import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["tiled", "tiles", "default_batch_size"]
+__all__ = ["tiled", "tiles", "default_batch_size", "intra_op_threads"]
 
 DEFAULT_TILE = 512
 """Default tile side: 512² float64 entries are 2 MiB, a working set that stays in cache-sized pieces."""
@@ -55,9 +56,26 @@ DEFAULT_TILE = 512
 
 def default_batch_size(n1: int, n2: int, *, entries: int = DEFAULT_TILE * DEFAULT_TILE, stack: int = 1) -> int:
     """A tile side for an (N1, N2) kernel: about ``entries / stack`` entries per tile of each of the
-    ``stack`` stacked outputs, never more than the larger of N1 and N2, at least 16."""
+    ``stack`` stacked outputs, and at most a quarter of the larger side (so that a few worker threads
+    have several tiles to share), at least 32 (or the larger side, if smaller)."""
     side = int(math.sqrt(max(1, entries // max(1, stack))))
-    return max(16, min(side, max(n1, n2)))
+    longest = max(n1, n2)
+    return max(min(32, longest), min(side, -(-longest // 4)))
+
+
+@contextmanager
+def intra_op_threads(n: int):
+    """Run a block with ``n`` torch intra-op threads in this thread, then restore the setting.
+
+    The tile engine parallelizes over tiles with worker threads; the O(N·M_0) setup around it is
+    cheaper on one thread than with per-operation synchronization (which costs a scheduler slice per
+    operation on a loaded machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield before
+    finally:
+        torch.set_num_threads(before)
 
 
 def tiles(n1: int, n2: int | None, batch_size: int) -> list[tuple[slice, slice]]:
@@ -279,7 +297,8 @@ def tiled(
     threads = torch.get_num_threads() if threads is None else max(1, int(threads))
     todo = tiles(n1, n2, batch_size)[rank::world]
     if out_path is None:
-        buf = torch.zeros(shape, dtype=dtype, device=device)
+        alloc = torch.zeros if world > 1 else torch.empty  # one rank writes every entry
+        buf = alloc(shape, dtype=dtype, device=device)
         sink = _MemorySink(buf)
         _fill(block_fn, todo, sink, symmetric, dtype, progress, rank, desc, threads)
         if world > 1:
@@ -340,9 +359,10 @@ def _fill(block_fn, todo, sink, symmetric: bool, dtype, progress, rank: int, des
     per elementwise operation, which matters on small tiles and on a loaded machine."""
     with _progress_bar(len(todo), progress, rank, desc) as bar:
         if threads <= 1 or len(todo) <= 1:
-            for rows, cols in todo:
-                _one_tile(block_fn, sink, symmetric, dtype, rows, cols)
-                bar.update(1)
+            with intra_op_threads(threads):  # one tile: torch's own threads inside it
+                for rows, cols in todo:
+                    _one_tile(block_fn, sink, symmetric, dtype, rows, cols)
+                    bar.update(1)
             return
         with ThreadPoolExecutor(threads, initializer=_tile_worker_init) as pool:
             pending: deque = deque()

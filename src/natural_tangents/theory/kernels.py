@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .. import activations as _act
 from .._checks import as_tensor, check_batch
-from ..tiling import default_batch_size, tiled
+from ..tiling import default_batch_size, intra_op_threads, tiled
 from . import tiles as _tiles
 from .architecture import Architecture, check_depth, check_variances, resolve
 
@@ -139,7 +139,7 @@ def _problem(x1, x2, arch: Architecture, method: str, order: int | None) -> _Pro
     return _Problem(x1, x2, q1, q2, False, arch, method, order)
 
 
-def _run(problem: _Problem, block, what, *, lead, batch_size, out, process_group, progress, dtype) -> Tensor:
+def _run(problem: _Problem, block, what, *, lead, batch_size, out, process_group, progress, dtype, threads) -> Tensor:
     n1, n2 = problem.x1.shape[0], problem.x2.shape[0]
     return tiled(
         block,
@@ -153,6 +153,7 @@ def _run(problem: _Problem, block, what, *, lead, batch_size, out, process_group
         lead=lead,
         signature=() if process_group is None else problem.signature(what),
         desc=f"analytic {what}",
+        threads=threads,
     )
 
 
@@ -197,35 +198,36 @@ def kernels(
         ``nat.empirical_ntk(net, x1, x2, per_layer=True)[l-1]``.
     """
     arch = resolve(arch, depth, activation, sigma_w2, sigma_b2)
-    p = _problem(x1, x2, arch, method, order)
-    L = arch.depth
+    with intra_op_threads(1) as threads:  # tiles in parallel; the setup on one thread
+        p = _problem(x1, x2, arch, method, order)
+        L = arch.depth
 
-    def block(rows: slice, cols: slice) -> Tensor:
-        diag = p.symmetric and rows == cols
-        return _tiles.kernels_tile(p.x1[rows], p.x2[cols], p.q1[:, rows], p.q2[:, cols], arch, diag, method, order)
+        def block(rows: slice, cols: slice) -> Tensor:
+            diag = p.symmetric and rows == cols
+            return _tiles.kernels_tile(p.x1[rows], p.x2[cols], p.q1[:, rows], p.q2[:, cols], arch, diag, method, order)
 
-    if batch_size is None:
-        batch_size = default_batch_size(p.x1.shape[0], p.x2.shape[0], stack=5 * L)
-    stack = _run(
-        p, block, "kernels", lead=(5 * L,), batch_size=batch_size, out=out,
-        process_group=process_group, progress=progress, dtype=_F64,
-    )  # fmt: skip
-    lay = _tiles.stack_layout(L)
-    return AnalyticKernels(
-        q1=p.q1,
-        q2=p.q2,
-        A=stack[lay["A"]],
-        Q=stack[lay["Q"]],
-        Xi=stack[lay["Xi"]],
-        B=stack[lay["B"]],
-        per_layer=stack[lay["per_layer"]],
-        ntk=stack[lay["ntk"]][0],
-        depth=L,
-        activation=arch.activation,
-        sigma_w2=arch.sigma_w2,
-        sigma_b2=arch.sigma_b2,
-        method=method,
-    )
+        if batch_size is None:
+            batch_size = default_batch_size(p.x1.shape[0], p.x2.shape[0], stack=5 * L)
+        stack = _run(
+            p, block, "kernels", lead=(5 * L,), batch_size=batch_size, out=out,
+            process_group=process_group, progress=progress, dtype=_F64, threads=threads,
+        )  # fmt: skip
+        lay = _tiles.stack_layout(L)
+        return AnalyticKernels(
+            q1=p.q1,
+            q2=p.q2,
+            A=stack[lay["A"]],
+            Q=stack[lay["Q"]],
+            Xi=stack[lay["Xi"]],
+            B=stack[lay["B"]],
+            per_layer=stack[lay["per_layer"]],
+            ntk=stack[lay["ntk"]][0],
+            depth=L,
+            activation=arch.activation,
+            sigma_w2=arch.sigma_w2,
+            sigma_b2=arch.sigma_b2,
+            method=method,
+        )
 
 
 def ntk(
@@ -262,23 +264,24 @@ def ntk(
         dtype: the stored kernel's dtype (float64 default; the computation is float64 either way).
     """
     arch = resolve(arch, depth, activation, sigma_w2, sigma_b2)
-    dtype = _check_dtype(dtype)
-    p = _problem(x1, x2, arch, method, order)
-    scale = (arch.sigma_w2 / p.x1.shape[1]) ** 0.5  # Q_1 = (σ_w x/√M_0)·(σ_w x′/√M_0) + σ_b²
-    xs1 = p.x1 * scale
-    xs2 = xs1 if p.symmetric else p.x2 * scale
-    fast = _tiles.fast_path(arch, method)
+    with intra_op_threads(1) as threads:  # tiles in parallel; the setup on one thread
+        dtype = _check_dtype(dtype)
+        p = _problem(x1, x2, arch, method, order)
+        scale = (arch.sigma_w2 / p.x1.shape[1]) ** 0.5  # Q_1 = (σ_w x/√M_0)·(σ_w x′/√M_0) + σ_b²
+        xs1 = p.x1 * scale
+        xs2 = xs1 if p.symmetric else p.x2 * scale
+        fast = _tiles.fast_path(arch, method)
 
-    def block(rows: slice, cols: slice) -> Tensor:
-        diag = p.symmetric and rows == cols
-        args = (xs1[rows], xs2[cols], p.q1[:, rows], p.q2[:, cols], arch, diag)
-        if fast == "relu":
-            return _tiles.ntk_tile_relu(*args)
-        if fast == "erf":
-            return _tiles.ntk_tile_erf(*args)
-        return _tiles.ntk_tile_generic(*args, method, order)
+        def block(rows: slice, cols: slice) -> Tensor:
+            diag = p.symmetric and rows == cols
+            args = (xs1[rows], xs2[cols], p.q1[:, rows], p.q2[:, cols], arch, diag)
+            if fast == "relu":
+                return _tiles.ntk_tile_relu(*args)
+            if fast == "erf":
+                return _tiles.ntk_tile_erf(*args)
+            return _tiles.ntk_tile_generic(*args, method, order)
 
-    return _run(
-        p, block, "NTK", lead=(), batch_size=batch_size, out=out,
-        process_group=process_group, progress=progress, dtype=dtype,
-    )  # fmt: skip
+        return _run(
+            p, block, "NTK", lead=(), batch_size=batch_size, out=out,
+            process_group=process_group, progress=progress, dtype=dtype, threads=threads,
+        )  # fmt: skip
