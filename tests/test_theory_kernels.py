@@ -1,10 +1,9 @@
-"""Infinite-width kernels (seed Appendix E) against independent routes: the other integration
-methods, scipy, the seed's printed ReLU formulas, and wide networks (the ground truth)."""
+"""Infinite-width kernels (the paper's Appendix E) against independent routes: the other integration
+methods, scipy, the paper's printed ReLU formulas, tiled against untiled, and wide networks (the ground truth)."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
 import math
 
@@ -135,7 +134,7 @@ def test_series_refuses_kinked_activations():
 
 
 # ---------------------------------------------------------------------------- kernels
-def test_relu_kernels_match_the_seed_formulas():
+def test_relu_kernels_match_the_paper_formulas():
     """(S.176)–(S.178) transcribed for unit-norm inputs (one q_l per layer)."""
     x = _unit(10, 30, 0)
     sw2, sb2, depth = 2.0, 0.5, 4
@@ -171,15 +170,13 @@ def test_closed_form_and_quadrature_kernels_agree():
         assert float((c.ntk - q.ntk).abs().max()) < 1e-6
 
 
-@pytest.mark.parametrize("block", [None, 20])
-def test_symmetric_path_equals_two_batch_path_and_ntk(block, monkeypatch):
-    """The symmetric path integrates the upper triangle in blocks of rows and mirrors it; with a tiny
-    block size (several row blocks, ragged last block) it must agree with the plain two-batch path."""
-    if block is not None:
-        monkeypatch.setattr(importlib.import_module("natural_tangents.theory.kernels"), "_BLOCK", block)
+@pytest.mark.parametrize("batch_size", [None, 4, 3])  # one tile, ragged tiles, tiles that divide N = 9
+def test_symmetric_path_equals_two_batch_path_and_ntk(batch_size):
+    """The symmetric path computes the tiles on and above the diagonal and mirrors them; with small
+    tiles (several, ragged or not) it must agree with the plain two-batch path."""
     x = _unit(9, 7, 3) * torch.linspace(0.7, 1.3, 9, dtype=F64)[:, None]
     for act in ("relu", "tanh", A.ShiftedReLU(0.4)):
-        opts = {"depth": 4, "activation": act, "sigma_w2": 1.5, "sigma_b2": 0.2}
+        opts = {"depth": 4, "activation": act, "sigma_w2": 1.5, "sigma_b2": 0.2, "batch_size": batch_size}
         sym = theory.kernels(x, **opts)
         two = theory.kernels(x, x.clone(), **opts)
         assert torch.allclose(sym.per_layer, two.per_layer, atol=1e-12)
@@ -187,6 +184,84 @@ def test_symmetric_path_equals_two_batch_path_and_ntk(block, monkeypatch):
         assert torch.allclose(theory.ntk(x, **opts), sym.ntk, atol=1e-12)  # forward recursion
         assert torch.equal(sym.ntk, sym.ntk.T)  # exactly symmetric
         assert torch.allclose(sym.ntk, sym.per_layer.sum(0))
+
+
+@pytest.mark.parametrize("act", ["relu", "erf", "tanh", A.ShiftedReLU(0.3)])
+def test_tiled_kernels_equal_untiled(act):
+    """Tile sides that do and do not divide N (symmetric and x1 ≠ x2) against one whole tile, to 1e-12;
+    the fused ReLU/erf tiles also against the generic per-layer route (method='closed_form' vs
+    kernels(), which always takes the generic route)."""
+    x = _unit(24, 6, 11) * torch.linspace(0.6, 1.4, 24, dtype=F64)[:, None]
+    x2 = _unit(10, 6, 12)
+    opts = {"depth": 3, "activation": act, "sigma_w2": 1.8, "sigma_b2": 0.15}
+    whole_sym, whole_pair = theory.ntk(x, batch_size=100, **opts), theory.ntk(x, x2, batch_size=100, **opts)
+    generic = theory.kernels(x, batch_size=100, **opts).ntk
+    assert torch.allclose(whole_sym, generic, rtol=0, atol=1e-12 * float(generic.abs().max()))
+    for b in (5, 6, 8, 7):
+        assert torch.allclose(theory.ntk(x, batch_size=b, **opts), whole_sym, rtol=0, atol=1e-12)
+        assert torch.allclose(theory.ntk(x, x2, batch_size=b, **opts), whole_pair, rtol=0, atol=1e-12)
+    k = theory.kernels(x, x2, batch_size=7, **opts)
+    assert torch.allclose(k.ntk, whole_pair, rtol=0, atol=1e-12)
+
+
+def test_out_files_equal_in_memory_kernels(tmp_path):
+    x = _unit(17, 5, 13)
+    opts = {"depth": 3, "activation": "erf", "sigma_w2": 1.3, "sigma_b2": 0.2, "batch_size": 6}
+    mem = theory.ntk(x, **opts)
+    disk = theory.ntk(x, out=tmp_path / "ntk.npy", **opts)
+    assert np.array_equal(np.load(tmp_path / "ntk.npy"), mem.numpy()) and torch.equal(disk, mem)
+    single = theory.ntk(x, out=tmp_path / "ntk32.npy", dtype=torch.float32, **opts)
+    assert single.dtype == torch.float32 and torch.allclose(single.double(), mem, rtol=1e-6)
+    k_mem = theory.kernels(x, x[:4], **opts)
+    k_disk = theory.kernels(x, x[:4], out=tmp_path / "stack.npy", **opts)
+    stack = np.load(tmp_path / "stack.npy")
+    assert stack.shape == (15, 17, 4)  # 5L signals
+    for field in ("A", "Q", "Xi", "B", "per_layer"):
+        assert torch.equal(getattr(k_disk, field), getattr(k_mem, field))
+    assert torch.equal(k_disk.ntk, k_mem.ntk) and np.array_equal(stack[-1], k_mem.ntk.numpy())
+
+
+def _diagonal_recursion(q0: float, act: str, depth: int, sw2: float, sb2: float) -> float:
+    """Θ_ana(x, x) from scalar closed forms at ρ = 1, in plain Python floats:
+    ReLU E[φ²] = q/2, E[φ′²] = 1/2; erf E[φ²] = (2/π) asin(2q/(1+2q)), E[φ′²] = (4/π)/√(1+4q)."""
+    q = sw2 * q0 + sb2
+    theta = q
+    for _ in range(depth - 1):
+        if act == "relu":
+            a, xi = q / 2.0, 0.5
+        else:
+            a, xi = (2.0 / math.pi) * math.asin(2.0 * q / (1.0 + 2.0 * q)), (4.0 / math.pi) / math.sqrt(1.0 + 4.0 * q)
+        q = sw2 * a + sb2
+        theta = sw2 * xi * theta + q
+    return theta
+
+
+@pytest.mark.parametrize("act", ["relu", "erf"])
+def test_the_diagonal_is_exact(act):
+    """On the diagonal ρ = 1: the limit is used, not √(1 − ρ²) at a rounded ρ (which loses ~1e-8)."""
+    x = _unit(40, 784, 14) * torch.linspace(0.5, 2.0, 40, dtype=F64)[:, None]
+    for sb2 in (0.0, 0.3):
+        opts = {"depth": 4, "activation": act, "sigma_w2": 2.0, "sigma_b2": sb2}
+        diag = torch.diagonal(theory.ntk(x, batch_size=16, **opts))
+        q0 = (x * x).sum(1) / x.shape[1]
+        ref = torch.tensor([_diagonal_recursion(float(q), act, 4, 2.0, sb2) for q in q0], dtype=F64)
+        assert float(((diag - ref) / ref).abs().max()) < 2e-15
+
+
+def test_architecture_is_an_alternative_to_the_keywords():
+    x, x2 = _unit(8, 5, 15), _unit(3, 5, 16)
+    arch = theory.Architecture(depth=3, activation="erf", sigma_w2=1.5, sigma_b2=0.1)
+    keywords = {"depth": 3, "activation": "erf", "sigma_w2": 1.5, "sigma_b2": 0.1}
+    assert torch.equal(theory.ntk(x, x2, arch=arch), theory.ntk(x, x2, **keywords))
+    assert torch.equal(theory.kernels(x, arch=arch).per_layer, theory.kernels(x, **keywords).per_layer)
+    with pytest.raises(ValueError, match="arch: given together with depth"):
+        theory.ntk(x, arch=arch, depth=3)
+    with pytest.raises(ValueError, match="sigma_b2: missing"):
+        theory.ntk(x, depth=3, activation="erf", sigma_w2=1.5)
+    with pytest.raises(ValueError, match="depth"):
+        theory.Architecture(depth=0, activation="relu", sigma_w2=2.0, sigma_b2=0.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        arch.depth = 4
 
 
 def test_depth_one_is_the_linear_model_exactly():

@@ -7,18 +7,23 @@
     nat.theory.coefficient(nat.fisher.Exact(), x_test, x, depth=3, activation="relu",
                            sigma_w2=2.0, sigma_b2=0.5)                              # Θ̄(x′, x)
 
-Modules: :mod:`~natural_tangents.theory.gaussian` (2-D Gaussian expectations: closed forms and
-quadrature), :mod:`~natural_tangents.theory.kernels` (the recursion (S.168)–(S.178)),
+Modules: :mod:`~natural_tangents.theory.architecture` (the :class:`Architecture` dataclass),
+:mod:`~natural_tangents.theory.gaussian` (2-D Gaussian expectations: the dispatcher over
+:mod:`~natural_tangents.theory.closed_forms`, :mod:`~natural_tangents.theory.quadrature` and
+:mod:`~natural_tangents.theory.hermite_series`), :mod:`~natural_tangents.theory.kernels` (the
+recursion (S.168)–(S.178), tiled; one tile in :mod:`~natural_tangents.theory.tiles`),
 :mod:`~natural_tangents.theory.alpha` (γ (S.140), α of every Fisher),
 :mod:`~natural_tangents.theory.coefficient` (Θ̄ (S.53), (S.71), (S.105)–(S.124)).
 """
 
 from .alpha import alpha, gamma, variances
+from .architecture import Architecture
 from .coefficient import coefficient
 from .gaussian import bivariate_normal_cdf, gaussian_expectations, second_moment
 from .kernels import AnalyticKernels, kernels, ntk
 
 __all__ = [
+    "Architecture",
     "AnalyticKernels",
     "kernels",
     "ntk",

@@ -1,6 +1,6 @@
-"""Infinite-width kernels of the NTK-parameterized MLP (seed Appendix E, (S.168)–(S.178)).
+"""Infinite-width kernels of the NTK-parameterized MLP (the paper's Appendix E, (S.168)–(S.178)).
 
-The network is the one of :class:`natural_tangents.MLP` (MATH.md §1):
+The network is the one of :class:`natural_tangents.MLP`:
 u_1 = (σ_w/√M_0) W_1 x + σ_b b_1, u_l = (σ_w/√M_{l−1}) W_l φ(u_{l−1}) + σ_b b_l, f = u_L. As the
 hidden widths grow, for two batches x1 (N1 samples) and x2 (N2 samples):
 
@@ -13,20 +13,26 @@ hidden widths grow, for two batches x1 (N1 samples) and x2 (N2 samples):
     Θ_ana = Σ_{l=1}^{L} Θ_l                                          (S.169)
 
 Here q_l(x) = Q_l(x, x) is the variance of u_l for the sample x: q_0(x) = ||x||²/M_0 and
-q_l(x) = σ_w² E_{u~N(0, q_{l−1}(x))}[φ(u)²] + σ_b² (S.175). The seed assumes ||x|| = 1 for every
+q_l(x) = σ_w² E_{u~N(0, q_{l−1}(x))}[φ(u)²] + σ_b² (S.175). The paper assumes ||x|| = 1 for every
 sample (its Assumption 2), so that q_l is one number per layer (S.178) and only the correlation
 Q̄_l = Q_l/q_l varies (S.173); this module accepts inputs of any norm and keeps q_l per sample.
 
 Normalization: Θ_l and Θ_ana here are the limits of the empirical J_l(x1) J_l(x2)^T and
-J(x1) J(x2)^T *without* the 1/N of the seed's Θ = J J^T / N, i.e. the convention of
-:func:`natural_tangents.empirical_ntk`; the seed's NTK is Θ(x′, x) = I_C ⊗ Θ_ana(x′, x)/N (S.168).
+J(x1) J(x2)^T *without* the 1/N of the paper's Θ = J J^T / N, i.e. the convention of
+:func:`natural_tangents.empirical_ntk`; the paper's NTK is Θ(x′, x) = I_C ⊗ Θ_ana(x′, x)/N (S.168).
 The finite-width fluctuations around these limits are O(1/√M).
+
+Large N: every function here computes its kernels tile by tile (:mod:`natural_tangents.tiling`):
+``batch_size=`` is the tile side, ``out=`` writes the result into a ``.npy`` file (returned as a
+tensor backed by it), ``process_group=`` shares the tiles among the ranks of a ``torch.distributed``
+group, ``progress=`` controls the progress bar. The per-sample variances q_l(x) are computed once
+per sample, and ReLU and erf use a fused closed-form recursion per tile (:mod:`.tiles`).
 """
 
 from __future__ import annotations
 
-import math
-import numbers
+import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,9 +41,11 @@ from torch import Tensor
 
 from .. import activations as _act
 from .._checks import as_tensor, check_batch
-from .gaussian import gaussian_expectations, second_moment
+from ..tiling import default_batch_size, intra_op_threads, tiled
+from . import tiles as _tiles
+from .architecture import Architecture, check_depth, check_variances, resolve
 
-__all__ = ["AnalyticKernels", "kernels", "ntk"]
+__all__ = ["AnalyticKernels", "kernels", "ntk", "check_depth", "check_variances", "check_pair"]
 
 _F64 = torch.float64
 
@@ -46,7 +54,7 @@ _F64 = torch.float64
 class AnalyticKernels:
     """The infinite-width signals and kernels of an L-layer MLP on two batches (float64).
 
-    Layer indices follow the seed (l = 1 … L); the stacked tensors are 0-based as noted.
+    Layer indices follow the paper (l = 1 … L); the stacked tensors are 0-based as noted.
 
     Attributes:
         q1: (L+1, N1) per-sample variances of x1: ``q1[0]`` = ||x||²/M_0, ``q1[l]`` = q_l = Q_l(x, x).
@@ -81,21 +89,6 @@ class AnalyticKernels:
 
 
 # --------------------------------------------------------------------------------- checks
-def check_depth(depth: int) -> int:
-    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
-        raise ValueError(f"depth: expected an integer L >= 1 (the number of weight layers), got {depth!r}")
-    return int(depth)
-
-
-def check_variances(sigma_w2: float, sigma_b2: float) -> tuple[float, float]:
-    sigma_w2, sigma_b2 = float(sigma_w2), float(sigma_b2)
-    if not (math.isfinite(sigma_w2) and sigma_w2 > 0):
-        raise ValueError(f"sigma_w2: must be a positive finite number, got {sigma_w2}")
-    if not (math.isfinite(sigma_b2) and sigma_b2 >= 0):
-        raise ValueError(f"sigma_b2: must be a finite number >= 0 (0 means no bias), got {sigma_b2}")
-    return sigma_w2, sigma_b2
-
-
 def check_pair(x1, x2, names: tuple[str, str] = ("x1", "x2")) -> tuple[Tensor, Tensor | None]:
     """Both batches as finite float64 (N, M_0) tensors with the same M_0 (``names`` for messages)."""
     n1, n2 = names
@@ -111,105 +104,82 @@ def check_pair(x1, x2, names: tuple[str, str] = ("x1", "x2")) -> tuple[Tensor, T
     return x1, check_batch(x2, n2, features=x1.shape[1], dtype=_F64)
 
 
-def _check_positive(q: Tensor, name: str) -> None:
-    if bool((q <= 0).any()):
-        n = int((q <= 0).nonzero()[0, 0])
-        raise ValueError(
-            f"{name}: sample {n} is the zero vector and sigma_b2 = 0, so u_1 ≡ 0 and the kernel is "
-            "undefined; drop the sample or use sigma_b2 > 0"
-        )
+def _check_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype: expected torch.float32 or torch.float64 (the stored kernel), got {dtype!r}")
+    return dtype
 
 
-# ------------------------------------------------------------------------------ recursion
-_BLOCK = 1 << 20  # entries per block of rows in the pairwise integration (8 MiB in float64)
+# ----------------------------------------------------------------------------------- setup
+@dataclass(frozen=True)
+class _Problem:
+    """The checked inputs, their per-sample variances (L+1, N) and the settings."""
+
+    x1: Tensor
+    x2: Tensor
+    q1: Tensor
+    q2: Tensor
+    symmetric: bool
+    arch: Architecture
+    method: str
+    order: int | None
+
+    def signature(self, what: str) -> tuple:
+        """What every rank must agree on: the data (a CRC of its bytes) and the settings."""
+        crc = [zlib.crc32(x.contiguous().numpy()) for x in (self.x1, self.x2)]
+        return (what, tuple(self.x1.shape), tuple(self.x2.shape), crc, repr(self.arch), self.method, self.order)
 
 
-def _layer_expectations(
-    act: _act.Activation,
-    q1: Tensor,
-    q2: Tensor,
-    cov: Tensor,
-    symmetric: bool,
-    method: str,
-    order: int | None,
-) -> tuple[Tensor, Tensor]:
-    """A_l and Ξ_l for one layer, integrated in blocks of rows so that the temporaries of the
-    Gaussian integrals stay small; with ``symmetric`` only the upper triangle is integrated."""
-    n1, n2 = cov.shape
-    a, xi = torch.empty_like(cov), torch.empty_like(cov)
-    rows = max(1, _BLOCK // n2)
-    for r0 in range(0, n1, rows):
-        r1 = min(n1, r0 + rows)
-        c0 = r0 if symmetric else 0  # columns left of the diagonal block come from the mirror
-        blk_a, blk_x = gaussian_expectations(
-            act, q1[r0:r1, None], q2[None, c0:], cov[r0:r1, c0:], method=method, order=order
-        )
-        if symmetric:  # the square diagonal block was integrated whole: keep its upper triangle
-            k = r1 - r0
-            for blk in (blk_a, blk_x):
-                blk[:, :k] = torch.triu(blk[:, :k]) + torch.triu(blk[:, :k], 1).T
-            a[r1:, r0:r1], xi[r1:, r0:r1] = blk_a[:, k:].T, blk_x[:, k:].T
-        a[r0:r1, c0:], xi[r0:r1, c0:] = blk_a, blk_x
-    return a, xi
+def _problem(x1, x2, arch: Architecture, method: str, order: int | None) -> _Problem:
+    x1, x2 = check_pair(x1, x2)
+    q1 = _tiles.per_sample_variances(x1, arch, method, order, "x1")
+    if x2 is None:
+        return _Problem(x1, x1, q1, q1, True, arch, method, order)
+    q2 = _tiles.per_sample_variances(x2, arch, method, order, "x2")
+    return _Problem(x1, x2, q1, q2, False, arch, method, order)
 
 
-def _forward(
-    x1: Tensor,
-    x2: Tensor | None,
-    depth: int,
-    act: _act.Activation,
-    sigma_w2: float,
-    sigma_b2: float,
-    method: str,
-    order: int | None,
-):
-    """Run the recursion. Yields per layer l = 1 … L: (q_l(x1), q_l(x2), Q_l, A_l, Ξ_l) with
-    A_l, Ξ_l None at l = L. Memory stays at a few N1 × N2 matrices unless the caller keeps them."""
-    symmetric = x2 is None
-    x2_ = x1 if symmetric else x2
-    m0 = x1.shape[1]
-    a_prev = x1 @ x2_.T / m0
-    if symmetric:  # a matrix product is not bitwise symmetric; keep the upper triangle
-        a_prev = torch.triu(a_prev) + torch.triu(a_prev, 1).T
-    qa1 = (x1 * x1).sum(1) / m0
-    qa2 = qa1 if symmetric else (x2_ * x2_).sum(1) / m0
-    yield qa1, qa2, None, a_prev, None
-    for l in range(1, depth + 1):
-        cov = sigma_w2 * a_prev + sigma_b2
-        q1 = sigma_w2 * qa1 + sigma_b2
-        q2 = q1 if symmetric else sigma_w2 * qa2 + sigma_b2
-        if l == 1:
-            _check_positive(q1, "x1")
-            _check_positive(q2, "x2")
-        if l == depth:
-            yield q1, q2, cov, None, None
-            return
-        a, xi = _layer_expectations(act, q1, q2, cov, symmetric, method, order)
-        if symmetric:
-            qa1 = qa2 = torch.diagonal(a).clone()
-        else:
-            qa1 = second_moment(act, q1, method=method, order=order)
-            qa2 = second_moment(act, q2, method=method, order=order)
-        yield q1, q2, cov, a, xi
-        a_prev = a
+def _run(problem: _Problem, block, what, *, lead, batch_size, out, process_group, progress, dtype, threads) -> Tensor:
+    n1, n2 = problem.x1.shape[0], problem.x2.shape[0]
+    return tiled(
+        block,
+        n1,
+        None if problem.symmetric else n2,
+        batch_size=batch_size,
+        out=out,
+        process_group=process_group,
+        progress=progress,
+        dtype=dtype,
+        lead=lead,
+        signature=() if process_group is None else problem.signature(what),
+        desc=f"analytic {what}",
+        threads=threads,
+    )
 
 
+# ---------------------------------------------------------------------------------- public
 def kernels(
     x1: Tensor,
     x2: Tensor | None = None,
     *,
-    depth: int,
-    activation: str | _act.Activation | Callable[[Tensor], Tensor],
-    sigma_w2: float,
-    sigma_b2: float,
+    arch: Architecture | None = None,
+    depth: int | None = None,
+    activation: str | _act.Activation | Callable[[Tensor], Tensor] | None = None,
+    sigma_w2: float | None = None,
+    sigma_b2: float | None = None,
     method: str = "auto",
     order: int | None = None,
+    batch_size: int | None = None,
+    out: str | os.PathLike | None = None,
+    process_group=None,
+    progress: bool | None = None,
 ) -> AnalyticKernels:
-    """All infinite-width signals of an L-layer MLP (seed (S.168)–(S.178)); see :class:`AnalyticKernels`.
+    """All infinite-width signals of an L-layer MLP (the paper's (S.168)–(S.178)); see :class:`AnalyticKernels`.
 
     Args:
-        x1: (N1, M_0) inputs; x2: (N2, M_0) inputs, default ``x1`` (then only the upper triangle
-            is integrated). Any norms: q_0 = ||x||²/M_0 per sample (the seed assumes ||x|| = 1).
+        x1: (N1, M_0) inputs; x2: (N2, M_0) inputs, default ``x1`` (then only the tiles on and above
+            the diagonal are computed). Any norms: q_0 = ||x||²/M_0 per sample (the paper assumes ||x|| = 1).
+        arch: an :class:`~natural_tangents.theory.Architecture`, or else the four keywords:
         depth: L, the number of weight layers (``len(widths) - 1`` of the matching
             :class:`~natural_tangents.MLP`); L = 1 is the linear model Θ = σ_w² A_0 + σ_b².
         activation: a name, an :class:`~natural_tangents.activations.Activation` or a callable.
@@ -217,72 +187,101 @@ def kernels(
         method, order: how the Gaussian expectations are computed (closed form for ReLU,
             ShiftedReLU, erf and identity; quadrature otherwise), see
             :mod:`natural_tangents.theory.gaussian`.
+        batch_size: the tile side (default: about 512²/(5L) entries per tile and signal).
+        out: a ``.npy`` path: the (5L, N1, N2) stack [A_0 … A_{L−1}, Q_1 … Q_L, Ξ_1 … Ξ_{L−1},
+            B_1 … B_L, Θ_1 … Θ_L, Θ_ana] is written there and the fields are views of it.
+        process_group, progress: see :func:`natural_tangents.tiling.tiled`.
 
     Returns:
         An :class:`AnalyticKernels` in float64; ``.ntk`` is J J^T without the 1/N, comparable with
         ``nat.empirical_ntk(net, x1, x2)``, and ``.per_layer[l-1]`` with
         ``nat.empirical_ntk(net, x1, x2, per_layer=True)[l-1]``.
     """
-    depth = check_depth(depth)
-    sigma_w2, sigma_b2 = check_variances(sigma_w2, sigma_b2)
-    act = _act.get(activation)
-    x1, x2 = check_pair(x1, x2)
-    steps = list(_forward(x1, x2, depth, act, sigma_w2, sigma_b2, method, order))
-    q1 = torch.stack([s[0] for s in steps])
-    q2 = torch.stack([s[1] for s in steps])
-    a = torch.stack([s[3] for s in steps[:-1]])  # A_0 … A_{L−1}
-    cov = torch.stack([s[2] for s in steps[1:]])  # Q_1 … Q_L
-    n1, n2 = a.shape[1:]
-    xi = torch.stack([s[4] for s in steps[1:-1]]) if depth > 1 else a.new_empty(0, n1, n2)
-    b = torch.empty_like(cov)
-    b[depth - 1] = 1.0
-    for l in range(depth - 1, 0, -1):  # B_l = σ_w² Ξ_l ⊙ B_{l+1}, stored at l − 1
-        b[l - 1] = sigma_w2 * xi[l - 1] * b[l]
-    per_layer = b * cov
-    return AnalyticKernels(
-        q1=q1,
-        q2=q2,
-        A=a,
-        Q=cov,
-        Xi=xi,
-        B=b,
-        per_layer=per_layer,
-        ntk=per_layer.sum(0),
-        depth=depth,
-        activation=act,
-        sigma_w2=sigma_w2,
-        sigma_b2=sigma_b2,
-        method=method,
-    )
+    arch = resolve(arch, depth, activation, sigma_w2, sigma_b2)
+    with intra_op_threads(1) as threads:  # tiles in parallel; the setup on one thread
+        p = _problem(x1, x2, arch, method, order)
+        L = arch.depth
+
+        def block(rows: slice, cols: slice) -> Tensor:
+            diag = p.symmetric and rows == cols
+            return _tiles.kernels_tile(p.x1[rows], p.x2[cols], p.q1[:, rows], p.q2[:, cols], arch, diag, method, order)
+
+        if batch_size is None:
+            batch_size = default_batch_size(p.x1.shape[0], p.x2.shape[0], stack=5 * L)
+        stack = _run(
+            p, block, "kernels", lead=(5 * L,), batch_size=batch_size, out=out,
+            process_group=process_group, progress=progress, dtype=_F64, threads=threads,
+        )  # fmt: skip
+        lay = _tiles.stack_layout(L)
+        return AnalyticKernels(
+            q1=p.q1,
+            q2=p.q2,
+            A=stack[lay["A"]],
+            Q=stack[lay["Q"]],
+            Xi=stack[lay["Xi"]],
+            B=stack[lay["B"]],
+            per_layer=stack[lay["per_layer"]],
+            ntk=stack[lay["ntk"]][0],
+            depth=L,
+            activation=arch.activation,
+            sigma_w2=arch.sigma_w2,
+            sigma_b2=arch.sigma_b2,
+            method=method,
+        )
 
 
 def ntk(
     x1: Tensor,
     x2: Tensor | None = None,
     *,
-    depth: int,
-    activation: str | _act.Activation | Callable[[Tensor], Tensor],
-    sigma_w2: float,
-    sigma_b2: float,
+    arch: Architecture | None = None,
+    depth: int | None = None,
+    activation: str | _act.Activation | Callable[[Tensor], Tensor] | None = None,
+    sigma_w2: float | None = None,
+    sigma_b2: float | None = None,
     method: str = "auto",
     order: int | None = None,
+    batch_size: int | None = None,
+    out: str | os.PathLike | None = None,
+    process_group=None,
+    progress: bool | None = None,
+    dtype: torch.dtype = _F64,
 ) -> Tensor:
-    """The infinite-width NTK Θ_ana(x1, x2) (S.169), shape (N1, N2), float64, *without* the 1/N.
+    """The infinite-width NTK Θ_ana(x1, x2) (S.169), shape (N1, N2), *without* the 1/N.
 
-    Same convention as :func:`natural_tangents.empirical_ntk` (J J^T); the seed's Θ is this divided
-    by N (S.168). Arguments as in :func:`kernels`. Uses the forward form of the recursion,
-    Θ^{(1)} = Q_1, Θ^{(l+1)} = σ_w² Ξ_l ⊙ Θ^{(l)} + Q_{l+1}, so only a few N1 × N2 matrices are alive.
+    Same convention as :func:`natural_tangents.empirical_ntk` (J J^T); the paper's Θ is this divided
+    by N (S.168). Uses the forward form of the recursion, Θ^{(1)} = Q_1,
+    Θ^{(l+1)} = σ_w² Ξ_l ⊙ Θ^{(l)} + Q_{l+1}, tile by tile: the working set is a few
+    ``batch_size``² tiles, and the output (in memory or in ``out``) the only N1 × N2 object.
+
+    Args:
+        x1, x2, arch, depth, activation, sigma_w2, sigma_b2, method, order: as in :func:`kernels`.
+        batch_size: the tile side (default 512).
+        out: a ``.npy`` path to write the (N1, N2) kernel into; the result is backed by that file.
+        process_group: a ``torch.distributed`` group sharing the tiles (None: this process); every
+            rank gets the whole kernel (or, with ``out=``, every rank writes its tiles into the one file).
+        progress: a progress bar (None: when stderr is a terminal and the kernel is large).
+        dtype: the stored kernel's dtype (float64 default; the computation is float64 either way).
     """
-    depth = check_depth(depth)
-    sigma_w2, sigma_b2 = check_variances(sigma_w2, sigma_b2)
-    act = _act.get(activation)
-    x1, x2 = check_pair(x1, x2)
-    theta = None
-    for step in _forward(x1, x2, depth, act, sigma_w2, sigma_b2, method, order):
-        _, _, cov, _, xi = step
-        if cov is None:
-            continue
-        theta = cov if theta is None else theta + cov
-        if xi is not None:
-            theta = sigma_w2 * xi * theta
-    return theta
+    arch = resolve(arch, depth, activation, sigma_w2, sigma_b2)
+    with intra_op_threads(1) as threads:  # tiles in parallel; the setup on one thread
+        dtype = _check_dtype(dtype)
+        p = _problem(x1, x2, arch, method, order)
+        scale = (arch.sigma_w2 / p.x1.shape[1]) ** 0.5  # Q_1 = (σ_w x/√M_0)·(σ_w x′/√M_0) + σ_b²
+        xs1 = p.x1 * scale
+        xs2 = xs1 if p.symmetric else p.x2 * scale
+        fast = _tiles.fast_path(arch, method)
+
+        def block(rows: slice, cols: slice) -> Tensor:
+            diag = p.symmetric and rows == cols
+            args = (xs1[rows], xs2[cols], p.q1[:, rows], p.q2[:, cols], arch, diag)
+            if fast == "relu":
+                return _tiles.ntk_tile_relu(*args)
+            if fast == "erf":
+                return _tiles.ntk_tile_erf(*args)
+            return _tiles.ntk_tile_generic(*args, method, order)
+
+        return _run(
+            p, block, "NTK", lead=(), batch_size=batch_size, out=out,
+            process_group=process_group, progress=progress, dtype=dtype, threads=threads,
+        )  # fmt: skip
