@@ -1,6 +1,6 @@
 """One rank of a multi-process test (run as a script by tests/test_distributed.py; gloo on 127.0.0.1).
 
-usage: python _dist_worker.py CASE RANK WORLD PORT OUT
+usage: python _dist_worker.py CASE RANK WORLD PORT OUT [KERNEL_FILE]
 Writes what the rank computed (or the error it raised) to OUT with torch.save.
 """
 
@@ -71,6 +71,12 @@ def main() -> None:
     try:
         if case == "fishers":
             result = results(net, xs, ys, ls, group)
+        elif case == "empirical_kernel":  # every rank holds all inputs; the tiles are shared
+            out_file = sys.argv[6]
+            result = {
+                "memory": nat.empirical_ntk(net, x, batch_size=3, process_group=group),
+                "file": nat.empirical_ntk(net, x, batch_size=4, process_group=group, out=out_file).clone(),
+            }
         elif case == "mismatched_parameters":
             if rank == world - 1:
                 with torch.no_grad():

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,12 +30,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(case: str, world: int, tmp_path) -> list[dict]:
+def _run(case: str, world: int, tmp_path, *extra: str) -> list[dict]:
     port = _free_port()
     outs = [tmp_path / f"{case}-{world}-{r}.pt" for r in range(world)]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), case, str(r), str(world), str(port), str(outs[r])],
+            [sys.executable, str(WORKER), case, str(r), str(world), str(port), str(outs[r]), *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
@@ -97,6 +98,19 @@ def test_mismatched_replicas_and_shards_are_refused_on_every_rank(case, patterns
     for got, pattern in zip(ranks, patterns):
         assert "error" in got, f"{case}: rank computed a result instead of refusing"
         assert re.search(pattern, got["error"]), got["error"]
+
+
+def test_ranks_share_the_tiles_of_the_empirical_kernel_in_memory_and_in_one_file(tmp_path):
+    net, x, _, _ = W.problem()
+    want = nat.empirical_ntk(net, x)
+    path = tmp_path / "kernel.npy"
+    ranks = _run("empirical_kernel", 2, tmp_path, str(path))
+    for got in ranks:
+        assert "ok" in got, got.get("error")
+        for key in ("memory", "file"):
+            assert float((got["ok"][key] - want).abs().max()) <= 1e-12 * float(want.abs().max()), key
+    stored = torch.from_numpy(np.load(path)).permute(2, 3, 0, 1)  # (C, C, N, N) layout on disk
+    assert float((stored - want).abs().max()) <= 1e-12 * float(want.abs().max())
 
 
 def test_an_uninitialized_process_group_is_refused():

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import os
 import sys
 import time
@@ -102,17 +101,15 @@ def _empirical(args, x, common):
 
     if args.width is None or args.width < 1:
         raise ValueError("--width: the --empirical network needs a positive hidden width M, e.g. --width 4096")
-    accepted = inspect.signature(empirical_ntk).parameters
-    if not {"batch_size", "out", "process_group"} <= set(accepted):
-        raise ValueError(
-            "--empirical: this version of nat.empirical_ntk cannot tile into a file (no batch_size/out/"
-            "process_group arguments yet); compute the analytic NTK (drop --empirical) or update natural-tangents"
-        )
     widths = [x.shape[1], *([args.width] * (args.depth - 1)), 1]
     net = MLP(widths, args.activation, args.sigma_w2, args.sigma_b2, seed=args.seed, dtype=torch.float64)
-    extra = {"progress": common["progress"]} if "progress" in accepted else {}
     return empirical_ntk(
-        net, x, batch_size=common["batch_size"], out=common["out"], process_group=common["process_group"], **extra
+        net,
+        x,
+        batch_size=common["batch_size"],
+        out=common["out"],
+        process_group=common["process_group"],
+        progress=common["progress"],
     )
 
 

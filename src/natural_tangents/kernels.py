@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .models import signals
 from .signals import Signals
+from .tiling import tiled
 
 __all__ = ["empirical_ntk", "empirical_unit_ntk", "layer_kernels", "unit_kernels", "model_factors"]
 
@@ -43,24 +44,90 @@ def _public_shape(k: Tensor, n1: int, n2: int, c: int) -> Tensor:
     return k.movedim(-3, -2)
 
 
-def empirical_ntk(model, x1, x2=None, per_layer: bool = False, dtype: torch.dtype | None = None) -> Tensor:
-    """The empirical NTK J(x1) J(x2)^T (no 1/N), built from factors, never from J.
+def _chunked_signals(model, x, name: str, chunk: int) -> Signals:
+    """Signals of ``x`` computed ``chunk`` samples at a time (bounds the forward pass's memory)."""
+    if len(x) <= chunk:
+        return model_factors(model, x, name)
+    return Signals.cat([model_factors(model, x[i : i + chunk], name) for i in range(0, len(x), chunk)])
+
+
+def empirical_ntk(
+    model,
+    x1,
+    x2=None,
+    per_layer: bool = False,
+    dtype: torch.dtype | None = None,
+    *,
+    batch_size: int | None = None,
+    out=None,
+    process_group=None,
+    progress: bool | None = None,
+) -> Tensor:
+    """The empirical NTK J(x1) J(x2)^T (no 1/N), built from the layers' signals, never from J.
 
     Args:
         model: a :class:`~natural_tangents.MLP` or any supported ``nn.Module``.
-        x1: (N1, M_0) inputs. x2: (N2, M_0) inputs; defaults to ``x1``.
+        x1: (N1, …) inputs. x2: (N2, …) inputs; defaults to ``x1`` (then each off-diagonal tile is
+            computed once).
         per_layer: if True, return the L per-layer kernels stacked on a leading axis.
         dtype: precision of the kernel products (default: the model's).
+        batch_size, out, process_group, progress: tile by tile (side ``batch_size``), into a
+            memory-mapped ``.npy`` file ``out``, the tiles shared by the ranks of a
+            ``torch.distributed`` group, with a progress bar (see :func:`natural_tangents.tiling.tiled`).
+            The signals of all inputs are held (O(N Σ_l (M_{l−1} + C M_l))), the kernel only tile by tile.
 
     Returns:
         (N1, N2) for C = 1, (N1, N2, C, C) for C > 1; with a leading (L,) when ``per_layer``.
+        Tiled with C > 1, the result is a (N1, N2, C, C) view of a (C, C, N1, N2) array (the
+        layout of ``out``).
     """
-    f1 = model_factors(model, x1, "x1")
-    f2 = f1 if x2 is None else model_factors(model, x2, "x2")
-    k = layer_kernels(f1, f2, dtype)
-    if not per_layer:
-        k = k.sum(0)
-    return _public_shape(k, f1.n, f2.n, f1.c)
+    if batch_size is None and out is None and process_group is None:
+        f1 = model_factors(model, x1, "x1")
+        f2 = f1 if x2 is None else model_factors(model, x2, "x2")
+        k = layer_kernels(f1, f2, dtype)
+        if not per_layer:
+            k = k.sum(0)
+        return _public_shape(k, f1.n, f2.n, f1.c)
+    return _tiled_ntk(model, x1, x2, per_layer, dtype, batch_size, out, process_group, progress)
+
+
+def _tiled_ntk(model, x1, x2, per_layer, dtype, batch_size, out, process_group, progress) -> Tensor:
+    chunk = batch_size or 512
+    f1 = _chunked_signals(model, x1, "x1", chunk)
+    f2 = f1 if x2 is None else _chunked_signals(model, x2, "x2", chunk)
+    c, depth = f1.c, f1.depth
+    dtype = dtype or f1.f.dtype
+
+    def block(rows: slice, cols: slice) -> Tensor:
+        n, m = rows.stop - rows.start, cols.stop - cols.start
+        k = f1.rows(rows).layer_kernels(f2.rows(cols), dtype).reshape(depth, n, c, m, c).permute(0, 2, 4, 1, 3)
+        k = k if per_layer else k.sum(0)  # ([L,] C, C, n, m)
+        return k[..., 0, 0, :, :] if c == 1 else k
+
+    lead = ((depth,) if per_layer else ()) + ((c, c) if c > 1 else ())
+    # a C > 1 kernel is symmetric only in (sample, output) pairs, not per output pair: all tiles
+    symmetric = x2 is None and c == 1
+    signature = (_fingerprint(x1), None if x2 is None else _fingerprint(x2), sum(p.numel() for p in model.parameters()))
+    k = tiled(
+        block,
+        f1.n,
+        None if symmetric else f2.n,
+        batch_size=batch_size,
+        out=out,
+        process_group=process_group,
+        progress=progress,
+        dtype=dtype,
+        lead=lead,
+        device=f1.f.device,
+        signature=signature,
+        desc="empirical NTK",
+    )
+    return k.movedim((-4, -3), (-2, -1)) if c > 1 else k
+
+
+def _fingerprint(x) -> float:
+    t = torch.as_tensor(x)
+    return float(t.to(torch.float64).sum()) if t.numel() else 0.0
 
 
 def unit_kernels(f1: Signals, f2: Signals | None, layer: int, dtype: torch.dtype | None = None) -> Tensor:

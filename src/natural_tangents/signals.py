@@ -84,6 +84,11 @@ class Signals:
         """J_l^T w for a function-space vector ``weights`` (N, C): the parameter tensors of layer ``layer``."""
         return self.layers[layer].transpose(weights)
 
+    def rows(self, rows: slice) -> Signals:
+        """The signals of the samples ``rows`` (a slice of the batch)."""
+        layers = tuple(s.with_tensors([t[rows] for t in s.tensors()]) for s in self.layers)
+        return Signals(f=self.f[rows], layers=layers)
+
     @staticmethod
     def cat(parts: list[Signals]) -> Signals:
         """The signals of the concatenated batch (parts in order)."""

@@ -12,13 +12,15 @@ Modules: :mod:`~natural_tangents.theory.architecture` (the :class:`Architecture`
 :mod:`~natural_tangents.theory.closed_forms`, :mod:`~natural_tangents.theory.quadrature` and
 :mod:`~natural_tangents.theory.hermite_series`), :mod:`~natural_tangents.theory.kernels` (the
 recursion (S.168)–(S.178), tiled; one tile in :mod:`~natural_tangents.theory.tiles`),
-:mod:`~natural_tangents.theory.alpha` (γ (S.140), α of every Fisher),
-:mod:`~natural_tangents.theory.coefficient` (Θ̄ (S.53), (S.71), (S.105)–(S.124)).
+:mod:`~natural_tangents.theory.alpha` (γ (S.140), α of every Fisher: the registry
+:func:`alpha_rule`), :mod:`~natural_tangents.theory.coefficient` (Θ̄ (S.53), (S.71), (S.105)–(S.124):
+the registry :func:`coefficient_rule`). A new Fisher class registers its analytic α and Θ̄ with
+``alpha_rule.register`` and ``coefficient_rule.register``.
 """
 
-from .alpha import alpha, gamma, variances
+from .alpha import AlphaQuery, alpha, alpha_rule, gamma, variances
 from .architecture import Architecture
-from .coefficient import coefficient
+from .coefficient import CoefficientQuery, coefficient, coefficient_rule
 from .gaussian import bivariate_normal_cdf, gaussian_expectations, second_moment
 from .kernels import AnalyticKernels, kernels, ntk
 
@@ -31,6 +33,10 @@ __all__ = [
     "alpha",
     "variances",
     "coefficient",
+    "alpha_rule",
+    "coefficient_rule",
+    "AlphaQuery",
+    "CoefficientQuery",
     "gaussian_expectations",
     "second_moment",
     "bivariate_normal_cdf",
