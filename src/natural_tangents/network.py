@@ -27,6 +27,7 @@ from . import activations as _act
 from ._checks import check_batch, check_widths
 from .layers.affine import AffineSignals
 from .signals import Signals
+from .theory.architecture import Architecture
 
 __all__ = ["MLP", "AffineLayer", "factors"]
 
@@ -184,6 +185,12 @@ class MLP(nn.Module):
     def depth(self) -> int:
         """L, the number of weight layers."""
         return len(self.widths) - 1
+
+    @property
+    def architecture(self) -> Architecture:
+        """Depth, activation, σ_w² and σ_b² as the infinite-width theory takes them
+        (``nat.theory.ntk(x, arch=net.architecture)``)."""
+        return Architecture(self.depth, self.activation, self.sigma_w2, self.sigma_b2)
 
     @property
     def in_features(self) -> int:

@@ -33,6 +33,7 @@ from .. import activations as _act
 from .. import fisher as _fisher
 from .._checks import check_widths
 from ..fisher.kfac import warn_narrow_input
+from .architecture import Architecture
 from .gaussian import second_moment
 from .kernels import check_variances
 
@@ -252,6 +253,7 @@ def alpha(
     fisher,
     *,
     widths: Sequence[int],
+    arch: Architecture | None = None,
     activation: str | _act.Activation | Callable[[Tensor], Tensor] | None = None,
     sigma_w2: float | None = None,
     sigma_b2: float = 0.0,
@@ -266,6 +268,8 @@ def alpha(
     Args:
         fisher: an instance of a class of :mod:`natural_tangents.fisher`.
         widths: [M_0, M_1, …, M_L] of the network (L = len(widths) − 1).
+        arch: the network's :class:`~natural_tangents.theory.Architecture` (e.g. ``net.architecture``),
+            in place of activation, sigma_w2 and sigma_b2 (its depth must be len(widths) − 1).
         activation, sigma_w2: needed by the unit-wise Fisher (γ_l at the forward variances q_l).
         sigma_b2: σ_b² of the network; for K-FAC with ``bias="augment"`` the bias column widens the
             first layer's forward signal to M_0 + 1.
@@ -291,5 +295,9 @@ def alpha(
             argument the Fisher needs, or an unsupported Fisher.
     """
     widths = check_widths(widths)
+    if arch is not None:
+        if arch.depth != len(widths) - 1:
+            raise ValueError(f"arch: depth {arch.depth} does not match widths {list(widths)} (L = {len(widths) - 1})")
+        activation, sigma_w2, sigma_b2 = arch.activation, arch.sigma_w2, arch.sigma_b2
     query = AlphaQuery(widths, activation, sigma_w2, float(sigma_b2), n_train, bool(forster), bool(include_output))
     return alpha_rule(_resolve_fisher(fisher), query)

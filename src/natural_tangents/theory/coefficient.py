@@ -41,7 +41,8 @@ from .. import activations as _act
 from .. import fisher as _fisher
 from .._checks import check_widths
 from .alpha import _resolve_fisher, alpha
-from .kernels import AnalyticKernels, check_depth, check_pair, check_variances, kernels
+from .architecture import Architecture, resolve
+from .kernels import AnalyticKernels, check_pair, kernels
 
 __all__ = ["coefficient", "coefficient_rule", "CoefficientQuery"]
 
@@ -147,10 +148,11 @@ def coefficient(
     x_test: Tensor | None,
     x_train: Tensor,
     *,
-    depth: int,
-    activation: str | _act.Activation | Callable[[Tensor], Tensor],
-    sigma_w2: float,
-    sigma_b2: float,
+    arch: Architecture | None = None,
+    depth: int | None = None,
+    activation: str | _act.Activation | Callable[[Tensor], Tensor] | None = None,
+    sigma_w2: float | None = None,
+    sigma_b2: float | None = None,
     method: str = "auto",
     order: int | None = None,
     widths: Sequence[int] | None = None,
@@ -167,8 +169,9 @@ def coefficient(
             subclasses, KFAC, Unitwise) or a name accepted by ``nat.fisher.get``.
         x_test: (N′, M_0) test inputs, or None for x_test = x_train.
         x_train: (N, M_0) training inputs (N sets the 1/N).
-        depth, activation, sigma_w2, sigma_b2, method, order: as in
-            :func:`natural_tangents.theory.kernels`.
+        arch: the network's :class:`~natural_tangents.theory.Architecture` (e.g. ``net.architecture``),
+            or else the four keywords depth, activation, sigma_w2, sigma_b2.
+        method, order: as in :func:`natural_tangents.theory.kernels`.
         widths: [M_0, …, M_L] (checked against depth and M_0 when given); needed by the unit-wise
             Fisher for α = Σ_{l<L} γ_l M_l (+ C), ignored by the others (infinite width).
         include_output: unit-wise only: add the C output units to α (see
@@ -179,9 +182,8 @@ def coefficient(
         NotImplementedError: unit-wise Θ̄ on inputs other than the training set (S.155).
     """
     fisher = _resolve_fisher(fisher)
-    depth = check_depth(depth)
-    sigma_w2, sigma_b2 = check_variances(sigma_w2, sigma_b2)
-    act = _act.get(activation)
+    arch = resolve(arch, depth, activation, sigma_w2, sigma_b2)
+    depth, act, sigma_w2, sigma_b2 = arch.depth, arch.activation, arch.sigma_w2, arch.sigma_b2
     x_train, x_test_ = check_pair(x_train, x_test, ("x_train", "x_test"))
     on_train = x_test_ is None or (x_test_.shape == x_train.shape and torch.equal(x_test_, x_train))
     n = x_train.shape[0]
