@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import socket
 import subprocess
@@ -77,16 +76,12 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, capsys, argv, mess
     assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
 
 
-def test_empirical_kernel_or_a_clear_message(tmp_path, capsys):
+def test_empirical_kernel_into_a_file_equals_the_in_memory_kernel(tmp_path):
     argv = ["--empirical", "--width", "64", "--samples", "10", "--batch-size", "4", "--out", str(tmp_path / "e.npy")]
-    code = kernel_command.run(_parse(argv))
-    if {"batch_size", "out", "process_group"} <= set(inspect.signature(nat.empirical_ntk).parameters):
-        assert code == 0
-        net = nat.MLP([784, 64, 64, 1], "relu", 2.0, 0.0, seed=0, dtype=torch.float64)
-        ref = nat.empirical_ntk(net, _subset(list(range(10)), 10))
-        assert np.allclose(np.load(tmp_path / "e.npy"), ref.numpy(), rtol=0, atol=1e-10)
-    else:  # the tiled empirical NTK has not landed: the command says so in one line
-        assert code == 2 and "--empirical: this version of nat.empirical_ntk" in capsys.readouterr().err
+    assert kernel_command.run(_parse(argv)) == 0
+    net = nat.MLP([784, 64, 64, 1], "relu", 2.0, 0.0, seed=0, dtype=torch.float64)
+    ref = nat.empirical_ntk(net, _subset(list(range(10)), 10))
+    assert np.allclose(np.load(tmp_path / "e.npy"), ref.numpy(), rtol=0, atol=1e-10)
 
 
 SCRIPT = textwrap.dedent(
