@@ -31,6 +31,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .._parallel import ordered_map
 from ..signals import Signals
 from .base import BoundFisher, Fisher, block_diag_metric, pinv_psd, solve_psd, solve_with_metric
 
@@ -76,49 +77,54 @@ class Unitwise(Fisher):
         diag = s * s * torch.diagonal(k)
         return diag > self.rcond * diag.amax(1, keepdim=True).clamp_min(torch.finfo(k.dtype).tiny)
 
-    def _batches(self, k: Tensor, s: Tensor, width: int = 0):
-        """Yield (units, idx, valid, chol, solve) for batches of units of similar support size.
+    def _plan(self, k: Tensor, s: Tensor, width: int = 0) -> tuple[list[Tensor], dict]:
+        """Chunks of units of similar support size (sorted), and what every chunk's job needs.
 
-        idx (u, m): each unit's active samples first (padded); valid (u, m) marks the real ones;
-        chol: Cholesky factors of the support systems — K_SS at ρ = 0, S K_SS S / N + ρ I else —
-        with identity rows on the padding (None where the pseudo-inverse stands in); solve(b): the
-        systems' inverse applied to b (u, m, R). ``width`` is the number of right-hand sides to budget for.
-        """
+        Padding slot j of a system points at row n + j of K ⊕ I (and s = 1 there): identity rows and
+        no coupling, so no masking of the gathered systems is needed. ``width`` is the number of
+        right-hand sides to budget memory for."""
         n = k.shape[0]
         active = self._support(k, s)
         sizes = active.sum(1)
         order = torch.argsort(sizes)
-        pos = torch.argsort((~active).to(torch.int8), dim=1, stable=True)  # active samples first
         biggest = max(1, int(sizes.max()))
         step = max(1, _CHUNK_ELEMENTS // (biggest * (biggest + width)))
-        # padding slot j of a system points at row n + j of K ⊕ I (and s = 1 there): identity rows
-        # and no coupling, so no masking of the gathered systems is needed
-        k_ext = torch.block_diag(k, torch.eye(biggest, dtype=k.dtype, device=k.device))
-        s_ext = torch.cat([s, torch.ones(s.shape[0], biggest, dtype=s.dtype, device=s.device)], 1)
-        for lo in range(0, len(order), step):
-            units = order[lo : lo + step]
-            m = int(sizes[units].max())
-            if m == 0:
-                continue
-            idx = pos[units, :m]
-            slot = torch.arange(m, device=k.device)[None, :]
-            valid = slot < sizes[units][:, None]
-            sub_idx = torch.where(valid, idx, n + slot)
-            sub = torch.take(k_ext, sub_idx[:, :, None] * k_ext.shape[0] + sub_idx[:, None, :])
-            if self.damping > 0:
-                si = torch.gather(s_ext[units], 1, sub_idx)
-                sub.mul_(si[:, :, None] * si[:, None, :]).div_(n)
-                sub.diagonal(dim1=1, dim2=2).add_(self.damping)
-            chol, info = torch.linalg.cholesky_ex(sub)
-            if not bool((info != 0).any()):
-                yield units, idx, valid, chol, partial(_cholesky_solve, chol)
-            elif self.damping == 0:  # singular K_SS (e.g. M_{l−1} < N): eigh pseudo-inverse
-                yield units, idx, valid, None, pinv_psd(sub).matmul
-            else:
-                raise ValueError(
-                    "damping: the unit-wise systems are not positive definite in this precision; "
-                    "increase damping or use solve_dtype=torch.float64"
-                )
+        ctx = {
+            "n": n,
+            "sizes": sizes,
+            "pos": torch.argsort((~active).to(torch.int8), dim=1, stable=True),  # active samples first
+            "k_ext": torch.block_diag(k, torch.eye(biggest, dtype=k.dtype, device=k.device)),
+            "s_ext": torch.cat([s, torch.ones(s.shape[0], biggest, dtype=s.dtype, device=s.device)], 1),
+        }
+        chunks = [order[lo : lo + step] for lo in range(0, len(order), step)]
+        return [c for c in chunks if int(sizes[c].max()) > 0], ctx
+
+    def _factor(self, units: Tensor, ctx: dict):
+        """(units, idx, valid, chol, solve) of one chunk: idx (u, m) each unit's active samples first
+        (padded); valid (u, m) marks the real ones; chol the Cholesky factors of the support systems —
+        K_SS at ρ = 0, S K_SS S / N + ρ I else — with identity rows on the padding (None where the
+        pseudo-inverse stands in); solve(b) the systems' inverse applied to b (u, m, R)."""
+        n, sizes, k_ext = ctx["n"], ctx["sizes"], ctx["k_ext"]
+        m = int(sizes[units].max())
+        idx = ctx["pos"][units, :m]
+        slot = torch.arange(m, device=k_ext.device)[None, :]
+        valid = slot < sizes[units][:, None]
+        sub_idx = torch.where(valid, idx, n + slot)
+        rows = k_ext[sub_idx]  # (u, m, N + pad)
+        sub = torch.gather(rows, 2, sub_idx[:, None, :].expand(-1, m, -1))
+        if self.damping > 0:
+            si = torch.gather(ctx["s_ext"][units], 1, sub_idx)
+            sub.mul_(si[:, :, None] * si[:, None, :]).div_(n)
+            sub.diagonal(dim1=1, dim2=2).add_(self.damping)
+        chol, info = torch.linalg.cholesky_ex(sub)
+        if not bool((info != 0).any()):
+            return units, idx, valid, chol, partial(_cholesky_solve, chol)
+        if self.damping == 0:  # singular K_SS (e.g. M_{l−1} < N): eigh pseudo-inverse
+            return units, idx, valid, None, pinv_psd(sub).matmul
+        raise ValueError(
+            "damping: the unit-wise systems are not positive definite in this precision; "
+            "increase damping or use solve_dtype=torch.float64"
+        )
 
     def _solve_units(self, k: Tensor, s: Tensor, rhs: Tensor) -> Tensor:
         """For each unit i: (S_i² K / N + ρ)^{-1} rhs_i = S_i (S_i K S_i / N + ρ)^{-1} S_i^+ rhs_i, for
@@ -126,13 +132,19 @@ class Unitwise(Fisher):
         N K_SS^{-1} (rhs / s²)_S on the support S of unit i, 0 elsewhere."""
         n, r = k.shape[0], rhs.shape[2]
         out = torch.zeros(rhs.shape, dtype=rhs.dtype, device=rhs.device)
-        for units, idx, valid, _, solve in self._batches(k, s, r):
+        chunks, ctx = self._plan(k, s, r)
+
+        def job(units: Tensor):
+            units, idx, valid, _, solve = self._factor(units, ctx)
             gidx = idx[:, :, None].expand(-1, -1, r)
             si = torch.gather(s[units], 1, idx)[:, :, None]
             si = torch.where(valid[:, :, None], si, 1.0)
             b = torch.gather(rhs[units], 1, gidx) * valid[:, :, None]
             w = solve(b * (n / si**2)) if self.damping == 0 else solve(b / si) * si
-            out[units] = out[units].scatter(1, gidx, w * valid[:, :, None])
+            return units, idx, w * valid[:, :, None]
+
+        for units, idx, w in ordered_map(job, chunks):
+            out[units[:, None], idx] = w  # padding slots hold inactive samples, where w = 0
         return out
 
     # ------------------------------------------------------------------ rank-one units (MLP layers)
@@ -182,12 +194,15 @@ class Unitwise(Fisher):
         k = self._layer_k(bound, l)
         if self.damping == 0:
             return float(self._support(k, s).sum())
-        total = 0.0
-        for _, _, valid, chol, _ in self._batches(k, s):
+        chunks, ctx = self._plan(k, s)
+
+        def job(units: Tensor) -> float:
+            _, _, valid, chol, _ = self._factor(units, ctx)
             eye = torch.eye(chol.shape[-1], dtype=k.dtype, device=k.device).expand_as(chol)
             inv = torch.linalg.solve_triangular(chol, eye, upper=False) * valid[:, :, None]
-            total += float(valid.sum() - self.damping * (inv**2).sum())
-        return total
+            return float(valid.sum() - self.damping * (inv**2).sum())
+
+        return sum(ordered_map(job, chunks))
 
     # ------------------------------------------------------------------ units by their Jacobians
     def _jacobian_units(self, bound: BoundFisher, l: int):
