@@ -66,6 +66,7 @@ def test_unitwise_forward_variances_follow_the_recursion():
     assert torch.allclose(q, torch.tensor([q1, q1 + 0.5, q1 + 1.0], dtype=F64), atol=1e-14)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("act", ["tanh", "relu"])
 def test_unitwise_alpha_matches_finite_width_mean_eigenvalue(act, unit_inputs):
     """At ρ = 0 the finite-width Θ̄(x, x) of unit-wise NGD has mean eigenvalue Σ_l γ̂_l M_l + C;
@@ -122,6 +123,7 @@ def test_kfac_alpha_narrow_input_with_and_without_forster():
     assert theory.alpha(fisher.KFAC(output_factor="fisher"), widths=widths, n_train=80, forster=True) == 121.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("forster", [False, True])
 def test_kfac_alpha_matches_finite_width_mean_eigenvalue(forster, unit_inputs):
     """M_0 = 40 < N = 80, ReLU, L = 3, no bias: the measured mean eigenvalue of K-FAC's Θ̄ is

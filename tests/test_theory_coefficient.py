@@ -56,6 +56,7 @@ def test_unitwise_on_the_training_set_and_refused_elsewhere(unit_inputs):
         theory.coefficient(fisher.Unitwise(), None, x, **CFG)
 
 
+@pytest.mark.slow
 def test_exact_coefficient_matches_empirical_ntk_route(unit_inputs):
     """Independent of nat.fisher: Θ̄ = Θ(x′, x) Θ(x, x)^{-1} from nat.empirical_ntk of wide nets,
     averaged over seeds; relative error O(1/√M) and shrinking by ≈ √8 from M = 256 to 2048."""
