@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from natural_tangents import cli
+from natural_tangents.experiments import REGISTRY
+
 torch.set_num_threads(2)
 
 
@@ -52,9 +55,6 @@ def reproduced(tmp_path_factory):
     Returns a namespace: ``out`` (the output folder), ``code`` (the exit code), ``stdout``, and
     ``results``, each experiment's JSON payload (name, summary, settings, checks, rows) by name.
     """
-    from natural_tangents import cli
-    from natural_tangents.experiments import REGISTRY
-
     out = tmp_path_factory.mktemp("reproduce")
     argv = ["reproduce", "all", "--quick", "--max-width", str(TINY_WIDTH), "--out", str(out), "--no-progress"]
     stdout = io.StringIO()

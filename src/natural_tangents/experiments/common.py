@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..losses import MSE
+from ..network import MLP
 
 __all__ = ["Settings", "Check", "Result", "progress", "write", "timed", "mse", "mse_path"]
 
@@ -50,11 +51,11 @@ def mse_path(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class Settings:
     """How to run the experiments.
 
-    quick: shrink widths and steps so that ``reproduce all`` takes a few minutes on a laptop;
-    otherwise the paper's settings. seed: the random seed of the networks and data draws. device, dtype: of the
-    networks (the N × N algebra is float64 regardless). progress: show progress bars. max_width: a
-    cap on the ``width`` of every experiment's sizes (the swept widths of condition and the width
-    sweep of tridiagonal stay as they are), for smoke tests.
+    quick: the experiments' ``QUICK`` sizes, so that ``reproduce all`` takes minutes on a laptop;
+    otherwise their ``FULL`` sizes, the paper's settings. seed: the random seed of the networks and
+    data draws. device, dtype: of the networks (the N × N algebra is float64 regardless). progress:
+    show progress bars. max_width: a cap on the ``width`` of every experiment's sizes, for smoke
+    tests (the swept widths of condition and the width sweep of tridiagonal stay as they are).
     """
 
     quick: bool = True
@@ -65,6 +66,7 @@ class Settings:
     max_width: int | None = None  # caps the experiments' widths (the tests run them tiny)
 
     def width(self, full: int, quick: int) -> int:
+        """A single width: ``quick`` or ``full``, capped by ``max_width``."""
         w = quick if self.quick else full
         return w if self.max_width is None else min(w, self.max_width)
 
@@ -77,8 +79,6 @@ class Settings:
 
     def network(self, widths, activation="relu", sigma_w2: float = 2.0, sigma_b2: float = 0.0, seed: int | None = None):
         """An :class:`~natural_tangents.MLP` with these settings' seed (unless ``seed``), dtype and device."""
-        from ..network import MLP
-
         seed = self.seed if seed is None else seed
         return MLP(widths, activation, sigma_w2, sigma_b2, seed=seed, dtype=self.dtype, device=self.device)
 
