@@ -4,6 +4,7 @@ widths), and the premises of their theory lines checked on their own."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -23,8 +24,8 @@ def test_condition_isotropic_fishers_and_unitwise_spread(reproduced):
             if name == "kfac" and row["min_rank_backward"] < n:
                 continue  # K-FAC's Θ̄ = α I needs backward signals of rank N (S.105)
             assert row["condition_number"] == pytest.approx(1.0, abs=1e-6), (name, row["width"])
-            # the ρ = 1e-12 bias is of the size the infinite-width theory at that ρ predicts
-            assert row["cond_minus_1"] < 20 * row["cond_minus_1_theory"] + 1e-9
+            if row["width"] >= 2 * n:  # the ρ = 1e-12 bias is the size the M → ∞ theory at that ρ predicts
+                assert row["cond_minus_1"] < 20 * row["cond_minus_1_theory"] + 1e-9, (name, row["width"])
     unit = sorted(reproduced.rows("condition", method="unitwise"), key=lambda r: r["width"])
     assert unit[0]["cond_minus_1"] > unit[-1]["cond_minus_1"] > 0  # decreasing with width
     assert unit[0]["cond_minus_1_theory"] > unit[-1]["cond_minus_1_theory"]
@@ -62,7 +63,9 @@ def test_alpha_shift_matches_theory(reproduced):
     assert s0["alpha_over_M"] == pytest.approx(1.0, rel=0.03)
     for row in reproduced.rows("alpha-shift"):  # per layer, the fraction of active units is γ_l
         for l in (1, 2):
-            assert row[f"active_fraction_layer{l}"] == pytest.approx(row[f"gamma{l}_theory"], abs=0.05)
+            gamma = row[f"gamma{l}_theory"]
+            spread = math.sqrt(gamma * (1 - gamma) / row["width"])  # binomial, one sample's M units
+            assert row[f"active_fraction_layer{l}"] == pytest.approx(gamma, abs=3 * spread + 1e-3), (row["s"], l)
 
 
 # --------------------------------------------------------------------------------------- tridiagonal
