@@ -188,9 +188,6 @@ def test_min_norm_errors():
 
 
 # --------------------------------------------------------------------- real NGD training
-def _unit(n: int, m: int, seed: int) -> torch.Tensor:
-    x = torch.randn(n, m, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
 
 
 @pytest.mark.slow
@@ -207,12 +204,12 @@ def _unit(n: int, m: int, seed: int) -> torch.Tensor:
         (fisher.Unitwise(damping=1e-7), 1024),
     ],
 )
-def test_closed_form_tracks_real_ngd_training(fish, width, scale):
+def test_closed_form_tracks_real_ngd_training(fish, width, scale, unit_inputs):
     """η = scale/α with the theoretical α: ||f_t − f_t^lin|| / ||f_0 − y|| ≤ 0.05 on the training and
     test inputs for t ≤ 5 (erf, σ_b² = 0, L = 3, N = 32, M_0 = 64). K-FAC's steps are the least
     linear (8% at M = 1024, 3% at 4096), so it runs wider."""
     n, nt, m0 = 32, 8, 64
-    x, xt = _unit(n, m0, 0), _unit(nt, m0, 1)
+    x, xt = unit_inputs(n, m0, 0), unit_inputs(nt, m0, 1)
     g = torch.Generator().manual_seed(5)
     y = torch.sign(torch.randn(n, 1, generator=g, dtype=F64))
     yt = torch.sign(torch.randn(nt, 1, generator=g, dtype=F64))

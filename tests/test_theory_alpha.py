@@ -17,11 +17,6 @@ from natural_tangents import fisher, theory
 F64 = torch.float64
 
 
-def _unit(n: int, m: int, seed: int) -> torch.Tensor:
-    x = torch.randn(n, m, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
-
-
 # --------------------------------------------------------------------------------- gamma
 @pytest.mark.parametrize("q", [0.05, 0.5, 2.0])
 def test_gamma_values(q):
@@ -71,12 +66,13 @@ def test_unitwise_forward_variances_follow_the_recursion():
     assert torch.allclose(q, torch.tensor([q1, q1 + 0.5, q1 + 1.0], dtype=F64), atol=1e-14)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("act", ["tanh", "relu"])
-def test_unitwise_alpha_matches_finite_width_mean_eigenvalue(act):
+def test_unitwise_alpha_matches_finite_width_mean_eigenvalue(act, unit_inputs):
     """At ρ = 0 the finite-width Θ̄(x, x) of unit-wise NGD has mean eigenvalue Σ_l γ̂_l M_l + C;
     for tanh γ̂ = 1 exactly, for ReLU the active fraction fluctuates by O(1/√M)."""
     n, m0, m = 16, 40, 512
-    x = _unit(n, m0, 0)
+    x = unit_inputs(n, m0, 0)
     widths = [m0, m, m, 1]
     a = theory.alpha(fisher.Unitwise(), widths=widths, activation=act, sigma_w2=2.0, sigma_b2=0.5)
     for seed in range(2):
@@ -127,12 +123,13 @@ def test_kfac_alpha_narrow_input_with_and_without_forster():
     assert theory.alpha(fisher.KFAC(output_factor="fisher"), widths=widths, n_train=80, forster=True) == 121.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("forster", [False, True])
-def test_kfac_alpha_matches_finite_width_mean_eigenvalue(forster):
+def test_kfac_alpha_matches_finite_width_mean_eigenvalue(forster, unit_inputs):
     """M_0 = 40 < N = 80, ReLU, L = 3, no bias: the measured mean eigenvalue of K-FAC's Θ̄ is
     N(L−1) + M_0 with or without Forster (the trace is M_0 either way); only the spread differs."""
     n, m0, m = 80, 40, 256
-    x = _unit(n, m0, 1)
+    x = unit_inputs(n, m0, 1)
     if forster:
         x = nat.data.forster(x)
     net = nat.MLP([m0, m, m, 1], activation="relu", sigma_w2=2.0, sigma_b2=0.0, seed=0, dtype=F64)
@@ -150,11 +147,11 @@ def test_kfac_alpha_matches_finite_width_mean_eigenvalue(forster):
 
 
 @pytest.mark.parametrize("m0", [32, 16])
-def test_kfac_block_bias_alpha(m0):
+def test_kfac_block_bias_alpha(m0, unit_inputs):
     """bias='block': hidden biases in their own blocks (S.123) add N each; the output bias stays in
     the augmented factor. α = N (2L − 1) for M_0 ≥ N and N (2L − 2) + M_0 with Forster inputs."""
     n, m = 24, 256
-    x = _unit(n, m0, 2)
+    x = unit_inputs(n, m0, 2)
     if m0 < n:
         x = nat.data.forster(x)
     net = nat.MLP([m0, m, m, 1], activation="tanh", sigma_w2=2.0, sigma_b2=0.5, seed=0, dtype=F64)

@@ -16,11 +16,6 @@ F64 = torch.float64
 CFG = {"depth": 3, "activation": "relu", "sigma_w2": 2.0, "sigma_b2": 0.5}
 
 
-def _unit(n: int, m: int, seed: int) -> torch.Tensor:
-    x = torch.randn(n, m, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
-
-
 def _net(m0: int, width: int, seed: int, act: str = "relu", sigma_b2: float = 0.5) -> nat.MLP:
     return nat.MLP([m0, width, width, 1], activation=act, sigma_w2=2.0, sigma_b2=sigma_b2, seed=seed, dtype=F64)
 
@@ -36,8 +31,8 @@ def _net(m0: int, width: int, seed: int, act: str = "relu", sigma_b2: float = 0.
         (fisher.KFAC(bias="block"), lambda n: 5.0 * n),
     ],
 )
-def test_isotropic_on_the_training_set(fish, alpha):
-    x = _unit(20, 32, 0)
+def test_isotropic_on_the_training_set(fish, alpha, unit_inputs):
+    x = unit_inputs(20, 32, 0)
     tb = theory.coefficient(fish, None, x, **CFG)
     assert tb.shape == (20, 20) and tb.dtype == F64
     assert torch.allclose(tb, alpha(20) * torch.eye(20, dtype=F64), atol=1e-9 * alpha(20))
@@ -48,23 +43,24 @@ def test_isotropic_on_the_training_set(fish, alpha):
     assert torch.allclose(theory.coefficient(fish, x, x, **CFG), tb)
 
 
-def test_unitwise_on_the_training_set_and_refused_elsewhere():
-    x = _unit(10, 32, 1)
+def test_unitwise_on_the_training_set_and_refused_elsewhere(unit_inputs):
+    x = unit_inputs(10, 32, 1)
     widths = [32, 1024, 1024, 1]
     tb = theory.coefficient(fisher.Unitwise(), None, x, widths=widths, **CFG)
     a = theory.alpha(fisher.Unitwise(), widths=widths, activation="relu", sigma_w2=2.0, sigma_b2=0.5)
     assert a == pytest.approx(1025.0)  # γ = 1/2 per hidden unit, + 1 output unit
     assert torch.allclose(tb, a * torch.eye(10, dtype=F64))
     with pytest.raises(NotImplementedError, match=r"S\.155"):
-        theory.coefficient(fisher.Unitwise(), _unit(3, 32, 2), x, widths=widths, **CFG)
+        theory.coefficient(fisher.Unitwise(), unit_inputs(3, 32, 2), x, widths=widths, **CFG)
     with pytest.raises(ValueError, match="widths"):
         theory.coefficient(fisher.Unitwise(), None, x, **CFG)
 
 
-def test_exact_coefficient_matches_empirical_ntk_route():
+@pytest.mark.slow
+def test_exact_coefficient_matches_empirical_ntk_route(unit_inputs):
     """Independent of nat.fisher: Θ̄ = Θ(x′, x) Θ(x, x)^{-1} from nat.empirical_ntk of wide nets,
     averaged over seeds; relative error O(1/√M) and shrinking by ≈ √8 from M = 256 to 2048."""
-    x, xt = _unit(12, 24, 3), _unit(5, 24, 4)
+    x, xt = unit_inputs(12, 24, 3), unit_inputs(5, 24, 4)
     ana = theory.coefficient(fisher.Exact(), xt, x, **CFG)
     err = {}
     for width in (256, 2048):
@@ -91,13 +87,13 @@ FISHERS = [
 
 
 @pytest.mark.slow
-def test_test_point_coefficient_matches_wide_networks_for_every_fisher():
+def test_test_point_coefficient_matches_wide_networks_for_every_fisher(unit_inputs):
     """Θ̄(x′, x) of nat.fisher.*.coefficient on tanh MLP([32, M, M, 1]) converges to the analytic one.
     Stated bound: relative Frobenius error (mean of 3 seeds) ≤ 16/√M, dropping by a factor > 1.8
     (√8 ≈ 2.8 expected; measured 2.3–3.2) from M = 256 to 2048. The constant is large because Θ̄ on
     test points contains B_l^{-1} and Θ^{-1} of kernels with condition numbers ~10³."""
     cfg = {**CFG, "activation": "tanh"}
-    x, xt = _unit(16, 32, 0), _unit(8, 32, 1)
+    x, xt = unit_inputs(16, 32, 0), unit_inputs(8, 32, 1)
     ana = [theory.coefficient(f, xt, x, **cfg) for f in FISHERS]
     err = torch.zeros(2, len(FISHERS), dtype=F64)
     for i, width in enumerate((256, 2048)):
@@ -110,21 +106,21 @@ def test_test_point_coefficient_matches_wide_networks_for_every_fisher():
     assert bool((err[0] / err[1] > 1.8).all()), err[0] / err[1]
 
 
-def test_damping_and_training_set_agree_with_fisher_exactly_where_width_does_not_matter():
+def test_damping_and_training_set_agree_with_fisher_exactly_where_width_does_not_matter(unit_inputs):
     """On the training set the K-FAC and layer-wise Θ̄ with damping depend on the network only through
     the kernels; the depth-1 network's kernel is exact, so analytic and measured Θ̄ coincide."""
-    x, xt = _unit(6, 10, 7), _unit(3, 10, 8)
+    x, xt = unit_inputs(6, 10, 7), unit_inputs(3, 10, 8)
     net = nat.MLP([10, 1], activation="tanh", sigma_w2=1.5, sigma_b2=0.3, seed=0, dtype=F64)
     opts = {"depth": 1, "activation": "tanh", "sigma_w2": 1.5, "sigma_b2": 0.3}
     for f in (fisher.Exact(damping=0.05), fisher.BlockDiagonal(damping=0.05), fisher.KFAC(damping=0.01)):
         assert torch.allclose(theory.coefficient(f, xt, x, **opts), f.coefficient(net, x, xt).to(F64), atol=1e-10)
 
 
-def test_kfac_narrow_input_uses_the_primal_first_layer():
+def test_kfac_narrow_input_uses_the_primal_first_layer(unit_inputs):
     """M_0 = 12 < N = 24 (S.108): analytic Θ̄ against K-FAC on a wide net; raw inputs are not
     isotropic, Forster inputs give N(L−1) + M_0 (S.111)."""
     n, m0 = 24, 12
-    x = _unit(n, m0, 9)
+    x = unit_inputs(n, m0, 9)
     cfg = {**CFG, "sigma_b2": 0.0}
     raw = theory.coefficient(fisher.KFAC(), None, x, **cfg)
     ev = torch.linalg.eigvalsh(raw)
@@ -134,7 +130,7 @@ def test_kfac_narrow_input_uses_the_primal_first_layer():
     iso = theory.coefficient(fisher.KFAC(), None, xf, **cfg)
     assert torch.allclose(iso, (n * 2 + m0) * torch.eye(n, dtype=F64), atol=1e-6)
     # on test points, against the network (the first layer is exact at any width)
-    xt = _unit(4, m0, 10)
+    xt = unit_inputs(4, m0, 10)
     ana = theory.coefficient(fisher.KFAC(), xt, x, **cfg)
     net = _net(m0, 2048, 0, sigma_b2=0.0)
     with pytest.warns(RuntimeWarning, match="isotropic"):
@@ -142,8 +138,8 @@ def test_kfac_narrow_input_uses_the_primal_first_layer():
     assert float(torch.linalg.matrix_norm(emp - ana) / torch.linalg.matrix_norm(ana)) < 20 / math.sqrt(2048)
 
 
-def test_singular_sigma_needs_damping():
-    x = _unit(8, 16, 11)
+def test_singular_sigma_needs_damping(unit_inputs):
+    x = unit_inputs(8, 16, 11)
     cfg = {**CFG, "depth": 5}  # block tri-diagonal Σ is singular at L = 3s + 2
     with pytest.raises(ValueError, match=r"singular.*damping > 0"):
         theory.coefficient(fisher.BlockTriDiagonal(), None, x, **cfg)
@@ -151,10 +147,10 @@ def test_singular_sigma_needs_damping():
     assert torch.allclose(tb, tb.T, atol=1e-10) and bool(torch.isfinite(tb).all())
 
 
-def test_bad_inputs():
-    x = _unit(5, 6, 12)
+def test_bad_inputs(unit_inputs):
+    x = unit_inputs(5, 6, 12)
     with pytest.raises(ValueError, match="x_test: has 7 features"):
-        theory.coefficient(fisher.Exact(), _unit(2, 7, 0), x, **CFG)
+        theory.coefficient(fisher.Exact(), unit_inputs(2, 7, 0), x, **CFG)
     with pytest.raises(ValueError, match="fisher"):
         theory.coefficient(object(), None, x, **CFG)
     assert torch.equal(theory.coefficient("exact", None, x, **CFG), theory.coefficient(fisher.Exact(), None, x, **CFG))

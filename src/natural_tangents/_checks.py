@@ -57,17 +57,6 @@ def check_finite(x: Tensor, name: str) -> None:
         raise ValueError(f"{name}: contains {bad} NaN or inf entries; clean or impute them first")
 
 
-def check_unit_norm(x: Tensor, name: str, *, atol: float = 1e-6) -> None:
-    """Assumption 2 of the seed: every sample has ||x_n||_2 = 1."""
-    norms = torch.linalg.vector_norm(x.to(torch.float64), dim=1)
-    worst = float((norms - 1.0).abs().max())
-    if worst > atol:
-        raise ValueError(
-            f"{name}: the theory assumes unit-norm samples ||x_n|| = 1 (the seed's Assumption 2), "
-            f"but norms deviate by up to {worst:.3g}; normalize with nat.data.normalize({name})"
-        )
-
-
 def check_damping(damping: float, name: str = "damping") -> float:
     damping = float(damping)
     if not np.isfinite(damping) or damping < 0:

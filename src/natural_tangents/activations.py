@@ -8,7 +8,7 @@ infinite-width theory need:
 * ``name`` is the string that :func:`get` accepts (for the parameter-free ones).
 
 Strings name the parameter-free activations: ``"relu"``, ``"tanh"``, ``"erf"``, ``"identity"``
-(alias ``"linear"``), ``"gelu"``, ``"softplus"``, ``"sigmoid"``. ``ShiftedReLU(s)`` is the seed's
+(alias ``"linear"``), ``"gelu"``, ``"softplus"``, ``"sigmoid"``. ``ShiftedReLU(s)`` is the paper's
 φ_s(u) = max(u, −s) (Appendix C.3.3) and :class:`Elementwise` wraps any elementwise torch function,
 its derivative taken by autograd.
 """
@@ -57,7 +57,7 @@ class Activation:
 
 @dataclass(frozen=True, repr=False)
 class ReLU(Activation):
-    """φ(u) = max(u, 0); φ′(u) = 1 for u > 0, else 0 (closed-form kernels: seed (S.176)–(S.178))."""
+    """φ(u) = max(u, 0); φ′(u) = 1 for u > 0, else 0 (closed-form kernels: the paper's (S.176)–(S.178))."""
 
     name = "relu"
     kinks = (0.0,)
@@ -71,7 +71,7 @@ class ReLU(Activation):
 
 @dataclass(frozen=True, repr=False)
 class ShiftedReLU(Activation):
-    """The seed's shifted ReLU φ_s(u) = max(u, −s) (Appendix C.3.3); ``s = 0`` is the ReLU."""
+    """The paper's shifted ReLU φ_s(u) = max(u, −s) (Appendix C.3.3); ``s = 0`` is the ReLU."""
 
     s: float = 1.0
     name = "shifted_relu"

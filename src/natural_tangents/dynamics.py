@@ -1,4 +1,4 @@
-"""Closed-form linearized training dynamics (seed (S.24)–(S.26), Appendix B.4).
+"""Closed-form linearized training dynamics (the paper's (S.24)–(S.26), Appendix B.4; see docs/conventions.md).
 
 For a linearized model trained with a fixed preconditioner, discrete steps of size η obey
 
@@ -8,7 +8,7 @@ with K = Θ̄ = J G^{-1} J^T / N for NGD (S.4) and K = Θ = J J^T / N for gradie
 
     f_t(x′) = f_0(x′) + K(x′, x) K(x, x)^{-1} (I − (I − η K(x, x))^t) (y − f_0(x))        (S.26)
 
-Normalization: the seed's, with the 1/N inside K, and the loss L = (1/2N) Σ_n ||f(x_n) − y_n||².
+Normalization: the paper's, with the 1/N inside K, and the loss L = (1/2N) Σ_n ||f(x_n) − y_n||².
 The library's kernel functions return J J^T *without* the 1/N, so pass
 ``nat.empirical_ntk(net, x) / N`` or ``nat.theory.ntk(x, ...) / N`` to :func:`gd`; every
 ``coefficient`` (``nat.fisher.*.coefficient``, ``nat.theory.coefficient``) already carries it.
@@ -249,7 +249,7 @@ def ngd(
 def gd(ntk_train, y, f0_train, lr: float, ntk_test=None, f0_test=None) -> LinearizedDynamics:
     """Closed-form linearized gradient descent f_{t+1} = f_t − η Θ (f_t − y), Θ = J J^T / N.
 
-    The kernels carry the seed's 1/N: pass ``nat.empirical_ntk(net, x) / N`` (and
+    The kernels carry the paper's 1/N: pass ``nat.empirical_ntk(net, x) / N`` (and
     ``nat.empirical_ntk(net, x_test, x) / N``), or ``nat.theory.ntk(...) / N``. Shapes and return
     value as in :func:`ngd`. In the NTK parameterization η = O(1) is stable for η < 2/λ_max(Θ).
     """

@@ -1,4 +1,5 @@
-"""The seed's experiments, each a function ``run(settings) -> Result`` (see :mod:`.common`).
+"""The paper's experiments (Karakida and Osawa, NeurIPS 2020), each a module with ``measure``,
+``predict`` and ``plot`` joined by ``run(settings) -> Result`` (see :mod:`.common`).
 
 ``natural-tangents reproduce NAME`` runs one, ``reproduce all`` runs them all and writes a report.
 """

@@ -1,9 +1,11 @@
-"""What every experiment shares: settings, the result record, writing JSON/CSV/PNG, plot style.
+"""What every experiment shares: settings, the result record, and writing JSON/CSV/PNG.
 
-An experiment is a function ``run(settings) -> Result``. It measures something on finite networks
-(the experiment, drawn as markers) and computes what the theory predicts (drawn as lines), and
-reports a few headline quantities as :class:`Check` rows: the seed's value, our theory, our
-measurement.
+An experiment module has three parts: ``measure`` (finite networks: the experiment, drawn as open
+markers), ``predict`` (what the theory says: drawn as lines) and ``plot``; its ``run(settings) -> Result``
+joins them and reports a few headline quantities as :class:`Check` rows: the value the paper
+(Karakida and Osawa, NeurIPS 2020) gives, our theory, our measurement. Each module has ``QUICK`` and
+``FULL`` problem sizes; :meth:`Settings.sizes` picks one. The figures' common look is in
+:mod:`.plotting`; notation and normalizations are those of docs/conventions.md.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import TypeVar
 
 import matplotlib
 
@@ -25,48 +28,34 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["Settings", "Check", "Result", "progress", "write", "method_style", "THEORY", "EXPERIMENT"]
+from ..losses import MSE
+from ..network import MLP
 
-THEORY = {"linestyle": "-", "linewidth": 1.6, "alpha": 0.9}
-EXPERIMENT = {
-    "linestyle": "none",
-    "marker": "o",
-    "markersize": 5,
-    "markerfacecolor": "none",
-    "markeredgewidth": 1.4,
-}
+__all__ = ["Settings", "Check", "Result", "progress", "write", "timed", "mse", "mse_path"]
 
-_COLORS = {
-    "gd": "#555555",
-    "exact": "#1f77b4",
-    "block_diagonal": "#2ca02c",
-    "block_tridiagonal": "#9467bd",
-    "kfac": "#d62728",
-    "unitwise": "#ff7f0e",
-}
-_LABELS = {
-    "gd": "GD",
-    "exact": "Exact NGD",
-    "block_diagonal": "Block diagonal",
-    "block_tridiagonal": "Block tri-diagonal",
-    "kfac": "K-FAC",
-    "unitwise": "Unit-wise",
-}
+S = TypeVar("S")
+_MSE = MSE()
 
 
-def method_style(name: str) -> tuple[str, str]:
-    """(colour, label) of a method name ("gd", "exact", …)."""
-    return _COLORS.get(name, "#17becf"), _LABELS.get(name, name)
+def mse(f: torch.Tensor, y: torch.Tensor) -> float:
+    """The training loss (1/2N) Σ_n ||f(x_n) − y_n||² of (N, C) outputs, as a float."""
+    return float(_MSE.value(f, y))
+
+
+def mse_path(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The MSE loss along a path of outputs f (T, N, C) against targets y (N, C): shape (T,)."""
+    return torch.stack([_MSE.value(ft, y) for ft in f])
 
 
 @dataclass(frozen=True)
 class Settings:
     """How to run the experiments.
 
-    quick: shrink widths and steps so that ``reproduce all`` takes a few minutes on a laptop;
-    otherwise the seed's settings. seed: of the networks and data draws. device, dtype: of the
-    networks (the N × N algebra is float64 regardless). progress: show progress bars. max_width: a
-    cap on every network width, for smoke tests.
+    quick: the experiments' ``QUICK`` sizes, so that ``reproduce all`` takes minutes on a laptop;
+    otherwise their ``FULL`` sizes, the paper's settings. seed: the random seed of the networks and
+    data draws. device, dtype: of the networks (the N × N algebra is float64 regardless). progress:
+    show progress bars. max_width: a cap on the ``width`` of every experiment's sizes, for smoke
+    tests (the swept widths of condition and the width sweep of tridiagonal stay as they are).
     """
 
     quick: bool = True
@@ -74,16 +63,22 @@ class Settings:
     device: str = "cpu"
     dtype: torch.dtype = torch.float64
     progress: bool = True
-    max_width: int | None = None  # caps every width (the tests run the experiments tiny)
+    max_width: int | None = None  # caps the experiments' widths (the tests run them tiny)
 
     def width(self, full: int, quick: int) -> int:
+        """A single width: ``quick`` or ``full``, capped by ``max_width``."""
         w = quick if self.quick else full
         return w if self.max_width is None else min(w, self.max_width)
 
+    def sizes(self, quick: S, full: S) -> S:
+        """An experiment's ``QUICK`` or ``FULL`` problem sizes; ``max_width`` caps any ``width`` field."""
+        chosen = quick if self.quick else full
+        if self.max_width is None or "width" not in {f.name for f in fields(chosen)}:
+            return chosen
+        return replace(chosen, width=min(chosen.width, self.max_width))
+
     def network(self, widths, activation="relu", sigma_w2: float = 2.0, sigma_b2: float = 0.0, seed: int | None = None):
         """An :class:`~natural_tangents.MLP` with these settings' seed (unless ``seed``), dtype and device."""
-        from ..network import MLP
-
         seed = self.seed if seed is None else seed
         return MLP(widths, activation, sigma_w2, sigma_b2, seed=seed, dtype=self.dtype, device=self.device)
 
@@ -93,16 +88,15 @@ class Settings:
 
 @dataclass(frozen=True)
 class Check:
-    """One headline number: what the seed reports, what our theory gives, what we measured."""
+    """One headline number: what the paper reports, what our theory gives, what we measured."""
 
     quantity: str
-    seed: str
+    paper: str
     theory: float | str
     experiment: float | str
-    ok: bool | None = None
 
     def cells(self) -> list[str]:
-        return [self.quantity, self.seed, _fmt(self.theory), _fmt(self.experiment)]
+        return [self.quantity, self.paper, _fmt(self.theory), _fmt(self.experiment)]
 
 
 @dataclass
@@ -177,38 +171,8 @@ def write(result: Result, out: str | os.PathLike) -> Result:
 
 
 def timed(fn, settings: Settings) -> Result:
+    """``fn(settings)`` with its wall-clock time recorded in ``Result.seconds``."""
     start = time.perf_counter()
     result = fn(settings)
     result.seconds = time.perf_counter() - start
     return result
-
-
-def log_axis(ax, ylabel: str, xlabel: str = "step t") -> None:
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, which="both", alpha=0.25)
-
-
-def legend_theory_experiment(ax, extra: Sequence = (), outside: bool = False) -> None:
-    """A legend that also explains the encoding: lines = theory, open markers = experiment
-    (``outside``: to the right of the axes, clear of the data)."""
-    handles, labels = ax.get_legend_handles_labels()
-    proxy_t = plt.Line2D([], [], color="black", **THEORY)
-    proxy_e = plt.Line2D([], [], color="black", **EXPERIMENT)
-    if outside:
-        ax.legend(
-            [*handles, proxy_t, proxy_e, *extra],
-            [*labels, "theory (line)", "experiment (markers)"],
-            fontsize=8,
-            loc="upper left",
-            bbox_to_anchor=(1.02, 1.0),
-            borderaxespad=0.0,
-        )
-        return
-    ax.legend(
-        [*handles, proxy_t, proxy_e, *extra],
-        [*labels, "theory (line)", "experiment (markers)"],
-        fontsize=8,
-        loc="best",
-    )

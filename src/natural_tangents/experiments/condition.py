@@ -1,4 +1,4 @@
-"""Condition number of Θ̄(x, x) against width for every Fisher (the seed's Figure 3, C.3.1).
+"""Condition number of Θ̄(x, x) against width for every Fisher (the paper's Figure 3, C.3.1).
 
 Setting of C.3.1: ReLU, L = 3, Gaussian inputs (M_0 = 100, N = 80, unit norm), C = 1, σ_w² = 2,
 σ_b² = 0.5, damping ρ = 1e-12 for every Fisher.
@@ -32,10 +32,13 @@ from .. import fisher as F
 from .. import theory
 from ..data import gaussian
 from ..network import MLP
-from .common import EXPERIMENT, THEORY, Check, Result, Settings, legend_theory_experiment, method_style, progress
+from .common import Check, Result, Settings, progress
+from .plotting import EXPERIMENT, THEORY, finish, legend_theory_experiment, method_style, note, width_axis
 
 NAME = "condition"
-TITLE = "Condition number of Θ̄(x, x) against width for every Fisher (seed Figure 3; ReLU, L = 3, Gaussian inputs)"
+TITLE = (
+    "Condition number of Θ̄(x, x) against width for every Fisher (the paper's Figure 3; ReLU, L = 3, Gaussian inputs)"
+)
 
 DAMPING = 1e-12
 SIGMA_W2, SIGMA_B2 = 2.0, 0.5
@@ -100,38 +103,43 @@ def _kfac_rank(net: MLP, x: torch.Tensor) -> int:
     return min(int(torch.linalg.matrix_rank(fx.backward[l][0].double())) for l in range(DEPTH - 1))
 
 
-def run(settings: Settings, sizes: Sizes | None = None) -> Result:
-    sizes = sizes or (QUICK if settings.quick else FULL)
-    n, m0 = sizes.n, sizes.m0
-    x = gaussian(n, m0, seed=settings.seed, dtype=torch.float64)
+def _kw() -> dict:
+    return {"activation": "relu", "sigma_w2": SIGMA_W2, "sigma_b2": SIGMA_B2}
+
+
+def predict(x: torch.Tensor, sizes: Sizes, seed: int) -> dict:
+    """The theory: for each isotropic Fisher, cond(Θ̄) − 1 of the infinite-width Θ̄ at ρ = 1e-12 (its
+    damping bias) and α; for unit-wise, the spread quantiles at the measured widths and on a fine grid."""
+    fs = fishers()
+    cond_inf = {}
+    for name in METHODS[:-1]:
+        tb = theory.coefficient(fs[name], None, x, depth=DEPTH, **_kw())
+        cond_inf[name] = F.isotropy(tb).condition_number - 1.0
+    alpha = {
+        name: theory.alpha(fs[name], widths=[sizes.m0, 1024, 1024, 1], n_train=sizes.n, **_kw())
+        for name in METHODS[:-1]
+    }
+    alpha["unitwise"] = {m: theory.alpha(fs["unitwise"], widths=[sizes.m0, m, m, 1], **_kw()) for m in sizes.widths}
+    grid = np.geomspace(min(sizes.widths) / 1.3, max(sizes.widths) * 1.3, 60)
+    return {
+        "cond_minus_1": cond_inf,
+        "alpha": alpha,
+        "grid": grid,
+        "spread": unitwise_spread(x, grid, draws=sizes.draws, seed=seed),
+        "at_points": unitwise_spread(x, np.asarray(sizes.widths, dtype=float), draws=sizes.draws, seed=seed),
+    }
+
+
+def measure(settings: Settings, sizes: Sizes, x: torch.Tensor) -> list[dict]:
+    """Per width and Fisher: cond(Θ̄(x, x)) and α̂ of one network, and the smallest rank of Δ_l."""
     x_net = x.to(device=settings.device, dtype=settings.dtype)
     fs = fishers()
-
-    # theory: infinite width at ρ = 1e-12 (cond − 1 = damping bias), and α of each Fisher
-    cond_inf, alpha_th = {}, {}
-    for name in METHODS[:-1]:
-        tb = theory.coefficient(fs[name], None, x, depth=DEPTH, activation="relu", sigma_w2=SIGMA_W2, sigma_b2=SIGMA_B2)
-        cond_inf[name] = F.isotropy(tb).condition_number - 1.0
-    for name in METHODS:
-        widths = [m0, 1024, 1024, 1]
-        alpha_th[name] = theory.alpha(
-            fs[name], widths=widths, activation="relu", sigma_w2=SIGMA_W2, sigma_b2=SIGMA_B2, n_train=n
-        )
-
-    rows, measured = [], {name: [] for name in METHODS}
+    rows = []
     for m in progress(sizes.widths, settings, "condition"):
-        net = settings.network([m0, m, m, 1], "relu", SIGMA_W2, SIGMA_B2)
+        net = settings.network([sizes.m0, m, m, 1], "relu", SIGMA_W2, SIGMA_B2)
         rank = _kfac_rank(net, x_net)
         for name in METHODS:
             iso = fs[name].isotropy(net, x_net)
-            a_th = (
-                alpha_th[name]
-                if name != "unitwise"
-                else theory.alpha(
-                    fs[name], widths=[m0, m, m, 1], activation="relu", sigma_w2=SIGMA_W2, sigma_b2=SIGMA_B2
-                )
-            )
-            measured[name].append((iso.condition_number - 1.0, iso.alpha / a_th))
             rows.append(
                 {
                     "method": name,
@@ -139,53 +147,63 @@ def run(settings: Settings, sizes: Sizes | None = None) -> Result:
                     "condition_number": iso.condition_number,
                     "cond_minus_1": iso.condition_number - 1.0,
                     "alpha_hat": iso.alpha,
-                    "alpha_theory": a_th,
-                    "cond_minus_1_theory": cond_inf.get(name, float("nan")),
                     "min_rank_backward": rank,
                     "damping": DAMPING,
                 }
             )
+    return rows
 
-    grid = np.geomspace(min(sizes.widths) / 1.3, max(sizes.widths) * 1.3, 60)
-    spread = unitwise_spread(x, grid, draws=sizes.draws, seed=settings.seed)
-    at_points = unitwise_spread(x, np.asarray(sizes.widths, dtype=float), draws=sizes.draws, seed=settings.seed)
-    const = float(at_points[1, -1] * math.sqrt(sizes.widths[-1]))
-    for row in rows:
-        if row["method"] == "unitwise":
-            j = sizes.widths.index(row["width"])
-            row["cond_minus_1_theory"] = float(at_points[1, j])
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1.5, 1]})
+def _with_theory(rows: list[dict], th: dict, sizes: Sizes) -> list[dict]:
+    """The measured rows with their theory columns, in the columns' order of the CSV."""
+    out = []
+    for r in rows:
+        name, m = r["method"], r["width"]
+        if name == "unitwise":
+            a_th = th["alpha"][name][m]
+            cond_th = float(th["at_points"][1, sizes.widths.index(m)])
+        else:
+            a_th, cond_th = th["alpha"][name], th["cond_minus_1"][name]
+        out.append(
+            {
+                **{k: r[k] for k in ("method", "width", "condition_number", "cond_minus_1", "alpha_hat")},
+                "alpha_theory": a_th,
+                "cond_minus_1_theory": cond_th,
+                **{k: r[k] for k in ("min_rank_backward", "damping")},
+            }
+        )
+    return out
+
+
+def _plot_condition(ax, rows: list[dict], th: dict, sizes: Sizes) -> None:
     ws = np.asarray(sizes.widths)
     for name in METHODS:
         color, label = method_style(name)
-        cm1 = np.array([v[0] for v in measured[name]])
+        cm1 = np.array([r["cond_minus_1"] for r in rows if r["method"] == name])
         ax.plot(ws, np.clip(cm1, 1e-16, None), color=color, **EXPERIMENT)
         if name == "unitwise":
-            ax.plot(grid, spread[1], color=color, label=f"{label}: binomial spread ∝ 1/√M", **THEORY)
-            ax.fill_between(grid, spread[0], spread[2], color=color, alpha=0.15, linewidth=0)
+            spread = th["spread"]
+            ax.plot(th["grid"], spread[1], color=color, label=f"{label}: binomial spread ∝ 1/√M", **THEORY)
+            ax.fill_between(th["grid"], spread[0], spread[2], color=color, alpha=0.15, linewidth=0)
         else:
-            ax.axhline(cond_inf[name], color=color, label=f"{label}: M → ∞ at ρ = 1e-12", **THEORY)
-        ax2.plot(ws, [v[1] for v in measured[name]], color=color, label=label, **EXPERIMENT)
-    ax.set_xscale("log", base=2)
+            ax.axhline(th["cond_minus_1"][name], color=color, label=f"{label}: M → ∞ at ρ = 1e-12", **THEORY)
     ax.set_yscale("log")
-    ax.set_xlabel("hidden width M (units per layer)")
+    width_axis(ax, sizes.widths)
     ax.set_ylabel(r"condition number of $\bar{\Theta}(x, x)$ minus 1 (dimensionless)")
     ax.grid(True, which="both", alpha=0.25)
-    ax.text(
+    note(
+        ax,
         0.02,
         0.5,
         "ρ → 0: cond = 1 exactly for exact, block diagonal,\ntri-diagonal and K-FAC; their 1e-9…1e-8 is the\n"
         "bias of ρ = 1e-12 (≈ ρ / λ_min(Θ_l)), not round-off",
-        transform=ax.transAxes,
-        fontsize=7.5,
         va="center",
     )
     kf = [r for r in rows if r["method"] == "kfac" and r["cond_minus_1"] > 1e-3]
     if kf:
         r0 = kf[0]
         ax.annotate(
-            f"K-FAC: rank Δ_2 = {r0['min_rank_backward']} < N = {n}\n(few layer-2 units switch sign)",
+            f"K-FAC: rank Δ_2 = {r0['min_rank_backward']} < N = {sizes.n}\n(few layer-2 units switch sign)",
             xy=(r0["width"], r0["cond_minus_1"]),
             xytext=(r0["width"] * 1.5, r0["cond_minus_1"] * 2e-3),
             fontsize=7.5,
@@ -194,49 +212,73 @@ def run(settings: Settings, sizes: Sizes | None = None) -> Result:
     legend_theory_experiment(ax)
     ax.get_legend().set_loc("center right")
     ax.set_title(r"isotropy of $\bar{\Theta}$ (cond = 1 ⇔ $\bar{\Theta} = \alpha I$)", fontsize=10)
+
+
+def _plot_alpha(ax2, rows: list[dict], sizes: Sizes) -> None:
+    for name in METHODS:
+        color, label = method_style(name)
+        ratio = [r["alpha_hat"] / r["alpha_theory"] for r in rows if r["method"] == name]
+        ax2.plot(sizes.widths, ratio, color=color, label=label, **EXPERIMENT)
     ax2.axhline(1.0, color="black", **THEORY)
-    ax2.set_xscale("log", base=2)
-    ax2.set_xlabel("hidden width M (units per layer)")
+    width_axis(ax2, sizes.widths)
     ax2.set_ylabel(r"$\hat{\alpha} / \alpha_{theory}$ (mean eigenvalue of $\bar{\Theta}$ / theory)")
     ax2.grid(True, which="both", alpha=0.25)
     ax2.legend(fontsize=8)
     ax2.set_title("theory α: exact 1, block diag. L, tri-diag. 1, K-FAC NL, unit-wise M + C", fontsize=9)
-    for a in (ax, ax2):
-        a.set_xticks(ws, [str(w) for w in ws])
-        a.xaxis.set_minor_locator(plt.NullLocator())
-    fig.suptitle(f"ReLU, L = 3, Gaussian inputs M_0 = {m0}, N = {n}, σ_w² = 2, σ_b² = 0.5, ρ = 1e-12", fontsize=10)
-    fig.tight_layout()
 
-    m_last = sizes.widths[-1]
-    last = {name: measured[name][-1][0] for name in METHODS}
+
+def plot(rows: list[dict], th: dict, sizes: Sizes):
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1.5, 1]})
+    _plot_condition(ax, rows, th, sizes)
+    _plot_alpha(ax2, rows, sizes)
+    return finish(fig, f"ReLU, L = 3, Gaussian inputs M_0 = {sizes.m0}, N = {sizes.n}, σ_w² = 2, σ_b² = 0.5, ρ = 1e-12")
+
+
+def _checks(rows: list[dict], sizes: Sizes) -> list[Check]:
+    def at(name: str, m: int) -> dict:
+        return next(r for r in rows if r["method"] == name and r["width"] == m)
+
+    first, last = sizes.widths[0], sizes.widths[-1]
     checks = [
         Check(
-            f"Unit-wise: cond(Θ̄) − 1 at M = {m_last}",
+            f"Unit-wise: cond(Θ̄) − 1 at M = {last}",
             "decreases with M (Figure 3)",
-            float(at_points[1, -1]),
-            float(last["unitwise"]),
+            at("unitwise", last)["cond_minus_1_theory"],
+            float(at("unitwise", last)["cond_minus_1"]),
         ),
         Check(
-            f"Unit-wise: cond(Θ̄) − 1 at M = {sizes.widths[0]}",
+            f"Unit-wise: cond(Θ̄) − 1 at M = {first}",
             "larger at small M (Figure 3)",
-            float(at_points[1, 0]),
-            float(measured["unitwise"][0][0]),
+            at("unitwise", first)["cond_minus_1_theory"],
+            float(at("unitwise", first)["cond_minus_1"]),
         ),
     ]
     for name in METHODS[:-1]:
+        r = at(name, last)
+        label = method_style(name)[1]
         checks.append(
             Check(
-                f"{method_style(name)[1]}: cond(Θ̄) − 1 at M = {m_last}",
+                f"{label}: cond(Θ̄) − 1 at M = {last}",
                 "0 (cond = 1, Figure 3)",
-                float(cond_inf[name]),
-                float(last[name]),
+                float(r["cond_minus_1_theory"]),
+                float(r["cond_minus_1"]),
             )
         )
+    return checks
+
+
+def run(settings: Settings, sizes: Sizes | None = None) -> Result:
+    sizes = sizes or settings.sizes(QUICK, FULL)
+    x = gaussian(sizes.n, sizes.m0, seed=settings.seed, dtype=torch.float64)
+    th = predict(x, sizes, settings.seed)
+    rows = _with_theory(measure(settings, sizes, x), th, sizes)
+    last = {r["method"]: r["cond_minus_1"] for r in rows if r["width"] == sizes.widths[-1]}
     worst = max(last[name] for name in METHODS[:-1])
-    unit = [v[0] for v in measured["unitwise"]]
+    unit = [r["cond_minus_1"] for r in rows if r["method"] == "unitwise"]
+    const = float(th["at_points"][1, -1] * math.sqrt(sizes.widths[-1]))
     summary = (
-        f"At M = {m_last}, cond(Θ̄) − 1 ≤ {worst:.2g} for exact, block (tri-)diagonal and K-FAC "
+        f"At M = {sizes.widths[-1]}, cond(Θ̄) − 1 ≤ {worst:.2g} for exact, block (tri-)diagonal and K-FAC "
         f"(the ρ = 1e-12 bias); unit-wise falls from {unit[0]:.3g} (M = {sizes.widths[0]}) to {unit[-1]:.3g}, "
         f"≈ {const:.2g}/√M as the binomial spread of active units predicts"
     )
-    return Result(NAME, TITLE, summary, checks, rows, fig, settings.describe())
+    return Result(NAME, TITLE, summary, _checks(rows, sizes), rows, plot(rows, th, sizes), settings.describe())

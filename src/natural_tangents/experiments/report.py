@@ -27,7 +27,7 @@ def write_report(results: list[Result], out: str | Path, settings: dict) -> Path
     out = Path(out)
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [
-        "# natural-tangents: the seed's experiments, theory against experiment",
+        "# natural-tangents: the paper's experiments, theory against experiment",
         "",
         f"natural-tangents {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
         f"{now}. Settings: {', '.join(f'{k} = {v}' for k, v in settings.items())}.",
@@ -54,7 +54,7 @@ def write_report(results: list[Result], out: str | Path, settings: dict) -> Path
             "",
             f"![{r.name}]({r.files.get('png', r.name + '.png')})",
             "",
-            _table([c.cells() for c in r.checks], ["quantity", "seed", "theory (ours)", "experiment (ours)"]),
+            _table([c.cells() for c in r.checks], ["quantity", "paper", "theory (ours)", "experiment (ours)"]),
             "",
             f"Data: [{r.files.get('csv')}]({r.files.get('csv')}), [{r.files.get('json')}]({r.files.get('json')}); "
             f"{r.seconds:.1f} s.",

@@ -1,0 +1,50 @@
+"""The training experiments (convergence, unitwise, learning-rate, generalization, cross-entropy) at
+width 128: their headline numbers, from the suite's one ``reproduce all`` run.
+
+At this width the finite-width effects are large: the assertions are the ones that hold at any width
+(α counts, the shape of the one-step loss curve, one function-space path for cross-entropy) rather
+than the wide-network numbers of the report.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def test_convergence_ngd_outruns_gd(reproduced):
+    rows = reproduced.results["convergence"]["rows"]
+    last = max(r["step"] for r in rows)
+    final = {r["method"]: r["train_loss"] for r in rows if r["step"] == last}
+    for name in ("exact", "block_diagonal", "unitwise"):
+        assert final[name] < 1e-2 * final["gd"]
+
+
+def test_unitwise_alpha_matches_the_analytic_gamma(reproduced):
+    checks = reproduced.checks("unitwise")
+    assert checks[0]["experiment"] == pytest.approx(2.0, abs=1e-9)  # tanh: every unit active
+    for c in checks[1:]:
+        assert c["experiment"] == pytest.approx(c["theory"], rel=0.05)
+
+
+def test_learning_rate_curve_follows_one_minus_eta_alpha_squared_at_small_rates(reproduced):
+    rows = reproduced.rows("learning-rate", method="exact")
+    for r in rows:
+        assert r["loss_ratio_theory"] == pytest.approx((1 - r["eta_alpha"]) ** 2, abs=1e-12)
+        if r["eta_alpha"] <= 0.11:  # the linear regime: (1 − ηα)² to a few per cent of L_0
+            assert r["loss_ratio"] == pytest.approx(r["loss_ratio_theory"], abs=0.05)
+    ratios = np.array([r["loss_ratio"] for r in rows])
+    assert ratios.min() < 0.6 and ratios[-1] > ratios.min()
+
+
+def test_generalization_exact_ngd_matches_the_analytic_prediction(reproduced):
+    check = reproduced.checks("generalization")[1]
+    assert check["experiment"] == pytest.approx(check["theory"], rel=0.3)
+
+
+def test_cross_entropy_exact_and_layerwise_follow_one_path(reproduced):
+    checks = reproduced.checks("cross-entropy")
+    assert checks[0]["experiment"] < 0.5  # at width 128; 0.028 at 1024 and smaller at 4096 (report)
+    for method in ("exact", "block_diagonal"):
+        loss = [r["train_loss"] for r in reproduced.rows("cross-entropy", method=method)]
+        assert loss[-1] < 0.1 * loss[0]
