@@ -1,4 +1,4 @@
-"""Empirical neural tangent kernels from Jacobian factors (seed (S.66)–(S.68), (S.131)).
+"""Empirical neural tangent kernels from Jacobian factors (the paper's (S.66)–(S.68), (S.131)).
 
 Convention (the neural-tangents one): these functions return J(x1) J(x2)^T *without* the 1/N of
 the paper's Θ = J J^T / N. Shapes: (N1, N2) for a single output, (N1, N2, C, C) for C > 1, where

@@ -1,4 +1,4 @@
-"""Training losses and the output-space Fisher each of them induces (MATH.md §3, seed Appendix D).
+"""Training losses and the output-space Fisher each of them induces (docs/conventions.md; the paper's Appendix D).
 
 A loss supplies three things to the natural gradient:
 

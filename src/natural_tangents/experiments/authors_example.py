@@ -29,7 +29,8 @@ from .. import dynamics, theory
 from .. import fisher as F
 from ..data import mnist_binary
 from ..optim import train
-from .common import EXPERIMENT, THEORY, Check, Result, Settings, log_axis, progress
+from .common import Check, Result, Settings, progress
+from .plotting import EXPERIMENT, THEORY, log_axis
 
 NAME = "authors-example"
 TITLE = "The paper authors' published example runs (exact NGD, MNIST 0 vs 1, two steps): theirs next to ours"

@@ -38,6 +38,7 @@ from .base import BoundFisher, Fisher, block_diag_metric, pinv_psd, solve_psd, s
 __all__ = ["Unitwise"]
 
 _CHUNK_ELEMENTS = 2**23  # units per batched solve: chunk · N² ≤ this (64 MiB in float64)
+_FULL_SUPPORT = 0.85  # supports this close to N are solved as whole N × N systems (no gathering)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +107,14 @@ class Unitwise(Fisher):
         pseudo-inverse stands in); solve(b) the systems' inverse applied to b (u, m, R)."""
         n, sizes, k_ext = ctx["n"], ctx["sizes"], ctx["k_ext"]
         m = int(sizes[units].max())
+        if self.damping > 0 and m >= _FULL_SUPPORT * n:
+            # nearly full supports: the whole N × N systems, no gathering (an inactive sample's row is
+            # ρ e_n, decoupled, and its right-hand side vanishes)
+            si = ctx["s_ext"][units, :n]
+            idx = torch.arange(n, device=k_ext.device).expand(len(units), n)
+            sub = k_ext[None, :n, :n] * (si[:, :, None] * si[:, None, :] / n)
+            sub.diagonal(dim1=1, dim2=2).add_(self.damping)
+            return self._cholesky(units, idx, si > 0, sub)
         idx = ctx["pos"][units, :m]
         slot = torch.arange(m, device=k_ext.device)[None, :]
         valid = slot < sizes[units][:, None]
@@ -116,6 +125,9 @@ class Unitwise(Fisher):
             si = torch.gather(ctx["s_ext"][units], 1, sub_idx)
             sub.mul_(si[:, :, None] * si[:, None, :]).div_(n)
             sub.diagonal(dim1=1, dim2=2).add_(self.damping)
+        return self._cholesky(units, idx, valid, sub)
+
+    def _cholesky(self, units: Tensor, idx: Tensor, valid: Tensor, sub: Tensor):
         chol, info = torch.linalg.cholesky_ex(sub)
         if not bool((info != 0).any()):
             return units, idx, valid, chol, partial(_cholesky_solve, chol)
@@ -271,4 +283,5 @@ class Unitwise(Fisher):
 
 
 def _cholesky_solve(chol: Tensor, b: Tensor) -> Tensor:
-    return torch.cholesky_solve(b, chol)
+    """(L L^T)^{-1} b by two triangular solves (no copy of the batch of factors)."""
+    return torch.linalg.solve_triangular(chol.mT, torch.linalg.solve_triangular(chol, b, upper=False), upper=True)

@@ -1,7 +1,7 @@
 """The convolution kind: ``nn.Conv1d`` and ``nn.Conv2d`` (any stride, padding, dilation; one group,
 zero padding).
 
-A convolution is an affine layer shared over the output positions t (MATH of
+A convolution is an affine layer shared over the output positions t (see
 :mod:`~natural_tangents.layers.affine`): the forward signal a_{n,t} is the input patch that output
 position t sees (C_in·k [+1 for the bias], in the order of ``weight.reshape(C_out, -1)``), and the
 backward signal δ_{n,t} = ∂f/∂(output at t) (C_out). The per-sample Jacobian of output k is

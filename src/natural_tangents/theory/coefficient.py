@@ -160,7 +160,7 @@ def coefficient(
 ) -> Tensor:
     """The infinite-width Θ̄(x_test, x_train) of ``fisher`` (C = 1), shape (N′, N), float64.
 
-    Seed 1/N convention (Θ = J J^T / N): on the training set exact NGD gives I, block-diagonal L·I,
+    The paper's 1/N convention (Θ = J J^T / N): on the training set exact NGD gives I, block-diagonal L·I,
     K-FAC N L·I (see the module docstring for each formula). The Fisher's ``damping`` ρ is honored
     (ρ = 0 is the zero-damping limit).
 
