@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -74,3 +76,22 @@ def check_widths(widths) -> tuple[int, ...]:
     if any(w != float(v) for w, v in zip(ws, widths)) or any(w <= 0 for w in ws):
         raise ValueError(f"widths: every width must be a positive integer, got {list(widths)}")
     return ws
+
+
+def lr_ok(lr, allow_optimal: bool = True) -> bool:
+    """Whether ``lr`` is a positive finite number (or, when allowed, the string ``"optimal"``)."""
+    if isinstance(lr, str):
+        return allow_optimal and lr == "optimal"
+    try:
+        value = float(lr)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(value) and value > 0
+
+
+def check_lr(lr, allow_optimal: bool = True):
+    """``lr`` checked by :func:`lr_ok` (a float, or ``"optimal"``); ValueError naming it otherwise."""
+    if not lr_ok(lr, allow_optimal):
+        what = "a positive number or 'optimal'" if allow_optimal else "a positive finite number"
+        raise ValueError(f"lr: the learning rate η must be {what}, got {lr!r}")
+    return lr if isinstance(lr, str) else float(lr)

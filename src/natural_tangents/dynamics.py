@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import as_tensor, check_finite
+from ._checks import as_tensor, check_finite, check_lr
 
 __all__ = ["LinearizedDynamics", "ngd", "gd", "linearized", "MinNormSolution", "min_norm"]
 
@@ -69,13 +69,6 @@ def _flat_outputs(f, name: str, n: int, c: int) -> tuple[Tensor, tuple[int, ...]
         return f.reshape(-1), tuple(f.shape)
     want = f"({n},) or ({n}, {c})" if c == 1 else f"({n}, {c})"
     raise ValueError(f"{name}: expected shape {want} to match the kernel, got {tuple(f.shape)}")
-
-
-def _check_lr(lr: float) -> float:
-    lr = float(lr)
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr: the learning rate η must be a positive finite number, got {lr}")
-    return lr
 
 
 def _check_steps(steps) -> tuple[Tensor, bool]:
@@ -183,7 +176,7 @@ def linearized(
             "pass the kernel on the training inputs, with x_test = None"
         )
     n = k.shape[0] // c
-    lr = _check_lr(lr)
+    lr = check_lr(lr, allow_optimal=False)
     yf, shape = _flat_outputs(y, "y", n, c)
     f0, _ = _flat_outputs(f0_train, "f0_train", n, c)
     lam, vec = torch.linalg.eigh(0.5 * (k + k.T))

@@ -17,7 +17,6 @@ the batch and the model's replicated parameters receive the whole batch's update
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from . import fisher as _fisher
 from . import losses as _losses
+from ._checks import check_lr, lr_ok
 from .distributed import check_group
 from .fisher.base import BoundFisher, Fisher
 from .models import check_model
@@ -76,7 +76,7 @@ class NGD(torch.optim.Optimizer):
         param_groups: list[dict] | None = None,
         process_group=None,
     ) -> None:
-        _check_lr(lr)
+        check_lr(lr)
         check_model(model)  # an unsupported model or layer fails here, before anything is computed
         if process_group is not None:
             check_group(process_group)
@@ -92,9 +92,9 @@ class NGD(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         owned = {id(p) for p in self.model.parameters()}
-        if any(id(p) not in owned for p in group["params"]) or not _lr_ok(group["lr"]):
+        if any(id(p) not in owned for p in group["params"]) or not lr_ok(group["lr"]):
             self.param_groups.pop()
-            _check_lr(group["lr"])
+            check_lr(group["lr"])
             raise ValueError("param_groups: every parameter must belong to `model`")
 
     def bind(self, x) -> BoundFisher:
@@ -144,7 +144,7 @@ class GD:
     def __init__(
         self, model: nn.Module, lr: float | str = 1.0, loss: _losses.Loss | str = "mse", process_group=None
     ) -> None:
-        _check_lr(lr)
+        check_lr(lr)
         if process_group is not None:
             check_group(process_group)
         self.model, self.lr, self.loss = model, lr, _losses.get(loss)
@@ -180,21 +180,6 @@ def _whole_batch_mean(value: float, n_local: int, group) -> float:
     buf = torch.tensor([value * n_local, float(n_local)], dtype=torch.float64)
     dist.all_reduce(buf, group=group)
     return float(buf[0] / buf[1])
-
-
-def _lr_ok(lr) -> bool:
-    if isinstance(lr, str):
-        return lr == _OPTIMAL
-    try:
-        value = float(lr)
-    except (TypeError, ValueError):
-        return False
-    return math.isfinite(value) and value > 0
-
-
-def _check_lr(lr) -> None:
-    if not _lr_ok(lr):
-        raise ValueError(f"lr: expected a positive number or 'optimal', got {lr!r}")
 
 
 @dataclass
