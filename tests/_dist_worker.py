@@ -4,6 +4,7 @@ usage: python _dist_worker.py CASE RANK WORLD PORT OUT [KERNEL_FILE]
 Writes what the rank computed (or the error it raised) to OUT with torch.save.
 """
 
+import os
 import sys
 from datetime import timedelta
 
@@ -95,8 +96,12 @@ def main() -> None:
         torch.save({"ok": result}, out)
     except (ValueError, RuntimeError, TypeError, NotImplementedError) as err:
         torch.save({"error": f"{type(err).__name__}: {err}"}, out)
+    # leave together and without tearing gloo down: a rank that exits while another still talks to
+    # the store it hosts can abort in gloo's threads ("terminate called without an active exception")
+    try:
+        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        os._exit(0)
 
 
 if __name__ == "__main__":
