@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..layers.affine import AffineSignals
 from ..signals import Signals
-from .base import BoundFisher, Fisher, block_diag_metric, pinv_psd, solve_psd, solve_with_metric
+from .base import BoundFisher, Fisher, block_diag_metric, inverse_psd, solve_psd, solve_with_metric
 
 __all__ = ["KFAC", "warn_narrow_input"]
 
@@ -145,7 +145,7 @@ class KFAC(Fisher):
             a64 = a.to(sd)
             return a64, solve_psd(t * (a64.T @ a64), a64.T, self.damping).T
         gram = (a @ a.T).to(sd) * t  # dual N × N
-        inv = _inverse(gram, self.damping)
+        inv = inverse_psd(gram, self.damping)
         return a, inv.to(a.dtype) @ a
 
     def _output_dual(self, bound: BoundFisher, blk: _KronBlock) -> Tensor:
@@ -173,7 +173,7 @@ class KFAC(Fisher):
             b_star = torch.einsum("knti,kntm->im", d, d) / n
         else:
             b_star = torch.einsum("knti,nkj,jntm->im", d, lam, d) / n
-        return _inverse(b_star, self.damping), _inverse(a_star, self.damping)
+        return inverse_psd(b_star, self.damping), inverse_psd(a_star, self.damping)
 
     # ------------------------------------------------------------------ interface
     def _layer_updates(self, bound: BoundFisher, r: Tensor) -> list[list[Tensor]]:
@@ -249,9 +249,3 @@ def warn_narrow_input(where: str, p: int, n: int, *, first: bool, augmented: boo
         RuntimeWarning,
         stacklevel=4,
     )
-
-
-def _inverse(m: Tensor, damping: float) -> Tensor:
-    if damping > 0:
-        return solve_psd(m, torch.eye(m.shape[0], dtype=m.dtype, device=m.device), damping)
-    return pinv_psd(m)

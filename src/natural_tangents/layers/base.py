@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["LayerSignals", "Units"]
+__all__ = ["LayerSignals", "Units", "outer_gram", "split_flat"]
 
 
 @dataclass(frozen=True)
@@ -107,4 +107,25 @@ def split_flat(flat: Tensor, params: tuple[Tensor, ...]) -> list[Tensor]:
         k = p.numel()
         out.append(flat[..., start : start + k].reshape(*flat.shape[:-1], *p.shape))
         start += k
+    return out
+
+
+_SYM_BLOCK = 512  # block side of the symmetric Gram products
+
+
+def outer_gram(x: Tensor, y: Tensor | None = None) -> Tensor:
+    """x y^T for rows x (N1, D) and y (N2, D); with ``y`` None the symmetric x x^T, of which only
+    the blocks on and above the diagonal are multiplied (about half the work for large N)."""
+    if y is not None:
+        return x @ y.T
+    n = x.shape[0]
+    if n <= _SYM_BLOCK:
+        return x @ x.T
+    out = x.new_empty(n, n)
+    cuts = [*range(0, n, _SYM_BLOCK), n]
+    for i in range(len(cuts) - 1):
+        rows = slice(cuts[i], cuts[i + 1])
+        block = x[rows] @ x[cuts[i] :].T  # this row block from the diagonal on
+        out[rows, cuts[i] :] = block
+        out[cuts[i] + block.shape[0] :, rows] = block[:, block.shape[0] :].T
     return out
