@@ -46,11 +46,11 @@ FISHERS = {"exact": nat.fisher.Exact, "block-diag": nat.fisher.BlockDiagonal, "K
 FISHERS["unit-wise"] = nat.fisher.Unitwise
 # NGD settings chosen by `--sweep` on the CNN (training loss after SWEEP_STEPS steps, training set
 # only; see docs/training.md); the MLP uses the same values. (loss, lr, damping) per Fisher.
-CHOSEN = {
-    "exact": ("cross_entropy", 0.3, 1e-2),
-    "block-diag": ("cross_entropy", 0.3, 1e-2),
-    "K-FAC": ("cross_entropy", 0.3, 1e-2),
-    "unit-wise": ("cross_entropy", 0.3, 1e-2),
+CHOSEN: dict[str, tuple[str, float | str, float]] = {
+    "exact": ("cross_entropy", 0.3, 1e-1),
+    "block-diag": ("cross_entropy", "0.01/α̂", 1e-2),
+    "K-FAC": ("cross_entropy", "0.01/α̂", 1e-2),
+    "unit-wise": ("cross_entropy", "0.01/α̂", 1e-2),
 }
 SWEEP_STEPS = 10
 _CE = "cross_entropy"
@@ -60,7 +60,7 @@ SWEEP = {  # (loss, lr, damping) grids; smaller for the costlier Fishers (a step
     + [("mse", lr, 1e-2) for lr in (0.1, 0.3, 1.0)],
     "block-diag": [(_CE, f"{c}/α̂", 1e-2) for c in (0.01, 0.03, 0.1)],
     "K-FAC": [(_CE, f"{c}/α̂", d) for c in (0.01, 0.03, 0.1) for d in (1e-2, 1e-1)],
-    "unit-wise": [(_CE, f"{c}/α̂", d) for c in (0.01, 0.03, 0.1) for d in (1e-2, 1e-1)],
+    "unit-wise": [(_CE, "0.01/α̂", 1e-1)] + [(_CE, f"{c}/α̂", 1e-2) for c in (0.01, 0.03, 0.1)],
 }
 
 
@@ -191,7 +191,7 @@ def optimizers(chosen: dict[str, tuple[str, float, float]]) -> tuple[dict[str, C
         note = "ASDL K-FAC: skipped (package asdfghjkl not importable)"
     else:
         out["ASDL K-FAC"] = asdl
-        note = "ASDL K-FAC: included (asdfghjkl, damping 1e-3, SGD lr 0.1 momentum 0.9)"
+        note = "ASDL K-FAC: included (asdfghjkl, its MC Fisher, damping 1e-2, SGD lr 0.1 momentum 0.9)"
     return out, note
 
 
@@ -412,33 +412,20 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats for the step-time ratios")
     ap.add_argument("--sweep", action="store_true", help="choose NGD's loss, lr, damping by a sweep first")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--combine", nargs="+", type=Path, metavar="DIR",
+                    help="only merge the results.json of runs made with different --models into --out")  # fmt: skip
     return ap.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
-    models = ["CNN"] if args.quick else args.models
-    steps = 20 if args.quick else args.epochs * (N_TRAIN_PER_DIGIT * 10 // BATCH)
-    repeats = 3 if args.quick else args.repeats
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = load_data(args.seed)
-    per_epoch = data["x_train"].shape[0] // BATCH
-    lines = [f"# MNIST training benchmark ({'quick' if args.quick else 'full'} run)", "",
-             f"4000 train / 1000 test images (400 / 100 per digit), pixels / 255 then standardized by the "
-             f"training mean {float(data['mean']):.4f} and std {float(data['std']):.4f}; batches of {BATCH}, "
-             f"{steps} steps; float32 models; torch threads = {torch.get_num_threads()}.", ""]  # fmt: skip
-    chosen, sweep_rows = dict(CHOSEN), []
+def train_all(args: argparse.Namespace, data: dict, models: list[str], steps: int, repeats: int) -> dict:
+    """Every optimizer on every model, then the step-time ratios and the exact step's profile."""
+    chosen, sweep_rows, notes = dict(CHOSEN), [], []
     if args.sweep:
         chosen, sweep_rows = sweep("CNN", data, args.seed)
-        title = f"## Sweep (CNN, cross-entropy on the 4000 training images after {SWEEP_STEPS} steps)"
-        lines += [title, "", table(sweep_rows, ["Fisher", "loss", "lr", "damping", "train CE"]), ""]
-    lines += [
-        "NGD settings (loss, lr, damping): "
-        + "; ".join(f"{k}: {v[0]}, {_fmt(v[1])}, {v[2]:g}" for k, v in chosen.items())
-    ]
+        print(table(sweep_rows, ["Fisher", "loss", "lr", "damping", "train CE"]), flush=True)
     opts, asdl_note = optimizers(chosen)
-    lines += [asdl_note, ""]
-    print("\n".join(lines), flush=True)
+    notes.append(asdl_note)
+    print("NGD settings:", chosen, "\n" + asdl_note, flush=True)
     runs, ratios, profiles = {}, {}, {}
     for model_name in models:
         for opt_name, build in list(opts.items()):
@@ -447,16 +434,48 @@ def main() -> None:
             except Exception as err:  # only the optional ASDL run may fail (another library's version)
                 if opt_name != "ASDL K-FAC":
                     raise
-                asdl_note = f"ASDL K-FAC: failed on {model_name} and left out ({type(err).__name__}: {str(err)[:160]})"
-                print(asdl_note, flush=True)
-                lines.append(asdl_note)
+                notes.append(f"ASDL K-FAC: failed on {model_name}, left out ({type(err).__name__}: {str(err)[:160]})")
+                print(notes[-1], flush=True)
                 del opts[opt_name]
                 continue
-            runs[(model_name, opt_name)] = rec
+            runs[f"{model_name}|{opt_name}"] = rec
             print(f"{model_name} {opt_name}: test acc {100 * rec['test_acc'][-1]:.1f}% after {rec['step'][-1]} steps, "
                   f"{rec['seconds'][-1]:.1f} s", flush=True)  # fmt: skip
         ratios[model_name] = step_ratios(model_name, opts, data, args.seed, repeats)
         profiles[model_name] = profile_exact(model_name, chosen["exact"], data, args.seed, repeats)
+    settings = {"chosen": chosen, "steps": steps, "batch": BATCH, "seed": args.seed, "notes": notes,
+                "sgd": [SGD_LR, SGD_MOMENTUM], "adam_lr": ADAM_LR, "threads": torch.get_num_threads(),
+                "mean": float(data["mean"]), "std": float(data["std"]), "quick": args.quick}  # fmt: skip
+    return {"settings": settings, "sweep": sweep_rows, "ratios": ratios, "profile_exact_ms": profiles, "runs": runs}
+
+
+def combine(dirs: list[Path]) -> dict:
+    """Merge the results.json of several runs (e.g. one per model, run side by side)."""
+    parts = [json.loads((d / "results.json").read_text()) for d in dirs]
+    out = parts[0]
+    for p in parts[1:]:
+        for key in ("ratios", "profile_exact_ms", "runs"):
+            out[key].update(p[key])
+        out["sweep"] = out["sweep"] or p["sweep"]
+        out["settings"]["notes"] += [n for n in p["settings"]["notes"] if n not in out["settings"]["notes"]]
+    return out
+
+
+def write_report(out: Path, payload: dict) -> None:
+    """results.md (printed too), results.csv, results.json and the figures."""
+    st, ratios, profiles = payload["settings"], payload["ratios"], payload["profile_exact_ms"]
+    runs = {tuple(k.split("|")): v for k, v in payload["runs"].items()}
+    steps, per_epoch = st["steps"], N_TRAIN_PER_DIGIT * 10 // BATCH
+    lines = [f"# MNIST training benchmark ({'quick' if st['quick'] else 'full'} run)", "",
+             f"4000 train / 1000 test images (400 / 100 per digit), pixels / 255 then standardized by the training "
+             f"mean {st['mean']:.4f} and std {st['std']:.4f}; batches of {BATCH}, {steps} steps; float32 models; "
+             f"torch threads = {st['threads']}. SGD lr {st['sgd'][0]:g} momentum {st['sgd'][1]:g}; Adam lr "
+             f"{st['adam_lr']:g}. NGD (loss, lr, damping): "
+             + "; ".join(f"{k}: {v[0]}, {_fmt(v[1])}, {v[2]:g}" for k, v in st["chosen"].items()) + ".",
+             "", *st["notes"], ""]  # fmt: skip
+    if payload["sweep"]:
+        lines += [f"## Sweep (CNN; cross-entropy on the 4000 training images after {SWEEP_STEPS} steps)", "",
+                  table(payload["sweep"], ["Fisher", "loss", "lr", "damping", "train CE"]), ""]  # fmt: skip
     header, rows = results_table(runs, ratios, steps, per_epoch)
     prof_rows = [
         [m, *(f"{p[k]:.0f}" for k in p), f"{ratios[m]['NGD exact']['sgd_ms']:.0f}"] for m, p in profiles.items()
@@ -466,17 +485,27 @@ def main() -> None:
               "## Where one exact-NGD step spends its time (median ms)", "",
               table(prof_rows, PROFILE_HEADER), ""]  # fmt: skip
     text = "\n".join(lines)
-    print("\n".join(lines[lines.index("## Test accuracy and step cost") :]))
-    (args.out / "results.md").write_text(text + "\n")
-    write_csv(args.out / "results.csv", runs)
-    payload = {"settings": {"chosen": chosen, "steps": steps, "batch": BATCH, "seed": args.seed, "asdl": asdl_note,
-                            "sgd": [SGD_LR, SGD_MOMENTUM], "adam_lr": ADAM_LR, "threads": torch.get_num_threads()},
-               "sweep": sweep_rows, "ratios": ratios, "profile_exact_ms": profiles,
-               "runs": [{"model": m, "optimizer": o, **rec} for (m, o), rec in runs.items()]}  # fmt: skip
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1))
-    plot(args.out / "train_mnist.png", runs, models, dpi=110)
-    plot(args.out / "train_mnist_small.png", runs, models, dpi=60)
-    print(f"wrote {args.out}/results.md, results.csv, results.json, train_mnist.png")
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text + "\n")
+    write_csv(out / "results.csv", runs)
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    models = list(dict.fromkeys(m for m, _ in runs))
+    plot(out / "train_mnist.png", runs, models, dpi=110)
+    plot(out / "train_mnist_small.png", runs, models, dpi=60)
+    print(f"wrote {out}/results.md, results.csv, results.json, train_mnist.png")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.combine:
+        write_report(args.out, combine(args.combine))
+        return
+    models = ["CNN"] if args.quick else args.models
+    steps = 20 if args.quick else args.epochs * (N_TRAIN_PER_DIGIT * 10 // BATCH)
+    repeats = 3 if args.quick else args.repeats
+    data = load_data(args.seed)
+    write_report(args.out, train_all(args, data, models, steps, repeats))
 
 
 if __name__ == "__main__":
