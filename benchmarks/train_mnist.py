@@ -388,6 +388,7 @@ def plot(path: Path, runs: dict, models: list[str], dpi: int) -> None:
             ax.set_ylim(0, 100)
             ax.grid(alpha=0.3)
         axes[row, 1].set_xscale("symlog", linthresh=1.0)
+        axes[row, 1].set_xlim(left=0)
     axes[0, 1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
