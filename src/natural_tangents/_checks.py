@@ -93,5 +93,5 @@ def check_lr(lr, allow_optimal: bool = True):
     """``lr`` checked by :func:`lr_ok` (a float, or ``"optimal"``); ValueError naming it otherwise."""
     if not lr_ok(lr, allow_optimal):
         what = "a positive number or 'optimal'" if allow_optimal else "a positive finite number"
-        raise ValueError(f"lr: the learning rate η must be {what}, got {lr!r}")
+        raise ValueError(f"lr: expected {what} for the learning rate η, got {lr!r}")
     return lr if isinstance(lr, str) else float(lr)
