@@ -209,7 +209,8 @@ class BoundFisher:
         """Θ̄(x_test, x) = J(x_test) G^{-1} J(x)^T / N (S.4), Θ̄(x, x) without ``x_test``.
 
         Returns (N′, N) for one output, (N′, N, C, C) for C > 1, in ``solve_dtype``. ``x_test`` may be
-        a batch or precomputed :class:`~natural_tangents.signals.Signals`.
+        a batch or precomputed :class:`~natural_tangents.signals.Signals`; when distributed, the same
+        test points on every rank (x is the sharded batch).
         """
         st = self.signals
         if x_test is not None:
