@@ -38,15 +38,15 @@ import hashlib
 import math
 import os
 import sys
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ._parallel import ordered_map
 
 __all__ = ["tiled", "tiles", "default_batch_size", "intra_op_threads"]
 
@@ -333,10 +333,6 @@ def _to_file(
     return torch.from_numpy(np.load(out, mmap_mode="r+"))
 
 
-def _tile_worker_init() -> None:
-    torch.set_num_threads(1)  # thread-local (OpenMP/MKL): the pool's parallelism is over tiles
-
-
 def _one_tile(block_fn, sink, symmetric: bool, dtype: torch.dtype, rows: slice, cols: slice) -> None:
     block = block_fn(rows, cols)
     shape = (rows.stop - rows.start, cols.stop - cols.start)
@@ -364,13 +360,5 @@ def _fill(block_fn, todo, sink, symmetric: bool, dtype, progress, rank: int, des
                     _one_tile(block_fn, sink, symmetric, dtype, rows, cols)
                     bar.update(1)
             return
-        with ThreadPoolExecutor(threads, initializer=_tile_worker_init) as pool:
-            pending: deque = deque()
-            for rows, cols in todo:
-                pending.append(pool.submit(_one_tile, block_fn, sink, symmetric, dtype, rows, cols))
-                if len(pending) >= 2 * threads:
-                    pending.popleft().result()
-                    bar.update(1)
-            while pending:
-                pending.popleft().result()
-                bar.update(1)
+        for _ in ordered_map(lambda tile: _one_tile(block_fn, sink, symmetric, dtype, *tile), todo, threads):
+            bar.update(1)
