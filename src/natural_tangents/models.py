@@ -28,8 +28,6 @@ Refused before anything is computed, naming the module and the fix:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
@@ -210,6 +208,3 @@ def _check_output(f, n: int) -> Tensor:
             "extra output axes into C in the model"
         )
     return f
-
-
-Extractor = Callable[[nn.Module, tuple, Tensor, str], object]

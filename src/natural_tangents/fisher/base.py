@@ -30,6 +30,7 @@ from torch import Tensor
 from .. import losses as _losses
 from .._checks import check_damping
 from ..distributed import agree, all_reduce_sum, check_group, gather_rows, gather_signals
+from ..kernels import _public_shape
 from ..models import signals as _signals
 from ..signals import Signals
 
@@ -60,14 +61,6 @@ def flatten_coefficient(theta_bar: Tensor) -> Tensor:
     raise ValueError(f"theta_bar: expected shape (N', N) or (N', N, C, C), got {tuple(theta_bar.shape)}")
 
 
-def public_shape(k: Tensor, n1: int, n2: int, c: int) -> Tensor:
-    """(…, N1·C, N2·C) sample-major → (…, N1, N2) for C = 1 or (…, N1, N2, C, C)."""
-    lead = k.shape[:-2]
-    if c == 1:
-        return k.reshape(*lead, n1, n2)
-    return k.reshape(*lead, n1, c, n2, c).movedim(-3, -2)
-
-
 def isotropy(theta_bar: Tensor) -> Isotropy:
     """Isotropy diagnostics of a coefficient matrix Θ̄(x, x) on the training set (float64)."""
     t = flatten_coefficient(theta_bar).to(torch.float64)
@@ -91,6 +84,22 @@ def pinv_psd(a: Tensor) -> Tensor:
     return (vec * inv.unsqueeze(-2)) @ vec.mT
 
 
+def not_positive_definite() -> ValueError:
+    """The error for a damped system that is not positive definite in the solve precision."""
+    return ValueError(
+        "damping: the damped system is not positive definite in this precision; "
+        "increase damping or use solve_dtype=torch.float64"
+    )
+
+
+def cholesky_pd(m: Tensor) -> Tensor:
+    """The Cholesky factor of a positive definite matrix (or batch), else :func:`not_positive_definite`."""
+    chol, info = torch.linalg.cholesky_ex(m)
+    if not bool((info == 0).all()):
+        raise not_positive_definite()
+    return chol
+
+
 def inverse_psd(a: Tensor, damping: float) -> Tensor:
     """(A + ρ I)^{-1} for a symmetric PSD A (Cholesky and its inverse, about N³ flops); at ρ = 0 the
     pseudo-inverse A^+ (the zero-damping limit)."""
@@ -98,13 +107,7 @@ def inverse_psd(a: Tensor, damping: float) -> Tensor:
         return pinv_psd(a)
     m = 0.5 * (a + a.mT)
     m.diagonal(dim1=-2, dim2=-1).add_(damping)
-    chol, info = torch.linalg.cholesky_ex(m)
-    if not bool((info == 0).all()):
-        raise ValueError(
-            "damping: the damped system is not positive definite in this precision; "
-            "increase damping or use solve_dtype=torch.float64"
-        )
-    return torch.cholesky_inverse(chol)
+    return torch.cholesky_inverse(cholesky_pd(m))
 
 
 def solve_psd(a: Tensor, b: Tensor, shift: Tensor | float = 0.0) -> Tensor:
@@ -116,14 +119,7 @@ def solve_psd(a: Tensor, b: Tensor, shift: Tensor | float = 0.0) -> Tensor:
         else:
             m = a.clone()
             m.diagonal(dim1=-2, dim2=-1).add_(shift)
-        m = 0.5 * (m + m.mT)
-        chol, info = torch.linalg.cholesky_ex(m)
-        if not bool((info == 0).all()):
-            raise ValueError(
-                "damping: the damped system is not positive definite in this precision; "
-                "increase damping or use solve_dtype=torch.float64"
-            )
-        return torch.cholesky_solve(b, chol)
+        return torch.cholesky_solve(b, cholesky_pd(0.5 * (m + m.mT)))
     return pinv_psd(a) @ b
 
 
@@ -216,7 +212,7 @@ class BoundFisher:
         if x_test is not None:
             st = x_test if isinstance(x_test, Signals) else self.test_signals(x_test)
         t = self.fisher._coefficient(self, st)
-        return public_shape(t, st.n, self.n, self.c)
+        return _public_shape(t, st.n, self.n, self.c)
 
     def alpha_hat(self) -> float:
         """Empirical α̂ = tr(Θ̄(x, x) Λ) / (N·C) (Λ = I for MSE): the mean eigenvalue of Θ̄ for MSE,
@@ -381,9 +377,5 @@ class DualFisher(Fisher):
         if test is bound.signals:
             cross = bound.layer_kernels()
         else:
-            cross = test.layer_kernels(bound.signals, self.fisher_dtype) / bound.n
+            cross = test.layer_kernels(bound.signals, self.solve_dtype) / bound.n
         return sum(c @ x for c, x in zip(cross, xs))
-
-    @property
-    def fisher_dtype(self) -> torch.dtype:
-        return self.solve_dtype

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .._parallel import ordered_map
 from ..signals import Signals
-from .base import BoundFisher, Fisher, block_diag_metric, pinv_psd, solve_psd, solve_with_metric
+from .base import BoundFisher, Fisher, block_diag_metric, not_positive_definite, pinv_psd, solve_psd, solve_with_metric
 
 __all__ = ["Unitwise"]
 
@@ -133,10 +133,7 @@ class Unitwise(Fisher):
             return units, idx, valid, chol, partial(_cholesky_solve, chol)
         if self.damping == 0:  # singular K_SS (e.g. M_{l−1} < N): eigh pseudo-inverse
             return units, idx, valid, None, pinv_psd(sub).matmul
-        raise ValueError(
-            "damping: the unit-wise systems are not positive definite in this precision; "
-            "increase damping or use solve_dtype=torch.float64"
-        )
+        raise not_positive_definite()
 
     def _solve_units(self, k: Tensor, s: Tensor, rhs: Tensor) -> Tensor:
         """For each unit i: (S_i² K / N + ρ)^{-1} rhs_i = S_i (S_i K S_i / N + ρ)^{-1} S_i^+ rhs_i, for
