@@ -131,3 +131,22 @@ def test_standard_and_ntk_parameterizations_give_the_same_function_space_step():
             tb = fisher.coefficient(net, x)
             outs.append(tb)
         assert _rel(outs[0], outs[1]) < 1e-7, make
+
+
+@pytest.mark.parametrize("route", ["input_first", "output_first", "middle"])
+@pytest.mark.parametrize("c", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kfac_update_is_the_same_in_every_product_order(monkeypatch, route, c, shape):
+    """The damped K-FAC update multiplies (B* + ρ)^{-1} Δ^T, R and a (A* + ρ)^{-1} in the cheapest
+    order; every order (input side first, output side first, the N·C × N middle first) must give the
+    explicit (G + ρI)^{-1} ∇L."""
+    from natural_tangents.fisher import kfac
+
+    monkeypatch.setattr(kfac, "_FORCE_ROUTE", route)
+    widths, n = shape
+    fisher = F.KFAC(damping=1e-3)
+    net = _net(widths, c, True)
+    x, y = _data(n, widths[0], c)
+    g = _explicit(fisher, net, x, None)
+    grad = jacobian(net, x).T @ (net(x) - y).reshape(-1) / n
+    assert _rel(flat(fisher.natural_gradient(net, x, y)), torch.linalg.solve(g, grad)) < TOL

@@ -39,9 +39,12 @@ from torch import Tensor
 
 from ..layers.affine import AffineSignals
 from ..signals import Signals
-from .base import BoundFisher, Fisher, block_diag_metric, inverse_psd, solve_psd, solve_with_metric
+from ..layers.base import outer_gram
+from .base import BoundFisher, Fisher, block_diag_metric, cholesky_pd, inverse_psd, solve_psd, solve_with_metric
 
 __all__ = ["KFAC", "warn_narrow_input"]
+
+_FORCE_ROUTE: str | None = None  # tests pin the order of the update's products ("input_first", …)
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,77 @@ class KFAC(Fisher):
             b_star = torch.einsum("knti,nkj,jntm->im", d, lam, d) / n
         return inverse_psd(b_star, self.damping), inverse_psd(a_star, self.damping)
 
+    # ------------------------------------------------------------------ the update's fast route
+    def _fast(self, bound: BoundFisher, layer) -> bool:
+        """Damped MSE-type blocks of MLP-like layers: the update goes through Cholesky factors only."""
+        return self.damping > 0 and bound.metric is None and layer.kron is not None and layer.kron.positions == 1
+
+    def _sides(self, bound: BoundFisher, i: int, blk: _KronBlock) -> dict:
+        """The two factors of block ``i`` as whatever is cheapest to apply (cached per batch):
+        ``a_inv`` (A* + ρ)^{-1} (p × p) for an input narrower than N, else ``a_chol``, the Cholesky
+        factor of t a a^T + ρ (N × N); likewise ``d_inv`` (B* + ρ)^{-1} (M × M) or ``d_chol`` of
+        s Δ Δ^T + ρ (N·C × N·C). Grams are formed in the network's precision (symmetric products) and
+        factored in the solve dtype."""
+        key = ("kfac_sides", i)
+        if key in bound.cache:
+            return bound.cache[key]
+        kr = bound.signals.layers[blk.layer].kron
+        a, d = kr.a[:, 0, blk.cols], kr.flat_delta()
+        n, sd, rho = bound.n, self.solve_dtype, self.damping
+        t, s = blk.a_scale / n, blk.b_scale / n
+        out = {"a": a, "d": d}
+        if a.shape[1] < n:
+            a64 = a.to(sd)
+            out["a_inv"] = inverse_psd(t * outer_gram(a64.T), rho)
+        else:
+            out["a_chol"] = _damped_cholesky(t * outer_gram(a).to(sd), rho)
+        if d.shape[1] < d.shape[0]:
+            d64 = d.to(sd)
+            out["d_inv"] = inverse_psd(s * outer_gram(d64.T), rho)
+        else:
+            out["d_chol"] = _damped_cholesky(s * outer_gram(d).to(sd), rho)
+        bound.cache[key] = out
+        return out
+
+    def _fast_update(self, bound: BoundFisher, i: int, blk: _KronBlock, r: Tensor) -> Tensor:
+        """(B* + ρ)^{-1} G (A* + ρ)^{-1} = B_side R A_side / N with B_side = (B* + ρ)^{-1} Δ^T (M × N·C),
+        A_side = a (A* + ρ)^{-1} (N × p) and R the residual as an (N·C × N) matrix, multiplied in the
+        cheapest order: input side first, output side first, or (both sides dual) the N·C × N middle
+        X = Z R K_A^{-1} first. Everything after the factorizations runs in the network's precision
+        (the factors cast to it), so a float32 network's update costs float32 flops."""
+        sides = self._sides(bound, i, blk)
+        a, d = sides["a"], sides["d"]
+        (n, p), (nc, m) = a.shape, d.shape
+        c, dtype = bound.c, a.dtype
+        rr = r.to(dtype)
+        a_cost = 2 * n * p * p if "a_inv" in sides else 2 * n * n * p
+        d_cost = 2 * nc * m * m if "d_inv" in sides else 2 * nc * nc * m
+        costs = {  # flops of each order
+            "input_first": a_cost + (2 * m * m * p if "d_inv" in sides else 2 * nc * nc * p) + 2 * m * nc * p,
+            "output_first": d_cost + (2 * p * p * m if "a_inv" in sides else 2 * n * n * m) + 2 * m * n * p,
+        }
+        if "a_chol" in sides and "d_chol" in sides:
+            costs["middle"] = (2 * nc**3) // 3 + 2 * n * n * nc + 2 * nc * n * min(m, p) + 2 * m * n * p
+        route = _FORCE_ROUTE if _FORCE_ROUTE in costs else min(costs, key=costs.get)
+        if route == "input_first":
+            a_side = a @ sides["a_inv"].to(dtype) if "a_inv" in sides else _chol_apply(sides["a_chol"], a)
+            u = (rr[:, :, None] * a_side[:, None, :]).reshape(nc, p)  # R A_side
+            if "d_inv" in sides:
+                return sides["d_inv"].to(dtype) @ (d.T @ u) / n
+            return d.T @ _chol_apply(sides["d_chol"], u) / n
+        if route == "output_first":
+            b_side = d @ sides["d_inv"].to(dtype) if "d_inv" in sides else _chol_apply(sides["d_chol"], d)  # (NC, M)
+            v = torch.einsum("nkm,nk->nm", b_side.reshape(n, c, m), rr)  # (R^T B_side^T), (N, M)
+            if "a_inv" in sides:
+                return (sides["a_inv"].to(dtype) @ (a.T @ v)).T / n
+            return (a.T @ _chol_apply(sides["a_chol"], v)).T / n
+        z = torch.cholesky_inverse(sides["d_chol"].to(dtype))  # (NC, NC)
+        zr = torch.einsum("xnk,nk->xn", z.reshape(nc, n, c), rr)  # Z R, (NC, N)
+        x = _chol_apply(sides["a_chol"], zr.T).T  # Z R K_A^{-1}, (NC, N)
+        if m <= p:
+            return (d.T @ x) @ a / n
+        return d.T @ (x @ a) / n
+
     # ------------------------------------------------------------------ interface
     def _layer_updates(self, bound: BoundFisher, r: Tensor) -> list[list[Tensor]]:
         sig = bound.signals
@@ -184,6 +258,9 @@ class KFAC(Fisher):
         n = bound.n
         for i, blk in enumerate(self._blocks(sig)):
             layer = sig.layers[blk.layer]
+            if self._fast(bound, layer):
+                mats.setdefault(blk.layer, []).append(self._fast_update(bound, i, blk, r))
+                continue
             fac = self._factors(bound, i, blk)
             if fac[0] == "exact":
                 done[blk.layer] = layer.transpose((fac[1] @ r.reshape(-1)).reshape(r.shape) / n)
@@ -227,6 +304,19 @@ class KFAC(Fisher):
             expand = a_part.repeat_interleave(c, 0).repeat_interleave(c, 1)
             total = total + b_part * expand / n
         return total
+
+
+def _damped_cholesky(k: Tensor, damping: float) -> Tensor:
+    """Cholesky factor of the symmetrized K + ρ I."""
+    m = 0.5 * (k + k.mT)
+    m.diagonal().add_(damping)
+    return cholesky_pd(m)
+
+
+def _chol_apply(chol: Tensor, x: Tensor) -> Tensor:
+    """(L L^T)^{-1} x in the precision of x (the factor cast to it): the O(N² width) solves of the
+    wide signals stay in the network's precision."""
+    return torch.cholesky_solve(x, chol.to(x.dtype))
 
 
 def warn_narrow_input(where: str, p: int, n: int, *, first: bool, augmented: bool, single: bool = False) -> None:
