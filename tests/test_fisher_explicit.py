@@ -150,3 +150,26 @@ def test_kfac_update_is_the_same_in_every_product_order(monkeypatch, route, c, s
     g = _explicit(fisher, net, x, None)
     grad = jacobian(net, x).T @ (net(x) - y).reshape(-1) / n
     assert _rel(flat(fisher.natural_gradient(net, x, y)), torch.linalg.solve(g, grad)) < TOL
+
+
+@pytest.mark.parametrize("depth", [2, 3, 5, 7])
+def test_block_tridiagonal_elimination_matches_the_whole_system(depth):
+    """The O(L K³) block elimination of a tri-diagonal Σ against the dense (L·K)³ solve, with
+    non-symmetric blocks (Λ Θ_l) and a Σ with zero, negative and unequal entries."""
+    from natural_tangents.fisher.layerwise import block_tridiagonal_solve
+
+    g = torch.Generator().manual_seed(depth)
+    k = 7
+    s = torch.diag(1.0 + torch.rand(depth, generator=g, dtype=torch.float64))
+    off = torch.randn(depth - 1, generator=g, dtype=torch.float64)
+    off[::3] = 0.0  # decoupled neighbours
+    s = s + torch.diag(off, 1) + torch.diag(off, -1)
+    j = torch.randn(depth, k, 3 * k, generator=g, dtype=torch.float64)
+    lam = torch.randn(k, k, generator=g, dtype=torch.float64)
+    left = (lam @ lam.T + torch.eye(k, dtype=torch.float64)) @ (j @ j.mT / k)
+    rhs = torch.randn(k, 2, generator=g, dtype=torch.float64)
+    big = (s[:, None, :, None] * left.permute(1, 0, 2)[None]).reshape(depth * k, depth * k)
+    big = big + 1e-3 * torch.eye(depth * k, dtype=torch.float64)
+    want = torch.linalg.solve(big, rhs.repeat(depth, 1))
+    got = torch.cat(block_tridiagonal_solve(s, left, 1e-3, rhs))
+    assert _rel(got, want) < 1e-10

@@ -50,6 +50,49 @@ def check_invertible_sigma(sigma: Tensor) -> None:
         )
 
 
+def _bandwidth(s: Tensor) -> int:
+    """The largest |l − l′| with Σ_{ll′} ≠ 0."""
+    nz = s.nonzero()
+    return int((nz[:, 0] - nz[:, 1]).abs().max()) if len(nz) else 0
+
+
+def block_tridiagonal_solve(s: Tensor, left: Tensor, damping: float, rhs: Tensor) -> list[Tensor] | None:
+    """Solve Σ_{l′} Σ_{ll′} left_{l′} v_{l′} + ρ v_l = rhs (every l) for a tri-diagonal Σ (L, L) and
+    blocks left (L, K, K) by block elimination (block LU without pivoting between blocks, partial
+    pivoting inside them): the Schur complements D_1 = Σ_11 left_1 + ρ I,
+    D_l = Σ_ll left_l + ρ I − Σ_{l,l−1} Σ_{l−1,l} left_{l−1} D_{l−1}^{-1} left_l cost about 4.7 K³ per
+    layer, against (2/3) (L K)³ for the whole system. Returns v as a list of (K, R) blocks, or None
+    when a Schur complement is numerically singular (the caller then solves the whole system)."""
+    depth, k = left.shape[0], left.shape[1]
+    eye = torch.eye(k, dtype=left.dtype, device=left.device)
+    factors, couple = [], []  # LU of D_l; G_l = D_l^{-1} left_{l+1}
+    for l in range(depth):
+        d = s[l, l] * left[l] + damping * eye
+        if l > 0 and float(s[l, l - 1] * s[l - 1, l]) != 0.0:
+            d = d - (s[l, l - 1] * s[l - 1, l]) * (left[l - 1] @ couple[l - 1])
+        lu, piv, info = torch.linalg.lu_factor_ex(d)
+        if int(info) != 0 or not bool(torch.isfinite(lu).all()):
+            return None
+        factors.append((lu, piv))
+        if l + 1 < depth:
+            couple.append(torch.linalg.lu_solve(lu, piv, left[l + 1]) if float(s[l, l + 1]) != 0.0 else None)
+    ys = []  # forward: y_l = rhs − Σ_{l,l−1} left_{l−1} D_{l−1}^{-1} y_{l−1}
+    for l in range(depth):
+        y = rhs
+        if l > 0 and float(s[l, l - 1]) != 0.0:
+            y = y - s[l, l - 1] * (left[l - 1] @ torch.linalg.lu_solve(*factors[l - 1], ys[l - 1]))
+        ys.append(y)
+    v: list[Tensor] = [None] * depth  # backward: v_l = D_l^{-1} y_l − Σ_{l,l+1} G_l v_{l+1}
+    for l in reversed(range(depth)):
+        x = torch.linalg.lu_solve(*factors[l], ys[l])
+        if l + 1 < depth and couple[l] is not None:
+            x = x - s[l, l + 1] * (couple[l] @ v[l + 1])
+        v[l] = x
+    if not all(bool(torch.isfinite(x).all()) for x in v):
+        return None
+    return v
+
+
 @dataclass(frozen=True, kw_only=True)
 class Layerwise(DualFisher):
     """Layer-wise Fisher with pattern Σ (the paper's (S.72)); the blocks are the model's parameterized
@@ -97,7 +140,12 @@ class Layerwise(DualFisher):
             return [solve_with_metric(float(s[l, l]) * thetas[l], lam, self.damping, rf)[:, 0] for l in range(depth)]
         opts = {"dtype": thetas.dtype, "device": thetas.device}
         left = thetas if lam is None else block_diag_metric(lam) @ thetas
-        big = (s.to(**opts)[:, None, :, None] * left.permute(1, 0, 2)[None]).reshape(depth * nf, depth * nf)
+        s = s.to(**opts)
+        if _bandwidth(s) == 1:  # block tri-diagonal: O(L N³) elimination instead of the (L·N)³ system
+            v = block_tridiagonal_solve(s, left, self.damping, rf)
+            if v is not None:
+                return [x[:, 0] for x in v]
+        big = (s[:, None, :, None] * left.permute(1, 0, 2)[None]).reshape(depth * nf, depth * nf)
         big.diagonal().add_(self.damping)
         return list(torch.linalg.solve(big, rf.repeat(depth, 1))[:, 0].reshape(depth, nf))
 
