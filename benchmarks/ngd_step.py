@@ -29,6 +29,7 @@ FISHERS = {
     "block tri-diagonal": F.BlockTriDiagonal,
     "K-FAC": F.KFAC,
     "unit-wise": F.Unitwise,
+    "unit-wise cg": lambda damping: F.Unitwise(damping=damping, solver="cg"),
 }
 LR = 1e-9  # a tiny fixed rate: the parameters barely move, so every repeat times the same work
 

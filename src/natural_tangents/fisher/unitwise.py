@@ -49,6 +49,12 @@ class Unitwise(Fisher):
         rcond: at ρ = 0, the pseudo-inverse's relative cut-off: sample n counts as active for unit i
             when the diagonal entry s_n² K_nn / N of Θ_{l,i} exceeds ``rcond`` times the unit's largest
             one (exact zeros, as ReLU's, are always inactive).
+        solver: how the update solves the units' systems of MLP-like layers. ``"direct"`` (default):
+            Cholesky per unit on its support, exact. ``"cg"``: conjugate gradients on all units of a
+            layer at once (one N × N × M_l product per iteration; needs damping > 0), each unit to
+            relative residual ``tol``, so the update agrees with the direct one to about ``tol``
+            times the unit system's condition number; units not converged in ``maxiter`` iterations
+            fall back to Cholesky. Θ̄ and α̂ always use the direct route.
 
     At finite width the ρ → 0 limit takes huge steps on units whose δ_{l,i}(x_n) is tiny but not zero
     (the step of u_{l,i}(x_n) is r_n / δ_{l,i}(x_n)), which leaves the linear regime; a small damping
@@ -56,10 +62,26 @@ class Unitwise(Fisher):
     """
 
     rcond: float = 1e-12
+    solver: str = "direct"
+    tol: float = 1e-10
+    maxiter: int = 100
 
     name: ClassVar[str] = "unitwise"
     label: ClassVar[str] = "Unit-wise"
     aliases: ClassVar[tuple[str, ...]] = ("unitwise", "unit_wise")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.solver not in ("direct", "cg"):
+            raise ValueError(f"solver: expected 'direct' (Cholesky, exact) or 'cg', got {self.solver!r}")
+        if self.solver == "cg" and self.damping == 0:
+            raise ValueError(
+                "solver: 'cg' needs damping > 0 (the zero-damping limit is a pseudo-inverse); use solver='direct'"
+            )
+        if not (0 < self.tol < 1):
+            raise ValueError(f"tol: expected a relative residual in (0, 1), got {self.tol}")
+        if int(self.maxiter) != self.maxiter or self.maxiter < 1:
+            raise ValueError(f"maxiter: expected a positive integer, got {self.maxiter}")
 
     def _unit_scales(self, layer, lam: Tensor | None) -> tuple[Tensor, Tensor]:
         """s (M, N) with s_n² = δ_n^T Λ_n δ_n, and δ itself as (M, N, C)."""
@@ -156,6 +178,45 @@ class Unitwise(Fisher):
             out[units[:, None], idx] = w  # padding slots hold inactive samples, where w = 0
         return out
 
+    def _cg_units(self, k: Tensor, s: Tensor, b: Tensor) -> Tensor:
+        """The update's unit systems by conjugate gradients, all units of the layer at once.
+
+        Unit i solves (S_i K S_i / N + ρ) z_i = b_i / s_i (0 where s_i = 0) and w_i = s_i z_i, as the
+        direct route; every iteration applies all the layer's systems with one (U, N) × (N, N)
+        product, Jacobi-preconditioned (diagonal s_n² K_nn / N + ρ). A unit stops when its residual is
+        at most ``tol`` times its right-hand side; the units still above after ``maxiter`` iterations
+        are solved directly. Returns w (M, N)."""
+        n, rho = k.shape[0], self.damping
+        kn = k / n
+        c = torch.where(s > 0, b / torch.where(s > 0, s, 1.0), 0.0)
+        z = torch.zeros_like(c)
+        rows = torch.nonzero(c.norm(dim=1) > 0)[:, 0]  # units still iterating
+        su, res = s[rows], c[rows]
+        dinv = 1.0 / (su * su * torch.diagonal(kn) + rho)
+        goal = self.tol * res.norm(dim=1)
+        y = dinv * res
+        p, rz, x = y, (res * y).sum(1), torch.zeros_like(res)
+        for _ in range(self.maxiter):
+            if len(rows) == 0:
+                break
+            q = su * ((su * p) @ kn) + rho * p
+            alpha = rz / (p * q).sum(1)
+            x += alpha[:, None] * p
+            res -= alpha[:, None] * q
+            done = res.norm(dim=1) <= goal
+            if bool(done.any()):
+                z[rows[done]] = x[done]
+                keep = ~done
+                rows, su, res, x, p, rz, dinv, goal = (t[keep] for t in (rows, su, res, x, p, rz, dinv, goal))
+            y = dinv * res
+            rz_new = (res * y).sum(1)
+            p = y + (rz_new / rz)[:, None] * p
+            rz = rz_new
+        w = s * z
+        if len(rows):  # not converged: the direct route
+            w[rows] = self._solve_units(k, s[rows], b[rows][:, :, None])[:, :, 0]
+        return w
+
     # ------------------------------------------------------------------ rank-one units (MLP layers)
     @staticmethod
     def _rank_one(layer) -> bool:
@@ -174,7 +235,10 @@ class Unitwise(Fisher):
         a = layer.kron.a[:, 0]
         s, d = self._unit_scales(layer, bound.metric)
         b = torch.einsum("mnk,nk->mn", d, r)  # δ_n · r_n
-        w = self._solve_units(self._layer_k(bound, l), s, b[:, :, None])[:, :, 0]  # (M, N)
+        if self.solver == "cg":
+            w = self._cg_units(self._layer_k(bound, l), s, b)
+        else:
+            w = self._solve_units(self._layer_k(bound, l), s, b[:, :, None])[:, :, 0]  # (M, N)
         return layer.kron.to_params(w.to(a.dtype) @ a / bound.n)
 
     def _rank_one_coefficient(self, bound: BoundFisher, l: int, test: Signals) -> Tensor:
