@@ -4,7 +4,8 @@ L = 3, M = 4096, M_0 = 784, C = 1, σ_b² = 0.5 (biases), ρ = 1e-3, ReLU. For e
 each N, every Fisher's step (``nat.NGD.step`` with a fixed rate: signals, Grams, solve, update) is
 timed interleaved with a GD step (autograd forward + backward + update of the MSE loss) on the same
 batch, and the median ratio is printed (floors: ≤ 1.5 for exact, layer-wise and K-FAC; unit-wise ≤ 3
-at N = 100 and ≤ 6 at N = 500). ``--memory`` adds the extra peak resident memory of one step at the
+at N = 100 and ≤ 6 at N = 500; "unit-wise cg" is ``Unitwise(solver="cg")``, the iterative option).
+``--memory`` adds the extra peak resident memory of one step at the
 largest N (a fresh process per case). ``--variants`` adds the no-bias, ρ = 0 network.
 
     python benchmarks/ngd_step.py [--n 100 500 2000] [--dtypes float32 float64] [--repeats 3] [--memory]
@@ -53,6 +54,9 @@ def _row(args, dtype_name: str, n: int, sigma_b2: float, damping: float) -> list
     cells = [dtype_name, str(n), f"{sigma_b2:g}", f"{damping:g}"]
     gd_time = None
     for name in args.fishers:
+        if name == "unit-wise cg" and damping == 0:  # conjugate gradients need ρ > 0
+            cells.append("—")
+            continue
         state = setup(args.width, n, dtype_name, name, sigma_b2, damping)
         repeats = 1 if (name == "unit-wise" and n >= 2000) else args.repeats
         t = median_times({"gd": lambda g=gd: step(g), "ngd": lambda s=state: step(s)}, repeats=repeats)

@@ -141,8 +141,7 @@ class Unitwise(Fisher):
         slot = torch.arange(m, device=k_ext.device)[None, :]
         valid = slot < sizes[units][:, None]
         sub_idx = torch.where(valid, idx, n + slot)
-        rows = k_ext[sub_idx]  # (u, m, N + pad)
-        sub = torch.gather(rows, 2, sub_idx[:, None, :].expand(-1, m, -1))
+        sub = k_ext[sub_idx[:, :, None], sub_idx[:, None, :]]  # (u, m, m)
         if self.damping > 0:
             si = torch.gather(ctx["s_ext"][units], 1, sub_idx)
             sub.mul_(si[:, :, None] * si[:, None, :]).div_(n)
