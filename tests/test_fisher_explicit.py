@@ -153,17 +153,21 @@ def test_kfac_update_is_the_same_in_every_product_order(monkeypatch, route, c, s
     assert _rel(flat(fisher.natural_gradient(net, x, y)), torch.linalg.solve(g, grad)) < TOL
 
 
-@pytest.mark.parametrize("depth", [2, 3, 5, 7])
-def test_block_tridiagonal_elimination_matches_the_whole_system(depth):
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5, 7])
+@pytest.mark.parametrize("ends", ["positive", "negative", "zero"])
+def test_block_tridiagonal_elimination_matches_the_whole_system(depth, ends):
     """The O(L K³) block elimination of a tri-diagonal Σ against the dense (L·K)³ solve, with
-    non-symmetric blocks (Λ Θ_l) and a Σ with zero, negative and unequal entries."""
+    non-symmetric blocks (Λ Θ_l) and a Σ with zero, negative and unequal entries; the end layers are
+    eliminated first unless their diagonal entry is zero."""
     from natural_tangents.fisher.layerwise import block_tridiagonal_solve
 
     g = torch.Generator().manual_seed(depth)
     k = 7
     s = torch.diag(1.0 + torch.rand(depth, generator=g, dtype=torch.float64))
+    if depth > 1:
+        s[0, 0] = s[-1, -1] = {"positive": 1.3, "negative": -0.8, "zero": 0.0}[ends]
     off = torch.randn(depth - 1, generator=g, dtype=torch.float64)
-    off[::3] = 0.0  # decoupled neighbours
+    off[2::3] = 0.0  # decoupled neighbours
     s = s + torch.diag(off, 1) + torch.diag(off, -1)
     j = torch.randn(depth, k, 3 * k, generator=g, dtype=torch.float64)
     lam = torch.randn(k, k, generator=g, dtype=torch.float64)
@@ -173,6 +177,11 @@ def test_block_tridiagonal_elimination_matches_the_whole_system(depth):
     big = big + 1e-3 * torch.eye(depth * k, dtype=torch.float64)
     want = torch.linalg.solve(big, rhs.repeat(depth, 1))
     got = torch.cat(block_tridiagonal_solve(s, left, 1e-3, rhs))
+    assert _rel(got, want) < 1e-10
+    theta = j @ j.mT / k  # symmetric PSD blocks: the end layers by Cholesky
+    big = (s[:, None, :, None] * theta.permute(1, 0, 2)[None]).reshape(depth * k, depth * k)
+    want = torch.linalg.solve(big + 1e-3 * torch.eye(depth * k, dtype=torch.float64), rhs.repeat(depth, 1))
+    got = torch.cat(block_tridiagonal_solve(s, theta, 1e-3, rhs, symmetric=True))
     assert _rel(got, want) < 1e-10
 
 
