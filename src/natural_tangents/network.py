@@ -62,8 +62,9 @@ class AffineLayer:
 
     def preactivation(self, h: Tensor) -> Tensor:
         """u = weight_scale · h W^T + bias_scale · b for inputs h (N, M_in)."""
-        u = self.weight_scale * (h @ self.weight.T)
-        return u if self.bias is None else u + self.bias_scale * self.bias
+        if self.bias is None:
+            return (h @ self.weight.T).mul_(self.weight_scale)
+        return torch.addmm(self.bias, h, self.weight.T, beta=self.bias_scale, alpha=self.weight_scale)
 
     def output(self, u: Tensor) -> Tensor:
         """φ(u), or u for a layer without activation."""
@@ -71,9 +72,12 @@ class AffineLayer:
 
 
 def _forward_signal(h: Tensor, layer: AffineLayer) -> Tensor:
-    a = h * layer.weight_scale
-    if layer.bias is not None:
-        a = torch.cat([a, a.new_full((a.shape[0], 1), layer.bias_scale)], dim=1)
+    """a = [weight_scale · h | bias_scale] (N, M_in [+ 1]), written once."""
+    if layer.bias is None:
+        return h * layer.weight_scale
+    a = h.new_empty(h.shape[0], h.shape[1] + 1)
+    torch.mul(h, layer.weight_scale, out=a[:, :-1])
+    a[:, -1] = layer.bias_scale
     return a
 
 
@@ -100,10 +104,11 @@ def factors(layers: list[AffineLayer], x: Tensor) -> Signals:
         back = [delta]
         for i in range(len(layers) - 2, -1, -1):
             nxt = layers[i + 1]
-            delta = (delta @ nxt.weight) * nxt.weight_scale
+            delta = (delta @ nxt.weight).mul_(nxt.weight_scale)
             act = layers[i].activation
             if act is not None:
-                delta = delta * act.derivative(pre[i]).unsqueeze(0)
+                delta.mul_(act.derivative(pre[i]).unsqueeze(0))
+            pre[i] = None  # no longer needed
             back.append(delta)
         back.reverse()
     return Signals(
