@@ -234,3 +234,26 @@ def test_process_groups_give_the_single_process_kernels(tmp_path, world):
     assert np.allclose(np.load(tmp_path / "file_pair.npy"), pair, rtol=0, atol=1e-12)
     assert np.allclose(np.load(tmp_path / "gram.npy"), (x @ x.T).numpy(), rtol=0, atol=1e-12)
     assert not list(tmp_path.glob("file_*.lock")) and (tmp_path / "locked.npy.lock").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [7, 600])
+def test_symmetric_gram_is_the_plain_product(dtype, n):
+    """outer_gram's one-triangle products (BLAS syrk above 512 rows) against x x^T: the full matrix
+    (exactly symmetric when mirrored from one triangle), and with mirror=False its lower triangle with
+    zeros above."""
+    from natural_tangents.layers.base import mirror_lower, outer_gram
+
+    x = torch.randn(n, 300, generator=torch.Generator().manual_seed(n), dtype=dtype)
+    want = x.double() @ x.double().T
+    tol = 1e-4 if dtype == torch.float32 else 1e-12
+    full = outer_gram(x)
+    assert full.dtype == dtype and full.is_contiguous()
+    if n > 512:
+        assert torch.equal(full, full.T)
+    assert float((full.double() - want).abs().max() / want.abs().max()) < tol
+    lower = outer_gram(x, mirror=False)
+    assert float(lower.triu(1).abs().max()) == 0.0
+    assert torch.equal(lower, full.tril())
+    sym = mirror_lower(lower.clone())
+    assert torch.equal(sym, sym.T) and torch.equal(sym.tril(), full.tril())

@@ -116,10 +116,11 @@ def solve_psd(a: Tensor, b: Tensor, shift: Tensor | float = 0.0) -> Tensor:
     if isinstance(shift, Tensor) or shift > 0:
         if isinstance(shift, Tensor):
             m = a + shift
-        else:
+            m = 0.5 * (m + m.mT)
+        else:  # Cholesky reads one triangle: no symmetrizing copy
             m = a.clone()
             m.diagonal(dim1=-2, dim2=-1).add_(shift)
-        return torch.cholesky_solve(b, cholesky_pd(0.5 * (m + m.mT)))
+        return torch.cholesky_solve(b, cholesky_pd(m))
     return pinv_psd(a) @ b
 
 
@@ -231,12 +232,15 @@ class BoundFisher:
         The Grams are formed in the network's precision (the O(N² M) work) and only the N·C × N·C
         results are cast to the solve dtype."""
         if "thetas" not in self.cache:
-            if self.process_group is None:
-                grams = self.signals.layer_kernels()
+            if self.process_group is None:  # one layer at a time, cast into the result
+                layers, nc = self.signals.layers, self.n * self.c
+                grams = torch.empty(len(layers), nc, nc, dtype=self.fisher.solve_dtype, device=self.signals.f.device)
+                for l, layer in enumerate(layers):
+                    grams[l].copy_(layer.gram())
             else:  # this rank's rows against the whole batch, then the rows of every rank
                 rows = self.local.layer_kernels(self.signals).transpose(0, 1)  # (N_r·C, L, N·C)
-                grams = gather_rows(rows, self.process_group).transpose(0, 1)
-            self.cache["thetas"] = grams.to(self.fisher.solve_dtype) / self.n
+                grams = gather_rows(rows, self.process_group).transpose(0, 1).to(self.fisher.solve_dtype)
+            self.cache["thetas"] = grams.div_(self.n)
         return self.cache["thetas"]
 
 

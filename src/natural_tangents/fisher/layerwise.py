@@ -183,7 +183,8 @@ class Layerwise(DualFisher):
         depth, nf = thetas.shape[0], thetas.shape[1]
         s = self.sigma_matrix(depth)
         if bool((s == torch.diag(torch.diagonal(s))).all()):  # diagonal Σ: L decoupled N·C × N·C solves
-            return [solve_with_metric(float(s[l, l]) * thetas[l], lam, self.damping, rf)[:, 0] for l in range(depth)]
+            scaled = [thetas[l] if float(s[l, l]) == 1.0 else float(s[l, l]) * thetas[l] for l in range(depth)]
+            return [solve_with_metric(t, lam, self.damping, rf)[:, 0] for t in scaled]
         opts = {"dtype": thetas.dtype, "device": thetas.device}
         left = thetas if lam is None else block_diag_metric(lam) @ thetas
         s = s.to(**opts)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .base import LayerSignals, Units, outer_gram
+from .base import LayerSignals, Units, mirror_lower, outer_gram
 
 __all__ = ["AffineSignals"]
 
@@ -94,13 +94,15 @@ class AffineSignals(LayerSignals):
         dtype = dtype or self.dtype
         n1, n2, c = self.n, o.n, self.c
         if self.positions == 1 and o.positions == 1:
-            same = o is self
-            a = outer_gram(self.a[:, 0].to(dtype), None if same else o.a[:, 0].to(dtype))  # (N1, N2)
+            same = o is self  # then both Grams as lower triangles, the product mirrored once
+            a = outer_gram(self.a[:, 0].to(dtype), None if same else o.a[:, 0].to(dtype), mirror=False)  # (N1, N2)
             d1 = self.flat_delta(dtype)  # (N1·C, M)
-            b = outer_gram(d1, None if same else o.flat_delta(dtype))  # (N1·C, N2·C)
+            b = outer_gram(d1, None if same else o.flat_delta(dtype), mirror=False)  # (N1·C, N2·C)
             if c == 1:
-                return b.mul_(a)
-            return (b.reshape(n1, c, n2, c) * a[:, None, :, None]).reshape(n1 * c, n2 * c)
+                out = b.mul_(a)
+            else:
+                out = (b.reshape(n1, c, n2, c) * a[:, None, :, None]).reshape(n1 * c, n2 * c)
+            return mirror_lower(out) if same else out
         t1, t2 = self.positions, o.positions
         if (n1 + n2) * self.out_width * self.in_width <= n1 * n2 * t1 * t2 * c:  # per-sample Jacobians are smaller
             g1 = self._per_sample(dtype).reshape(n1 * c, -1)

@@ -21,9 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from scipy.linalg import blas as _blas
 from torch import Tensor
 
-__all__ = ["LayerSignals", "Units", "outer_gram", "split_flat"]
+__all__ = ["LayerSignals", "Units", "mirror_lower", "outer_gram", "split_flat"]
 
 
 @dataclass(frozen=True)
@@ -111,16 +112,33 @@ def split_flat(flat: Tensor, params: tuple[Tensor, ...]) -> list[Tensor]:
 
 
 _SYM_BLOCK = 512  # block side of the symmetric Gram products
+_SYRK = {torch.float32: _blas.ssyrk, torch.float64: _blas.dsyrk}
 
 
-def outer_gram(x: Tensor, y: Tensor | None = None) -> Tensor:
+def outer_gram(x: Tensor, y: Tensor | None = None, *, mirror: bool = True) -> Tensor:
     """x y^T for rows x (N1, D) and y (N2, D); with ``y`` None the symmetric x x^T, of which only
-    the blocks on and above the diagonal are multiplied (about half the work for large N)."""
+    one triangle is multiplied (BLAS syrk on the CPU, blocks on and above the diagonal elsewhere:
+    about half the work for large N). ``mirror=False`` (symmetric case only) returns just the lower
+    triangle, zeros above it, for products of Grams mirrored once with :func:`mirror_lower`."""
     if y is not None:
         return x @ y.T
     n = x.shape[0]
-    if n <= _SYM_BLOCK:
-        return x @ x.T
+    if x.device.type == "cpu" and x.dtype in _SYRK and not x.requires_grad and n > _SYM_BLOCK:
+        # x (C order) is x^T in Fortran order, so syrk reads it without a copy; its upper triangle
+        # in Fortran order is the lower triangle of the C-ordered transpose
+        lower = torch.from_numpy(_SYRK[x.dtype](1.0, x.contiguous().numpy().T, trans=1)).mT
+        return mirror_lower(lower) if mirror else lower
+    full = _blocked_gram(x) if n > _SYM_BLOCK else x @ x.T
+    return full if mirror else full.tril_()
+
+
+def mirror_lower(m: Tensor) -> Tensor:
+    """The symmetric matrix whose lower triangle is that of ``m`` (whose upper triangle is zero); in place."""
+    return m.add_(m.tril(-1).mT)
+
+
+def _blocked_gram(x: Tensor) -> Tensor:
+    n = x.shape[0]
     out = x.new_empty(n, n)
     cuts = [*range(0, n, _SYM_BLOCK), n]
     for i in range(len(cuts) - 1):
