@@ -201,12 +201,12 @@ class KFAC(Fisher):
             a64 = a.to(sd)
             out["a_inv"] = inverse_psd(t * outer_gram(a64.T), rho)
         else:
-            out["a_chol"] = _damped_cholesky(t * outer_gram(a).to(sd), rho)
+            out["a_chol"] = _damped_cholesky(outer_gram(a, mirror=False).to(sd).mul_(t), rho)
         if d.shape[1] < d.shape[0]:
             d64 = d.to(sd)
             out["d_inv"] = inverse_psd(s * outer_gram(d64.T), rho)
         else:
-            out["d_chol"] = _damped_cholesky(s * outer_gram(d).to(sd), rho)
+            out["d_chol"] = _damped_cholesky(outer_gram(d, mirror=False).to(sd).mul_(s), rho)
         bound.cache[key] = out
         return out
 
@@ -307,10 +307,9 @@ class KFAC(Fisher):
 
 
 def _damped_cholesky(k: Tensor, damping: float) -> Tensor:
-    """Cholesky factor of the symmetrized K + ρ I."""
-    m = 0.5 * (k + k.mT)
-    m.diagonal().add_(damping)
-    return cholesky_pd(m)
+    """Cholesky factor of K + ρ I for a symmetric K given by its lower triangle (changed in place)."""
+    k.diagonal().add_(damping)
+    return cholesky_pd(k)
 
 
 def _chol_apply(chol: Tensor, x: Tensor) -> Tensor:

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from scipy.linalg import blas as _blas
 from torch import Tensor
 
 __all__ = ["LayerSignals", "Units", "mirror_lower", "outer_gram", "split_flat"]
@@ -112,38 +111,28 @@ def split_flat(flat: Tensor, params: tuple[Tensor, ...]) -> list[Tensor]:
 
 
 _SYM_BLOCK = 512  # block side of the symmetric Gram products
-_SYRK = {torch.float32: _blas.ssyrk, torch.float64: _blas.dsyrk}
 
 
 def outer_gram(x: Tensor, y: Tensor | None = None, *, mirror: bool = True) -> Tensor:
     """x y^T for rows x (N1, D) and y (N2, D); with ``y`` None the symmetric x x^T, of which only
-    one triangle is multiplied (BLAS syrk on the CPU, blocks on and above the diagonal elsewhere:
-    about half the work for large N). ``mirror=False`` (symmetric case only) returns just the lower
-    triangle, zeros above it, for products of Grams mirrored once with :func:`mirror_lower`."""
+    the blocks on and below the diagonal are multiplied (about half the work for large N).
+    ``mirror=False`` (symmetric case only) returns just the lower triangle, zeros above it, for
+    products of Grams mirrored once with :func:`mirror_lower`."""
     if y is not None:
         return x @ y.T
     n = x.shape[0]
-    if x.device.type == "cpu" and x.dtype in _SYRK and not x.requires_grad and n > _SYM_BLOCK:
-        # x (C order) is x^T in Fortran order, so syrk reads it without a copy; its upper triangle
-        # in Fortran order is the lower triangle of the C-ordered transpose
-        lower = torch.from_numpy(_SYRK[x.dtype](1.0, x.contiguous().numpy().T, trans=1)).mT
-        return mirror_lower(lower) if mirror else lower
-    full = _blocked_gram(x) if n > _SYM_BLOCK else x @ x.T
-    return full if mirror else full.tril_()
+    if n <= _SYM_BLOCK:
+        full = x @ x.T
+        return full if mirror else full.tril_()
+    out = x.new_zeros(n, n)
+    cuts = [*range(0, n, _SYM_BLOCK), n]
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        block = x[lo:hi] @ x[:hi].T  # this row block up to the diagonal
+        out[lo:hi, :lo] = block[:, :lo]
+        out[lo:hi, lo:hi] = block[:, lo:].tril_()
+    return mirror_lower(out) if mirror else out
 
 
 def mirror_lower(m: Tensor) -> Tensor:
     """The symmetric matrix whose lower triangle is that of ``m`` (whose upper triangle is zero); in place."""
     return m.add_(m.tril(-1).mT)
-
-
-def _blocked_gram(x: Tensor) -> Tensor:
-    n = x.shape[0]
-    out = x.new_empty(n, n)
-    cuts = [*range(0, n, _SYM_BLOCK), n]
-    for i in range(len(cuts) - 1):
-        rows = slice(cuts[i], cuts[i + 1])
-        block = x[rows] @ x[cuts[i] :].T  # this row block from the diagonal on
-        out[rows, cuts[i] :] = block
-        out[cuts[i] + block.shape[0] :, rows] = block[:, block.shape[0] :].T
-    return out
