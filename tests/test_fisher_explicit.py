@@ -220,3 +220,20 @@ def test_unitwise_cg_update_agrees_with_the_direct_one(monkeypatch, loss, sigma_
 def test_unitwise_solver_options_are_checked(kw, word):
     with pytest.raises(ValueError, match=word):
         F.Unitwise(**kw)
+
+
+@pytest.mark.parametrize("rank", [40, 25])
+def test_zero_damping_inverse_is_the_pseudo_inverse_by_either_route(rank):
+    """At ρ = 0 a kernel far from singular is inverted by Cholesky, a singular one by the
+    eigendecomposition's pseudo-inverse; both equal the pseudo-inverse."""
+    from natural_tangents.fisher import base
+
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(40, rank, generator=g, dtype=torch.float64)
+    a = x @ x.T
+    got = base.inverse_psd(a, 0.0)
+    want = torch.linalg.pinv(a, hermitian=True)
+    assert _rel(got, want) < 1e-9
+    assert (base._nonsingular_inverse(a) is not None) == (rank == 40)
+    b = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    assert _rel(base.solve_psd(a, b), want @ b) < 1e-9

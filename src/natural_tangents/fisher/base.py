@@ -100,11 +100,30 @@ def cholesky_pd(m: Tensor) -> Tensor:
     return chol
 
 
+def _nonsingular_inverse(a: Tensor) -> Tensor | None:
+    """A^{-1} by Cholesky when that provably equals the pseudo-inverse A^+ (a single matrix whose
+    every eigenvalue lies far above pinv_psd's cut-off n·eps·λ_max: with λ_max ≤ tr A and
+    λ_min ≥ 1 / tr A^{-1}, checked with a margin of 100); None otherwise. About N³ flops against
+    about 9 N³ for the eigendecomposition."""
+    if a.ndim != 2:
+        return None
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        return None
+    inv = torch.cholesky_inverse(chol)
+    cut = a.shape[0] * torch.finfo(a.dtype).eps * float(torch.diagonal(a).sum())
+    inv_trace = float(torch.diagonal(inv).sum())
+    if not (inv_trace > 0 and 1.0 / inv_trace > 100.0 * cut):
+        return None
+    return inv
+
+
 def inverse_psd(a: Tensor, damping: float) -> Tensor:
     """(A + ρ I)^{-1} for a symmetric PSD A (Cholesky and its inverse, about N³ flops); at ρ = 0 the
-    pseudo-inverse A^+ (the zero-damping limit)."""
+    pseudo-inverse A^+ (the zero-damping limit; by Cholesky when A is far from singular)."""
     if damping == 0:
-        return pinv_psd(a)
+        inv = _nonsingular_inverse(a)
+        return pinv_psd(a) if inv is None else inv
     m = 0.5 * (a + a.mT)
     m.diagonal(dim1=-2, dim2=-1).add_(damping)
     return torch.cholesky_inverse(cholesky_pd(m))
@@ -121,7 +140,7 @@ def solve_psd(a: Tensor, b: Tensor, shift: Tensor | float = 0.0) -> Tensor:
             m = a.clone()
             m.diagonal(dim1=-2, dim2=-1).add_(shift)
         return torch.cholesky_solve(b, cholesky_pd(m))
-    return pinv_psd(a) @ b
+    return inverse_psd(a, 0.0) @ b
 
 
 def block_diag_metric(lam: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import BoundFisher, DualFisher, block_diag_metric, pinv_psd, solve_with_metric
+from .base import BoundFisher, DualFisher, block_diag_metric, inverse_psd, solve_with_metric
 
 __all__ = ["Layerwise", "BlockDiagonal", "BlockTriDiagonal", "tridiagonal_sigma", "check_invertible_sigma"]
 
@@ -177,10 +177,13 @@ class Layerwise(DualFisher):
         return torch.linalg.solve(s, torch.ones(depth, dtype=torch.float64))
 
     def _dual_vectors(self, bound: BoundFisher, r: Tensor) -> list[Tensor]:
-        if "dual" in bound.cache or self.damping == 0:
+        if "dual" in bound.cache:
             return super()._dual_vectors(bound, r)
         thetas, lam, rf = bound.layer_kernels(), bound.metric, r.reshape(-1, 1)
         depth, nf = thetas.shape[0], thetas.shape[1]
+        if self.damping == 0:  # v_l = (Σ^{-1} 1)_l Θ_l^+ Λ^{-1} r (S.74)
+            c = self.sigma_weights(depth)
+            return [float(c[l]) * solve_with_metric(thetas[l], lam, 0.0, rf)[:, 0] for l in range(depth)]
         s = self.sigma_matrix(depth)
         if bool((s == torch.diag(torch.diagonal(s))).all()):  # diagonal Σ: L decoupled N·C × N·C solves
             scaled = [thetas[l] if float(s[l, l]) == 1.0 else float(s[l, l]) * thetas[l] for l in range(depth)]
@@ -206,7 +209,7 @@ class Layerwise(DualFisher):
             lam_inv = block_diag_metric(torch.linalg.inv(lam)) if lam is not None else None
             xs = []
             for l in range(depth):
-                p = pinv_psd(thetas[l]) * c[l]
+                p = inverse_psd(thetas[l], 0.0) * c[l]
                 xs.append(p @ lam_inv if lam_inv is not None else p)
             return xs
         s = self.sigma_matrix(depth).to(**opts)
