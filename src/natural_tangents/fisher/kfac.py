@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from ..layers.affine import AffineSignals
-from ..signals import Signals
 from ..layers.base import outer_gram
+from ..signals import Signals
 from .base import BoundFisher, Fisher, block_diag_metric, cholesky_pd, inverse_psd, solve_psd, solve_with_metric
 
 __all__ = ["KFAC", "warn_narrow_input"]

@@ -187,21 +187,22 @@ class Unitwise(Fisher):
         are solved directly. Returns w (M, N)."""
         n, rho = k.shape[0], self.damping
         kn = k / n
-        c = torch.where(s > 0, b / torch.where(s > 0, s, 1.0), 0.0)
-        z = torch.zeros_like(c)
-        rows = torch.nonzero(c.norm(dim=1) > 0)[:, 0]  # units still iterating
-        su, res = s[rows], c[rows]
-        dinv = 1.0 / (su * su * torch.diagonal(kn) + rho)
+        z = torch.zeros_like(b)
+        rows = torch.nonzero((b != 0).any(1) & (s > 0).any(1))[:, 0]  # units still iterating
+        su = s[rows]
+        res = torch.where(su > 0, b[rows] / torch.where(su > 0, su, 1.0), 0.0)  # right-hand sides c_i
+        dinv = (su * su).mul_(torch.diagonal(kn)).add_(rho).reciprocal_()
         goal = self.tol * res.norm(dim=1)
-        y = dinv * res
-        p, rz, x = y, (res * y).sum(1), torch.zeros_like(res)
+        p = dinv * res
+        rz, x = (res * p).sum(1), torch.zeros_like(res)
         for _ in range(self.maxiter):
             if len(rows) == 0:
                 break
-            q = su * ((su * p) @ kn) + rho * p
-            alpha = rz / (p * q).sum(1)
-            x += alpha[:, None] * p
-            res -= alpha[:, None] * q
+            q = torch.mm(su * p, kn).mul_(su).add_(p, alpha=rho)  # the systems applied to p
+            alpha = (rz / (p * q).sum(1))[:, None]
+            x.addcmul_(p, alpha)
+            res.addcmul_(q, alpha, value=-1.0)
+            del q
             done = res.norm(dim=1) <= goal
             if bool(done.any()):
                 z[rows[done]] = x[done]
@@ -209,9 +210,10 @@ class Unitwise(Fisher):
                 rows, su, res, x, p, rz, dinv, goal = (t[keep] for t in (rows, su, res, x, p, rz, dinv, goal))
             y = dinv * res
             rz_new = (res * y).sum(1)
-            p = y + (rz_new / rz)[:, None] * p
+            p = p.mul_((rz_new / rz)[:, None]).add_(y)
             rz = rz_new
-        w = s * z
+            del y
+        w = z.mul_(s)
         if len(rows):  # not converged: the direct route
             w[rows] = self._solve_units(k, s[rows], b[rows][:, :, None])[:, :, 0]
         return w

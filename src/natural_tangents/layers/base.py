@@ -18,6 +18,7 @@ Distribution (``process_group``) only ever concatenates signals along the sample
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -126,7 +127,7 @@ def outer_gram(x: Tensor, y: Tensor | None = None, *, mirror: bool = True) -> Te
         return full if mirror else full.tril_()
     out = x.new_zeros(n, n)
     cuts = [*range(0, n, _SYM_BLOCK), n]
-    for lo, hi in zip(cuts[:-1], cuts[1:]):
+    for lo, hi in itertools.pairwise(cuts):
         block = x[lo:hi] @ x[:hi].T  # this row block up to the diagonal
         out[lo:hi, :lo] = block[:, :lo]
         out[lo:hi, lo:hi] = block[:, lo:].tril_()
