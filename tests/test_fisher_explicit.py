@@ -58,6 +58,7 @@ FISHERS = [
     lambda **kw: F.Layerwise(sigma=torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 1.5]]), **kw),
     lambda **kw: F.KFAC(bias="block", **kw),
     lambda **kw: F.Unitwise(solver="cg", tol=1e-13, **kw),
+    lambda **kw: F.Unitwise(solver="direct", **kw),
 ]
 
 
@@ -188,30 +189,54 @@ def test_block_tridiagonal_elimination_matches_the_whole_system(depth, ends):
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("sigma_b2", [0.0, 0.5])
 def test_unitwise_cg_update_agrees_with_the_direct_one(monkeypatch, loss, sigma_b2):
-    """solver="cg" (all units of a layer at once, one product per iteration) against the exact
-    Cholesky route on a ReLU net with hundreds of units: agreement to about tol; with maxiter=1 every
-    unit falls back to Cholesky and the update is the direct one."""
+    """solver="cg" (all units of a layer at once, one product per iteration) against the Cholesky
+    route on a ReLU net with hundreds of units: agreement to about tol; the default "auto" (certified
+    backward error) to rounding; with maxiter=1 every unit falls back to Cholesky and the update is
+    the direct one."""
     from natural_tangents.fisher import unitwise
 
     net = nat.MLP([20, 96, 80, 3], activation="relu", sigma_b2=sigma_b2, seed=3, dtype=torch.float64)
     x, y = _data(30, 20, 3, loss=loss)
     kw = {"damping": 1e-3, "loss": nat.losses.CrossEntropy(output_damping=0.05) if loss == "ce" else "mse"}
-    direct = flat(F.Unitwise(**kw).natural_gradient(net, x, y))
+    direct = flat(F.Unitwise(solver="direct", **kw).natural_gradient(net, x, y))
     fallbacks = []
     solve = unitwise.Unitwise._solve_units
     monkeypatch.setattr(unitwise.Unitwise, "_solve_units", lambda self, *a: fallbacks.append(1) or solve(self, *a))
     cg = flat(F.Unitwise(solver="cg", tol=1e-12, **kw).natural_gradient(net, x, y))
-    assert not fallbacks  # converged by conjugate gradients alone
+    auto = flat(F.Unitwise(**kw).natural_gradient(net, x, y))
+    assert not fallbacks  # converged (and certified) by conjugate gradients alone
     assert _rel(cg, direct) < 1e-8
+    assert _rel(auto, direct) < 1e-12
     loose = flat(F.Unitwise(solver="cg", tol=1e-4, **kw).natural_gradient(net, x, y))
     assert 1e-12 < _rel(loose, direct) < 1e-2  # the tolerance is what it says, not a no-op
-    assert _rel(flat(F.Unitwise(solver="cg", maxiter=1, **kw).natural_gradient(net, x, y)), direct) < 1e-12
+    for solver in ("cg", "auto"):
+        one = flat(F.Unitwise(solver=solver, maxiter=1, **kw).natural_gradient(net, x, y))
+        assert _rel(one, direct) < 1e-12
+
+
+def test_unitwise_auto_solver_falls_back_where_it_cannot_certify(monkeypatch):
+    """At a tiny damping some units' systems are too ill-conditioned for the backward-error
+    certificate; those (and only those) go through Cholesky, and the update matches the direct one."""
+    from natural_tangents.fisher import unitwise
+
+    net = nat.MLP([20, 96, 80, 3], activation="relu", sigma_b2=0.5, seed=3, dtype=torch.float64)
+    x, y = _data(30, 20, 3)
+    direct = flat(F.Unitwise(damping=1e-8, solver="direct").natural_gradient(net, x, y))
+    fallbacks = []
+    solve = unitwise.Unitwise._solve_units
+    monkeypatch.setattr(
+        unitwise.Unitwise, "_solve_units", lambda self, k, s, rhs: fallbacks.append(len(s)) or solve(self, k, s, rhs)
+    )
+    auto = flat(F.Unitwise(damping=1e-8).natural_gradient(net, x, y))
+    assert 0 < sum(fallbacks) < 96 + 80
+    assert _rel(auto, direct) < 1e-9
 
 
 @pytest.mark.parametrize(
     ("kw", "word"),
     [
         ({"solver": "lu", "damping": 1e-3}, "solver"),
+        ({"solver": "auto", "damping": 1e-3, "maxiter": 2.5}, "maxiter"),
         ({"solver": "cg", "damping": 0.0}, "solver"),
         ({"solver": "cg", "damping": 1e-3, "tol": 0.0}, "tol"),
         ({"solver": "cg", "damping": 1e-3, "maxiter": 0}, "maxiter"),

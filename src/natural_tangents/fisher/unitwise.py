@@ -49,12 +49,17 @@ class Unitwise(Fisher):
         rcond: at ρ = 0, the pseudo-inverse's relative cut-off: sample n counts as active for unit i
             when the diagonal entry s_n² K_nn / N of Θ_{l,i} exceeds ``rcond`` times the unit's largest
             one (exact zeros, as ReLU's, are always inactive).
-        solver: how the update solves the units' systems of MLP-like layers. ``"direct"`` (default):
-            Cholesky per unit on its support, exact. ``"cg"``: conjugate gradients on all units of a
-            layer at once (one N × N × M_l product per iteration; needs damping > 0), each unit to
-            relative residual ``tol``, so the update agrees with the direct one to about ``tol``
-            times the unit system's condition number; units not converged in ``maxiter`` iterations
-            fall back to Cholesky. Θ̄ and α̂ always use the direct route.
+        solver: how the update solves the units' systems of MLP-like layers. ``"direct"``: Cholesky
+            per unit on its support. ``"cg"``: conjugate gradients on all units of a layer at once
+            (one N × N × M_l product per iteration; needs damping > 0), each unit to relative
+            residual ``tol``, so the update agrees with the direct one to about ``tol`` times the unit
+            system's condition number. ``"auto"`` (default): conjugate gradients run to machine
+            precision, and a unit's solution is kept only if its true residual certifies a normwise
+            backward error ‖c − A z‖ / (‖A‖ ‖z‖ + ‖c‖) ≤ N·eps, the bound a Cholesky solve
+            guarantees (‖A‖ taken as its largest diagonal entry, a lower bound, so the check is
+            conservative); every other unit, and everything at damping 0, goes through Cholesky.
+            Units not converged in ``maxiter`` iterations fall back to Cholesky. Θ̄ and α̂ always
+            use the direct route.
 
     At finite width the ρ → 0 limit takes huge steps on units whose δ_{l,i}(x_n) is tiny but not zero
     (the step of u_{l,i}(x_n) is r_n / δ_{l,i}(x_n)), which leaves the linear regime; a small damping
@@ -62,7 +67,7 @@ class Unitwise(Fisher):
     """
 
     rcond: float = 1e-12
-    solver: str = "direct"
+    solver: str = "auto"
     tol: float = 1e-10
     maxiter: int = 100
 
@@ -72,8 +77,8 @@ class Unitwise(Fisher):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.solver not in ("direct", "cg"):
-            raise ValueError(f"solver: expected 'direct' (Cholesky, exact) or 'cg', got {self.solver!r}")
+        if self.solver not in ("auto", "direct", "cg"):
+            raise ValueError(f"solver: expected 'auto', 'direct' (Cholesky) or 'cg', got {self.solver!r}")
         if self.solver == "cg" and self.damping == 0:
             raise ValueError(
                 "solver: 'cg' needs damping > 0 (the zero-damping limit is a pseudo-inverse); use solver='direct'"
@@ -180,41 +185,66 @@ class Unitwise(Fisher):
     def _cg_units(self, k: Tensor, s: Tensor, b: Tensor) -> Tensor:
         """The update's unit systems by conjugate gradients, all units of the layer at once.
 
-        Unit i solves (S_i K S_i / N + ρ) z_i = b_i / s_i (0 where s_i = 0) and w_i = s_i z_i, as the
-        direct route; every iteration applies all the layer's systems with one (U, N) × (N, N)
-        product, Jacobi-preconditioned (diagonal s_n² K_nn / N + ρ). A unit stops when its residual is
-        at most ``tol`` times its right-hand side; the units still above after ``maxiter`` iterations
-        are solved directly. Returns w (M, N)."""
+        Unit i solves A_i z_i = c_i with A_i = S_i K S_i / N + ρ and c_i = b_i / s_i (0 where
+        s_i = 0), and w_i = s_i z_i, as the direct route; every iteration applies all the layer's
+        systems with one (U, N) × (N, N) product, Jacobi-preconditioned (diagonal s_n² K_nn / N + ρ).
+        ``solver="cg"``: a unit stops at residual ≤ ``tol`` ‖c_i‖. ``"auto"``: it stops at a tenth of
+        the backward-error bound N·eps (‖A_i‖ ‖z_i‖ + ‖c_i‖), and is kept only if its true residual,
+        recomputed at the end, meets the bound. The units left are solved directly. Returns w (M, N)."""
         n, rho = k.shape[0], self.damping
+        certify = self.solver == "auto"
+        bound = n * torch.finfo(k.dtype).eps
         kn = k / n
+
+        def apply(scale: Tensor, v: Tensor) -> Tensor:  # A_i v_i for every row
+            return torch.mm(scale * v, kn).mul_(scale).add_(v, alpha=rho)
+
+        def rhs(rows: Tensor) -> Tensor:
+            su = s[rows]
+            return torch.where(su > 0, b[rows] / torch.where(su > 0, su, 1.0), 0.0)
+
         z = torch.zeros_like(b)
         rows = torch.nonzero((b != 0).any(1) & (s > 0).any(1))[:, 0]  # units still iterating
-        su = s[rows]
-        res = torch.where(su > 0, b[rows] / torch.where(su > 0, su, 1.0), 0.0)  # right-hand sides c_i
+        su, res = s[rows], rhs(rows)
         dinv = (su * su).mul_(torch.diagonal(kn)).add_(rho).reciprocal_()
-        goal = self.tol * res.norm(dim=1)
+        c_norm = res.norm(dim=1)
+        a_norm = 1.0 / dinv.amin(1)  # the largest diagonal entry of A_i, ≤ ‖A_i‖
         p = dinv * res
         rz, x = (res * p).sum(1), torch.zeros_like(res)
+        converged = []
         for _ in range(self.maxiter):
             if len(rows) == 0:
                 break
-            q = torch.mm(su * p, kn).mul_(su).add_(p, alpha=rho)  # the systems applied to p
+            q = apply(su, p)
             alpha = (rz / (p * q).sum(1))[:, None]
             x.addcmul_(p, alpha)
             res.addcmul_(q, alpha, value=-1.0)
             del q
-            done = res.norm(dim=1) <= goal
+            if certify:
+                done = res.norm(dim=1) <= 0.1 * bound * (a_norm * x.norm(dim=1) + c_norm)
+            else:
+                done = res.norm(dim=1) <= self.tol * c_norm
             if bool(done.any()):
                 z[rows[done]] = x[done]
+                converged.append(rows[done])
                 keep = ~done
-                rows, su, res, x, p, rz, dinv, goal = (t[keep] for t in (rows, su, res, x, p, rz, dinv, goal))
+                rows, su, res, x, p, rz, dinv, goal = (t[keep] for t in (rows, su, res, x, p, rz, dinv, c_norm))
+                c_norm, a_norm = goal, a_norm[keep]
             y = dinv * res
             rz_new = (res * y).sum(1)
             p = p.mul_((rz_new / rz)[:, None]).add_(y)
             rz = rz_new
             del y
+        left = [rows]
+        if certify and converged:  # the true residuals of the accepted units
+            acc = torch.cat(converged)
+            su, c, za = s[acc], rhs(acc), z[acc]
+            a_acc = (su * su).mul_(torch.diagonal(kn)).add_(rho).amax(1)
+            eta = (c - apply(su, za)).norm(dim=1) / (a_acc * za.norm(dim=1) + c.norm(dim=1))
+            left.append(acc[~(eta <= bound)])
         w = z.mul_(s)
-        if len(rows):  # not converged: the direct route
+        rows = torch.cat(left)
+        if len(rows):  # not converged or not certified: the direct route
             w[rows] = self._solve_units(k, s[rows], b[rows][:, :, None])[:, :, 0]
         return w
 
@@ -236,7 +266,7 @@ class Unitwise(Fisher):
         a = layer.kron.a[:, 0]
         s, d = self._unit_scales(layer, bound.metric)
         b = torch.einsum("mnk,nk->mn", d, r)  # δ_n · r_n
-        if self.solver == "cg":
+        if self.solver == "cg" or (self.solver == "auto" and self.damping > 0):
             w = self._cg_units(self._layer_k(bound, l), s, b)
         else:
             w = self._solve_units(self._layer_k(bound, l), s, b[:, :, None])[:, :, 0]  # (M, N)
