@@ -4,7 +4,8 @@ L = 3, M = 4096, M_0 = 784, C = 1, σ_b² = 0.5 (biases), ρ = 1e-3, ReLU. For e
 each N, every Fisher's step (``nat.NGD.step`` with a fixed rate: signals, Grams, solve, update) is
 timed interleaved with a GD step (autograd forward + backward + update of the MSE loss) on the same
 batch, and the median ratio is printed (floors: ≤ 1.5 for exact, layer-wise and K-FAC; unit-wise ≤ 3
-at N = 100 and ≤ 6 at N = 500; "unit-wise cg" is ``Unitwise(solver="cg")``, the iterative option).
+at N = 100 and ≤ 6 at N = 500; "unit-wise" is the default ``solver="auto"``, "unit-wise direct"
+Cholesky for every unit).
 ``--memory`` adds the extra peak resident memory of one step at the
 largest N (a fresh process per case). ``--variants`` adds the no-bias, ρ = 0 network.
 
@@ -30,7 +31,7 @@ FISHERS = {
     "block tri-diagonal": F.BlockTriDiagonal,
     "K-FAC": F.KFAC,
     "unit-wise": F.Unitwise,
-    "unit-wise cg": lambda damping: F.Unitwise(damping=damping, solver="cg"),
+    "unit-wise direct": lambda damping: F.Unitwise(damping=damping, solver="direct"),
 }
 LR = 1e-9  # a tiny fixed rate: the parameters barely move, so every repeat times the same work
 
@@ -54,11 +55,8 @@ def _row(args, dtype_name: str, n: int, sigma_b2: float, damping: float) -> list
     cells = [dtype_name, str(n), f"{sigma_b2:g}", f"{damping:g}"]
     gd_time = None
     for name in args.fishers:
-        if name == "unit-wise cg" and damping == 0:  # conjugate gradients need ρ > 0
-            cells.append("—")
-            continue
         state = setup(args.width, n, dtype_name, name, sigma_b2, damping)
-        repeats = 1 if (name == "unit-wise" and n >= 2000) else args.repeats
+        repeats = 1 if (name == "unit-wise direct" and n >= 2000) else args.repeats
         t = median_times({"gd": lambda g=gd: step(g), "ngd": lambda s=state: step(s)}, repeats=repeats)
         gd_time = t["gd"] if gd_time is None else min(gd_time, t["gd"])
         cells.append(f"{t['ngd'] / t['gd']:.2f}")

@@ -259,6 +259,23 @@ def test_zero_damping_inverse_is_the_pseudo_inverse_by_either_route(rank):
     got = base.inverse_psd(a, 0.0)
     want = torch.linalg.pinv(a, hermitian=True)
     assert _rel(got, want) < 1e-9
-    assert (base._nonsingular_inverse(a) is not None) == (rank == 40)
+    assert (base.cholesky_if_nonsingular(a) is not None) == (rank == 40)
     b = torch.randn(40, 3, generator=g, dtype=torch.float64)
     assert _rel(base.solve_psd(a, b), want @ b) < 1e-9
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("c", [1, 2])
+def test_kfac_zero_damping_update_by_factors_matches_the_pseudo_inverses(monkeypatch, shape, c):
+    """At ρ = 0 the K-FAC update through Cholesky factors (taken only when the factors are far from
+    singular) equals the update through the eigendecomposition pseudo-inverses of both factors."""
+    from natural_tangents.fisher import kfac
+
+    widths, n = shape
+    net = _net(widths, c, True)
+    x, y = _data(n, widths[0], c)
+    fisher = F.KFAC(damping=0.0, warn=False)
+    fast = flat(fisher.natural_gradient(net, x, y))
+    monkeypatch.setattr(kfac.KFAC, "_fast", lambda self, bound, layer: False)
+    slow = flat(fisher.natural_gradient(net, x, y))
+    assert _rel(fast, slow) < 1e-8

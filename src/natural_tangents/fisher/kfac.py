@@ -40,7 +40,16 @@ from torch import Tensor
 from ..layers.affine import AffineSignals
 from ..layers.base import outer_gram
 from ..signals import Signals
-from .base import BoundFisher, Fisher, block_diag_metric, cholesky_pd, inverse_psd, solve_psd, solve_with_metric
+from .base import (
+    BoundFisher,
+    Fisher,
+    block_diag_metric,
+    cholesky_if_nonsingular,
+    cholesky_pd,
+    inverse_psd,
+    solve_psd,
+    solve_with_metric,
+)
 
 __all__ = ["KFAC", "warn_narrow_input"]
 
@@ -180,8 +189,9 @@ class KFAC(Fisher):
 
     # ------------------------------------------------------------------ the update's fast route
     def _fast(self, bound: BoundFisher, layer) -> bool:
-        """Damped MSE-type blocks of MLP-like layers: the update goes through Cholesky factors only."""
-        return self.damping > 0 and bound.metric is None and layer.kron is not None and layer.kron.positions == 1
+        """MSE-type blocks of MLP-like layers: the update goes through Cholesky factors only (at ρ = 0
+        when the N × N factors are far from singular, so that their inverses are the pseudo-inverses)."""
+        return bound.metric is None and layer.kron is not None and layer.kron.positions == 1
 
     def _sides(self, bound: BoundFisher, i: int, blk: _KronBlock) -> dict:
         """The two factors of block ``i`` as whatever is cheapest to apply (cached per batch):
@@ -201,12 +211,12 @@ class KFAC(Fisher):
             a64 = a.to(sd)
             out["a_inv"] = inverse_psd(t * outer_gram(a64.T), rho)
         else:
-            out["a_chol"] = _damped_cholesky(outer_gram(a, mirror=False).to(sd).mul_(t), rho)
+            out["a_chol"] = _damped_cholesky(outer_gram(a, mirror=rho == 0).to(sd).mul_(t), rho)
         if d.shape[1] < d.shape[0]:
             d64 = d.to(sd)
             out["d_inv"] = inverse_psd(s * outer_gram(d64.T), rho)
         else:
-            out["d_chol"] = _damped_cholesky(outer_gram(d, mirror=False).to(sd).mul_(s), rho)
+            out["d_chol"] = _damped_cholesky(outer_gram(d, mirror=rho == 0).to(sd).mul_(s), rho)
         bound.cache[key] = out
         return out
 
@@ -258,7 +268,7 @@ class KFAC(Fisher):
         n = bound.n
         for i, blk in enumerate(self._blocks(sig)):
             layer = sig.layers[blk.layer]
-            if self._fast(bound, layer):
+            if self._fast(bound, layer) and None not in self._sides(bound, i, blk).values():
                 mats.setdefault(blk.layer, []).append(self._fast_update(bound, i, blk, r))
                 continue
             fac = self._factors(bound, i, blk)
@@ -306,8 +316,11 @@ class KFAC(Fisher):
         return total
 
 
-def _damped_cholesky(k: Tensor, damping: float) -> Tensor:
-    """Cholesky factor of K + ρ I for a symmetric K given by its lower triangle (changed in place)."""
+def _damped_cholesky(k: Tensor, damping: float) -> Tensor | None:
+    """Cholesky factor of K + ρ I for a symmetric K given by its lower triangle (changed in place);
+    at ρ = 0 (K given whole) the factor of K if K is far from singular, else None."""
+    if damping == 0:
+        return cholesky_if_nonsingular(k)
     k.diagonal().add_(damping)
     return cholesky_pd(k)
 
