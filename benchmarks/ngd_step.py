@@ -73,8 +73,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--memory", action="store_true", help="extra peak memory of one step at the largest N")
     ap.add_argument("--variants", action="store_true", help="also no bias and ρ = 0")
+    ap.add_argument("--only-variants", action="store_true", help="only no bias and ρ = 0")
     args = ap.parse_args()
-    configs = [(0.5, 1e-3)] + ([(0.0, 0.0)] if args.variants else [])
+    configs = [] if args.only_variants else [(0.5, 1e-3)]
+    configs += [(0.0, 0.0)] if (args.variants or args.only_variants) else []
     rows = []
     for dtype_name in args.dtypes:
         for sigma_b2, damping in configs:

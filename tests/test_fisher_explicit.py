@@ -212,6 +212,8 @@ def test_unitwise_cg_update_agrees_with_the_direct_one(monkeypatch, loss, sigma_
     for solver in ("cg", "auto"):
         one = flat(F.Unitwise(solver=solver, maxiter=1, **kw).natural_gradient(net, x, y))
         assert _rel(one, direct) < 1e-12
+    monkeypatch.setattr(unitwise, "_CG_ELEMENTS", 30 * 7)  # seven units per pass
+    assert _rel(flat(F.Unitwise(**kw).natural_gradient(net, x, y)), direct) < 1e-12
 
 
 def test_unitwise_auto_solver_falls_back_where_it_cannot_certify(monkeypatch):

@@ -68,15 +68,15 @@ def block_tridiagonal_solve(
     products need no K³ product of their own, left_e R_e = (I − ρ R_e) / Σ_ee. The interior layers are
     then eliminated in order (block LU, partial pivoting inside the blocks). About 4.7 K³ for L = 3
     and 4.7 K³ per further layer, against (2/3) (L K)³ for the whole system."""
-    depth, k = left.shape[0], left.shape[1]
-    eye = torch.eye(k, dtype=left.dtype, device=left.device)
+    depth = left.shape[0]
     sv = s.tolist()
     ends = [e for e in ([0, depth - 1] if depth > 2 else [0]) if sv[e][e] != 0.0 and depth > 1]
     inv = {}
     for e in ends:
-        d_e = sv[e][e] * left[e] + damping * eye
+        d_e = left[e] * sv[e][e]
+        d_e.diagonal().add_(damping)
         if symmetric and sv[e][e] > 0:  # positive definite: Cholesky inverse, half the flops of LU
-            chol, info = torch.linalg.cholesky_ex(0.5 * (d_e + d_e.T))
+            chol, info = torch.linalg.cholesky_ex(d_e)
             r_e = torch.cholesky_inverse(chol) if int(info) == 0 else None
         else:
             r_e, info = torch.linalg.inv_ex(d_e)
@@ -86,16 +86,18 @@ def block_tridiagonal_solve(
     inner = [l for l in range(depth) if l not in inv]
     diag, rhs_in = [], []
     for l in inner:
-        d, b = sv[l][l] * left[l] + damping * eye, rhs
-        mix = None  # Σ_e c_e R_e over the eliminated neighbours e of l
+        b, shift, mix = rhs, sv[l][l], None  # mix: Σ_e c_e R_e over the eliminated neighbours e of l
         for e in inv:
             if abs(e - l) == 1 and sv[l][e] != 0.0:
                 c = sv[l][e] * sv[e][l] / sv[e][e]
-                d = d - c * left[l]
-                mix = c * inv[e] if mix is None else mix + c * inv[e]
+                shift -= c
+                mix = c * inv[e] if mix is None else mix.add_(inv[e], alpha=c)
                 b = b - (sv[l][e] / sv[e][e]) * (rhs - damping * (inv[e] @ rhs))
+        d = left[l] * shift
+        d.diagonal().add_(damping)
         if mix is not None:
-            d = d + damping * (mix @ left[l])
+            d.addmm_(mix, left[l], alpha=damping)
+            del mix
         diag.append(d)
         rhs_in.append(b)
     upper = [sv[l][l + 1] * left[l + 1] if sv[l][l + 1] != 0.0 else None for l in inner[:-1]]

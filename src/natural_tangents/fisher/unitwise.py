@@ -38,6 +38,7 @@ from .base import BoundFisher, Fisher, block_diag_metric, not_positive_definite,
 __all__ = ["Unitwise"]
 
 _CHUNK_ELEMENTS = 2**23  # units per batched solve: chunk · N² ≤ this (64 MiB in float64)
+_CG_ELEMENTS = 2**21  # conjugate gradients: units per pass · N ≤ this (16 MiB per array in float64)
 _FULL_SUPPORT = 0.85  # supports this close to N are solved as whole N × N systems (no gathering)
 
 
@@ -88,9 +89,9 @@ class Unitwise(Fisher):
         if int(self.maxiter) != self.maxiter or self.maxiter < 1:
             raise ValueError(f"maxiter: expected a positive integer, got {self.maxiter}")
 
-    def _unit_scales(self, layer, lam: Tensor | None) -> tuple[Tensor, Tensor]:
-        """s (M, N) with s_n² = δ_n^T Λ_n δ_n, and δ itself as (M, N, C)."""
-        d = layer.kron.d[:, :, 0].to(self.solve_dtype).permute(2, 1, 0)  # (M, N, C)
+    def _unit_scales(self, layer, lam: Tensor | None, units: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        """s (M, N) with s_n² = δ_n^T Λ_n δ_n, and δ itself as (M, N, C) (of the units ``units``)."""
+        d = layer.kron.d[:, :, 0, units].to(self.solve_dtype).permute(2, 1, 0)  # (M, N, C)
         if lam is None:
             s2 = (d * d).sum(-1)
         else:
@@ -263,14 +264,20 @@ class Unitwise(Fisher):
 
     def _rank_one_update(self, bound: BoundFisher, l: int, r: Tensor) -> list[Tensor]:
         layer = bound.signals.layers[l]
-        a = layer.kron.a[:, 0]
-        s, d = self._unit_scales(layer, bound.metric)
-        b = torch.einsum("mnk,nk->mn", d, r)  # δ_n · r_n
-        if self.solver == "cg" or (self.solver == "auto" and self.damping > 0):
-            w = self._cg_units(self._layer_k(bound, l), s, b)
-        else:
-            w = self._solve_units(self._layer_k(bound, l), s, b[:, :, None])[:, :, 0]  # (M, N)
-        return layer.kron.to_params(w.to(a.dtype) @ a / bound.n)
+        a, n, m = layer.kron.a[:, 0], bound.n, layer.kron.out_width
+        k = self._layer_k(bound, l)
+        iterative = self.solver == "cg" or (self.solver == "auto" and self.damping > 0)
+        step = max(1, _CG_ELEMENTS // n) if iterative else m  # units per pass: bounded (U, N) arrays
+        w = torch.empty(m, n, dtype=a.dtype, device=a.device)
+        for lo in range(0, m, step):
+            units = slice(lo, lo + step)
+            s, d = self._unit_scales(layer, bound.metric, units)
+            b = torch.einsum("mnk,nk->mn", d, r)  # δ_n · r_n
+            if iterative:
+                w[units] = self._cg_units(k, s, b)
+            else:
+                w[units] = self._solve_units(k, s, b[:, :, None])[:, :, 0]
+        return layer.kron.to_params(w @ a / n)
 
     def _rank_one_coefficient(self, bound: BoundFisher, l: int, test: Signals) -> Tensor:
         n, c, nt = bound.n, bound.c, test.n
