@@ -132,29 +132,31 @@ def cholesky_if_nonsingular(a: Tensor) -> Tensor | None:
     return chol
 
 
+def damped_cholesky(k: Tensor, damping: float) -> Tensor | None:
+    """Cholesky factor of K + ρ I for a symmetric PSD K, of which only the lower triangle is read
+    (K is changed in place); at ρ = 0 the factor of K when K is far from singular
+    (:func:`cholesky_if_nonsingular`, which reads K whole), else None."""
+    if damping == 0:
+        return cholesky_if_nonsingular(k)
+    k.diagonal(dim1=-2, dim2=-1).add_(damping)
+    return cholesky_pd(k)
+
+
 def inverse_psd(a: Tensor, damping: float) -> Tensor:
     """(A + ρ I)^{-1} for a symmetric PSD A (Cholesky and its inverse, about N³ flops); at ρ = 0 the
     pseudo-inverse A^+ (the zero-damping limit; by Cholesky when A is far from singular)."""
-    if damping == 0:
-        chol = cholesky_if_nonsingular(a)
-        return pinv_psd(a) if chol is None else torch.cholesky_inverse(chol)
-    m = 0.5 * (a + a.mT)
-    m.diagonal(dim1=-2, dim2=-1).add_(damping)
-    return torch.cholesky_inverse(cholesky_pd(m))
+    chol = damped_cholesky(0.5 * (a + a.mT) if damping > 0 else a, damping)
+    return pinv_psd(a) if chol is None else torch.cholesky_inverse(chol)
 
 
 def solve_psd(a: Tensor, b: Tensor, shift: Tensor | float = 0.0) -> Tensor:
     """(A + shift)^{-1} B for symmetric PSD A (or a batch) and a PD shift (a number ρ > 0 or a
     matrix); with a zero shift, A^+ B (the zero-damping limit)."""
-    if isinstance(shift, Tensor) or shift > 0:
-        if isinstance(shift, Tensor):
-            m = a + shift
-            m = 0.5 * (m + m.mT)
-        else:  # Cholesky reads one triangle: no symmetrizing copy
-            m = a.clone()
-            m.diagonal(dim1=-2, dim2=-1).add_(shift)
-        return torch.cholesky_solve(b, cholesky_pd(m))
-    chol = cholesky_if_nonsingular(a)
+    if isinstance(shift, Tensor):
+        m = a + shift
+        chol = cholesky_pd(0.5 * (m + m.mT))
+    else:  # Cholesky reads one triangle: no symmetrizing copy
+        chol = damped_cholesky(a.clone(), shift) if shift > 0 else damped_cholesky(a, 0.0)
     return pinv_psd(a) @ b if chol is None else torch.cholesky_solve(b, chol)
 
 

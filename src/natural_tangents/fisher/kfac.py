@@ -44,8 +44,7 @@ from .base import (
     BoundFisher,
     Fisher,
     block_diag_metric,
-    cholesky_if_nonsingular,
-    cholesky_pd,
+    damped_cholesky,
     inverse_psd,
     solve_psd,
     solve_with_metric,
@@ -211,12 +210,12 @@ class KFAC(Fisher):
             a64 = a.to(sd)
             out["a_inv"] = inverse_psd(t * outer_gram(a64.T), rho)
         else:
-            out["a_chol"] = _damped_cholesky(outer_gram(a, mirror=rho == 0).to(sd).mul_(t), rho)
+            out["a_chol"] = damped_cholesky(outer_gram(a, mirror=rho == 0).to(sd).mul_(t), rho)
         if d.shape[1] < d.shape[0]:
             d64 = d.to(sd)
             out["d_inv"] = inverse_psd(s * outer_gram(d64.T), rho)
         else:
-            out["d_chol"] = _damped_cholesky(outer_gram(d, mirror=rho == 0).to(sd).mul_(s), rho)
+            out["d_chol"] = damped_cholesky(outer_gram(d, mirror=rho == 0).to(sd).mul_(s), rho)
         bound.cache[key] = out
         return out
 
@@ -314,15 +313,6 @@ class KFAC(Fisher):
             expand = a_part.repeat_interleave(c, 0).repeat_interleave(c, 1)
             total = total + b_part * expand / n
         return total
-
-
-def _damped_cholesky(k: Tensor, damping: float) -> Tensor | None:
-    """Cholesky factor of K + ρ I for a symmetric K given by its lower triangle (changed in place);
-    at ρ = 0 (K given whole) the factor of K if K is far from singular, else None."""
-    if damping == 0:
-        return cholesky_if_nonsingular(k)
-    k.diagonal().add_(damping)
-    return cholesky_pd(k)
 
 
 def _chol_apply(chol: Tensor, x: Tensor) -> Tensor:

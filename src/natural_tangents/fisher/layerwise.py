@@ -77,12 +77,13 @@ def block_tridiagonal_solve(
         d_e.diagonal().add_(damping)
         if symmetric and sv[e][e] > 0:  # positive definite: Cholesky inverse, half the flops of LU
             chol, info = torch.linalg.cholesky_ex(d_e)
-            r_e = torch.cholesky_inverse(chol) if int(info) == 0 else None
+            if int(info) != 0:
+                return None
+            inv[e] = torch.cholesky_inverse(chol)
         else:
-            r_e, info = torch.linalg.inv_ex(d_e)
-        if int(info) != 0:
-            return None
-        inv[e] = r_e
+            inv[e], info = torch.linalg.inv_ex(d_e)
+            if int(info) != 0:
+                return None
     inner = [l for l in range(depth) if l not in inv]
     diag, rhs_in = [], []
     for l in inner:

@@ -200,6 +200,9 @@ class Unitwise(Fisher):
         def apply(scale: Tensor, v: Tensor) -> Tensor:  # A_i v_i for every row
             return torch.mm(scale * v, kn).mul_(scale).add_(v, alpha=rho)
 
+        def diagonal(scale: Tensor) -> Tensor:  # the diagonals of the A_i, (rows, N)
+            return (scale * scale).mul_(torch.diagonal(kn)).add_(rho)
+
         def rhs(rows: Tensor) -> Tensor:
             su = s[rows]
             return torch.where(su > 0, b[rows] / torch.where(su > 0, su, 1.0), 0.0)
@@ -207,7 +210,7 @@ class Unitwise(Fisher):
         z = torch.zeros_like(b)
         rows = torch.nonzero((b != 0).any(1) & (s > 0).any(1))[:, 0]  # units still iterating
         su, res = s[rows], rhs(rows)
-        dinv = (su * su).mul_(torch.diagonal(kn)).add_(rho).reciprocal_()
+        dinv = diagonal(su).reciprocal_()
         c_norm = res.norm(dim=1)
         a_norm = 1.0 / dinv.amin(1)  # the largest diagonal entry of A_i, ≤ ‖A_i‖
         p = dinv * res
@@ -229,8 +232,8 @@ class Unitwise(Fisher):
                 z[rows[done]] = x[done]
                 converged.append(rows[done])
                 keep = ~done
-                rows, su, res, x, p, rz, dinv, goal = (t[keep] for t in (rows, su, res, x, p, rz, dinv, c_norm))
-                c_norm, a_norm = goal, a_norm[keep]
+                kept = (t[keep] for t in (rows, su, res, x, p, rz, dinv, c_norm, a_norm))
+                rows, su, res, x, p, rz, dinv, c_norm, a_norm = kept
             y = dinv * res
             rz_new = (res * y).sum(1)
             p = p.mul_((rz_new / rz)[:, None]).add_(y)
@@ -240,7 +243,7 @@ class Unitwise(Fisher):
         if certify and converged:  # the true residuals of the accepted units
             acc = torch.cat(converged)
             su, c, za = s[acc], rhs(acc), z[acc]
-            a_acc = (su * su).mul_(torch.diagonal(kn)).add_(rho).amax(1)
+            a_acc = diagonal(su).amax(1)
             eta = (c - apply(su, za)).norm(dim=1) / (a_acc * za.norm(dim=1) + c.norm(dim=1))
             left.append(acc[~(eta <= bound)])
         w = z.mul_(s)
