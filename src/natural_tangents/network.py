@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from . import activations as _act
 from ._checks import check_batch, check_widths
 from .layers.affine import AffineSignals
+from .layers.base import padded_empty
 from .signals import Signals
 from .theory.architecture import Architecture
 
@@ -75,7 +76,7 @@ def _forward_signal(h: Tensor, layer: AffineLayer) -> Tensor:
     """a = [weight_scale · h | bias_scale] (N, M_in [+ 1]), written once."""
     if layer.bias is None:
         return h * layer.weight_scale
-    a = h.new_empty(h.shape[0], h.shape[1] + 1)
+    a = padded_empty((h.shape[0], h.shape[1] + 1), like=h)
     torch.mul(h, layer.weight_scale, out=a[:, :-1])
     a[:, -1] = layer.bias_scale
     return a

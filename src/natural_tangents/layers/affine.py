@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .base import LayerSignals, Units, mirror_lower, outer_gram
+from .base import LayerSignals, Units, mirror_lower, outer_gram, padded_mm
 
 __all__ = ["AffineSignals"]
 
@@ -115,7 +115,7 @@ class AffineSignals(LayerSignals):
     def matrix_update(self, v: Tensor) -> Tensor:
         """Σ_{n,k} v[n, k] G_n^{(k)} (M, p) for v (N, C), in the model's dtype (J_l^T v as a matrix)."""
         w = torch.einsum("nk,kntm->ntm", v.to(self.dtype), self.d)  # (N, T, M)
-        return w.reshape(-1, self.out_width).T @ self.a2
+        return padded_mm(w.reshape(-1, self.out_width).T, self.a2)
 
     def to_params(self, mat: Tensor) -> list[Tensor]:
         """An (…, M, p) [W | b] matrix → the module's parameter tensors (views where possible)."""

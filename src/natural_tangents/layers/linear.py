@@ -8,17 +8,20 @@ axes (N, …, M_in), e.g. a sequence, puts the extra axes on the position axis T
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .affine import AffineSignals
+from .base import padded_empty
 
 __all__ = ["linear_signals"]
 
 
 def with_bias_column(h: Tensor, value: float) -> Tensor:
-    """Append a constant column ``value`` to the last axis of ``h``."""
-    return torch.cat([h, h.new_full((*h.shape[:-1], 1), value)], dim=-1)
+    """Append a constant column ``value`` to the last axis of ``h`` (rows stored with an aligned stride)."""
+    out = padded_empty((*h.shape[:-1], h.shape[-1] + 1), like=h)
+    out[..., :-1] = h
+    out[..., -1] = value
+    return out
 
 
 def linear_signals(module: nn.Linear, inp: Tensor, grad_out: Tensor, name: str) -> AffineSignals:
