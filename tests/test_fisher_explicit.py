@@ -186,6 +186,70 @@ def test_block_tridiagonal_elimination_matches_the_whole_system(depth, ends):
     assert _rel(got, want) < 1e-10
 
 
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_block_tridiagonal_mixed_precision_refinement(monkeypatch, depth):
+    """Large float64 blocks are factored in float32 and refined: the solution agrees with the float64
+    elimination to float64 rounding (certified backward error); a system too ill-conditioned for a
+    float32 factorization (ρ = 1e-12 on rank-deficient blocks) is refused by the certificate and
+    falls back to the float64 factorization."""
+    from natural_tangents.fisher import block_tridiagonal as bt
+
+    g = torch.Generator().manual_seed(10 + depth)
+    k = 40
+    s = nat.fisher.tridiagonal_sigma(depth)
+    calls = {"low": 0, "high": 0}
+    real_factor = bt.factor
+
+    def counting_factor(s_, left_, *args, **kw):
+        calls["low" if left_.dtype == torch.float32 else "high"] += 1
+        return real_factor(s_, left_, *args, **kw)
+
+    monkeypatch.setattr(bt, "factor", counting_factor)
+    for rank, damping, fallback in [(3 * k, 1e-3, False), (k // 2, 1e-12, True)]:
+        j = torch.randn(depth, k, rank, generator=g, dtype=torch.float64)
+        theta = j @ j.mT / rank
+        rhs = torch.randn(k, 1, generator=g, dtype=torch.float64)
+        big = (s[:, None, :, None] * theta.permute(1, 0, 2)[None]).reshape(depth * k, depth * k)
+        want = torch.linalg.solve(big + damping * torch.eye(depth * k, dtype=torch.float64), rhs.repeat(depth, 1))
+        monkeypatch.setattr(bt, "_REFINE_MIN_ROWS", 10**9)  # float64 only
+        direct = torch.cat(bt.block_tridiagonal_solve(s, theta, damping, rhs, symmetric=True))
+        calls.update(low=0, high=0)
+        monkeypatch.setattr(bt, "_REFINE_MIN_ROWS", 0)
+        got = torch.cat(bt.block_tridiagonal_solve(s, theta, damping, rhs, symmetric=True))
+        assert calls == {"low": 1, "high": int(fallback)}
+        if fallback:  # the float64 elimination itself
+            assert torch.equal(got, direct)
+        else:
+            assert _rel(got, direct) < 1e-12
+            assert _rel(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_block_tridiagonal_refined_update_matches_explicit(monkeypatch, loss):
+    """The tri-diagonal Fisher's update through the float32 factorization and float64 refinement
+    (forced at this small size) against the explicit P × P Fisher, MSE (symmetric blocks) and
+    cross-entropy (blocks Λ Θ_l)."""
+    from natural_tangents.fisher import block_tridiagonal as bt
+
+    monkeypatch.setattr(bt, "_REFINE_MIN_ROWS", 0)
+    dtypes, real_factor = [], bt.factor
+    monkeypatch.setattr(
+        bt, "factor", lambda s, left, *a, **kw: dtypes.append(left.dtype) or real_factor(s, left, *a, **kw)
+    )
+    widths, n = SHAPES[0]
+    c = 2
+    lossf = nat.losses.CrossEntropy(output_damping=0.05) if loss == "ce" else nat.losses.MSE()
+    fisher = F.BlockTriDiagonal(damping=1e-3, loss=lossf)
+    net = _net(widths, c, True, activation="relu")
+    x, y = _data(n, widths[0], c, loss=loss)
+    f = net(x).detach()
+    lam = lossf.output_fisher(f) if loss == "ce" else None
+    g = _explicit(fisher, net, x, lam)
+    grad = jacobian(net, x).T @ lossf.residual(f, y).reshape(-1) / n
+    assert _rel(flat(fisher.natural_gradient(net, x, y)), torch.linalg.solve(g, grad)) < TOL
+    assert dtypes == [torch.float32]  # certified without the float64 factorization
+
+
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("sigma_b2", [0.0, 0.5])
 def test_unitwise_cg_update_agrees_with_the_direct_one(monkeypatch, loss, sigma_b2):
@@ -281,3 +345,25 @@ def test_kfac_zero_damping_update_by_factors_matches_the_pseudo_inverses(monkeyp
     monkeypatch.setattr(kfac.KFAC, "_fast", lambda self, bound, layer: False)
     slow = flat(fisher.natural_gradient(net, x, y))
     assert _rel(fast, slow) < 1e-8
+
+
+def test_kfac_float32_network_factors_in_float32_with_a_float64_fallback():
+    """A float32 network's N × N K-FAC factors are factored in float32 (they are applied in float32),
+    and the update agrees with the float64 network's to float32 accuracy; a kernel too singular for a
+    float32 Cholesky (duplicated samples, ρ = 1e-10) is factored in float64 instead."""
+    from natural_tangents.fisher.kfac import _dual_cholesky
+
+    net64 = nat.MLP([6, 40, 40, 1], activation="relu", sigma_b2=0.5, seed=2, dtype=torch.float64)
+    net32 = nat.MLP([6, 40, 40, 1], activation="relu", sigma_b2=0.5, seed=2, dtype=torch.float32)
+    x, y = _data(20, 6, 1)
+    fisher = F.KFAC(damping=1e-3)
+    want = flat(fisher.natural_gradient(net64, x, y))
+    got = flat(fisher.natural_gradient(net32, x.float(), y.float())).double()
+    assert _rel(got, want) < 1e-4
+    a = torch.randn(12, 30, generator=torch.Generator().manual_seed(0))
+    assert _dual_cholesky(a, 1 / 12, 1e-3, torch.float64).dtype == torch.float32
+    dup = torch.cat([a, a])  # a singular kernel
+    chol = _dual_cholesky(dup, 1 / 24, 1e-10, torch.float64)
+    assert chol.dtype == torch.float64
+    k = (dup @ dup.T).double() / 24 + 1e-10 * torch.eye(24, dtype=torch.float64)  # the Gram is float32
+    assert _rel(chol @ chol.T, k) < 1e-12

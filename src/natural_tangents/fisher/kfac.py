@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..layers.affine import AffineSignals
-from ..layers.base import outer_gram
+from ..layers.base import outer_gram, padded_mm
 from ..signals import Signals
 from .base import (
     BoundFisher,
@@ -197,7 +197,7 @@ class KFAC(Fisher):
         ``a_inv`` (A* + ρ)^{-1} (p × p) for an input narrower than N, else ``a_chol``, the Cholesky
         factor of t a a^T + ρ (N × N); likewise ``d_inv`` (B* + ρ)^{-1} (M × M) or ``d_chol`` of
         s Δ Δ^T + ρ (N·C × N·C). Grams are formed in the network's precision (symmetric products) and
-        factored in the solve dtype."""
+        factored in the solve dtype (the N × N ones in the network's, see :func:`_dual_cholesky`)."""
         key = ("kfac_sides", i)
         if key in bound.cache:
             return bound.cache[key]
@@ -210,12 +210,12 @@ class KFAC(Fisher):
             a64 = a.to(sd)
             out["a_inv"] = inverse_psd(t * outer_gram(a64.T), rho)
         else:
-            out["a_chol"] = damped_cholesky(outer_gram(a, mirror=rho == 0).to(sd).mul_(t), rho)
+            out["a_chol"] = _dual_cholesky(a, t, rho, sd)
         if d.shape[1] < d.shape[0]:
             d64 = d.to(sd)
             out["d_inv"] = inverse_psd(s * outer_gram(d64.T), rho)
         else:
-            out["d_chol"] = damped_cholesky(outer_gram(d, mirror=rho == 0).to(sd).mul_(s), rho)
+            out["d_chol"] = _dual_cholesky(d, s, rho, sd)
         bound.cache[key] = out
         return out
 
@@ -229,7 +229,7 @@ class KFAC(Fisher):
         a, d = sides["a"], sides["d"]
         (n, p), (nc, m) = a.shape, d.shape
         c, dtype = bound.c, a.dtype
-        rr = r.to(dtype)
+        rr = r.to(dtype) / n  # the 1/N of the update folded into the residual
         a_cost = 2 * n * p * p if "a_inv" in sides else 2 * n * n * p
         d_cost = 2 * nc * m * m if "d_inv" in sides else 2 * nc * nc * m
         costs = {  # flops of each order
@@ -243,20 +243,20 @@ class KFAC(Fisher):
             a_side = a @ sides["a_inv"].to(dtype) if "a_inv" in sides else _chol_apply(sides["a_chol"], a)
             u = (rr[:, :, None] * a_side[:, None, :]).reshape(nc, p)  # R A_side
             if "d_inv" in sides:
-                return sides["d_inv"].to(dtype) @ (d.T @ u) / n
-            return d.T @ _chol_apply(sides["d_chol"], u) / n
+                return padded_mm(sides["d_inv"].to(dtype), padded_mm(d.T, u))
+            return padded_mm(d.T, _chol_apply(sides["d_chol"], u))
         if route == "output_first":
             b_side = d @ sides["d_inv"].to(dtype) if "d_inv" in sides else _chol_apply(sides["d_chol"], d)  # (NC, M)
             v = torch.einsum("nkm,nk->nm", b_side.reshape(n, c, m), rr)  # (R^T B_side^T), (N, M)
             if "a_inv" in sides:
-                return (sides["a_inv"].to(dtype) @ (a.T @ v)).T / n
-            return (a.T @ _chol_apply(sides["a_chol"], v)).T / n
+                return padded_mm(padded_mm(v.T, a), sides["a_inv"].to(dtype))
+            return padded_mm(_chol_apply(sides["a_chol"], v).T, a)
         z = torch.cholesky_inverse(sides["d_chol"].to(dtype))  # (NC, NC)
         zr = torch.einsum("xnk,nk->xn", z.reshape(nc, n, c), rr)  # Z R, (NC, N)
         x = _chol_apply(sides["a_chol"], zr.T).T  # Z R K_A^{-1}, (NC, N)
         if m <= p:
-            return (d.T @ x) @ a / n
-        return d.T @ (x @ a) / n
+            return padded_mm(d.T @ x, a)
+        return padded_mm(d.T, x @ a)
 
     # ------------------------------------------------------------------ interface
     def _layer_updates(self, bound: BoundFisher, r: Tensor) -> list[list[Tensor]]:
@@ -281,8 +281,8 @@ class KFAC(Fisher):
             else:
                 _, _, ra, dz = fac
                 dtype = sig.f.dtype  # the O(M p N) products in the model's precision
-                zr = torch.einsum("mnk,nk->mn", dz.reshape(-1, n, bound.c).to(dtype), r.to(dtype))  # (M, N)
-                mats.setdefault(blk.layer, []).append(zr @ ra.to(dtype) / n)
+                zr = torch.einsum("mnk,nk->mn", dz.reshape(-1, n, bound.c).to(dtype), r.to(dtype) / n)  # (M, N)
+                mats.setdefault(blk.layer, []).append(padded_mm(zr, ra.to(dtype)))
         for l, m in mats.items():
             done[l] = sig.layers[l].kron.to_params(torch.cat(m, dim=1) if len(m) > 1 else m[0])
         return [done[l] for l in range(sig.depth)]
@@ -313,6 +313,24 @@ class KFAC(Fisher):
             expand = a_part.repeat_interleave(c, 0).repeat_interleave(c, 1)
             total = total + b_part * expand / n
         return total
+
+
+def _dual_cholesky(x: Tensor, scale: float, damping: float, solve_dtype: torch.dtype) -> Tensor | None:
+    """Cholesky factor of scale · x x^T + ρ I (N × N; None at ρ = 0 unless far from singular).
+
+    The factor is only ever applied to the signals in their own precision (:func:`_chol_apply`), so
+    for a network in a lower precision than ``solve_dtype`` (float32) with ρ > 0 it is computed in
+    that precision: a float32 factorization has the same first-order backward error as the float64
+    factor rounded to float32, at half the time. If it breaks down (a kernel too ill-conditioned for
+    float32), it is computed in ``solve_dtype`` instead."""
+    gram = outer_gram(x, mirror=damping == 0)  # Cholesky reads the lower triangle only
+    if damping > 0 and x.dtype.itemsize < solve_dtype.itemsize:
+        low = gram * scale
+        low.diagonal().add_(damping)
+        chol, info = torch.linalg.cholesky_ex(low)
+        if int(info) == 0 and bool(torch.isfinite(chol).all()):
+            return chol
+    return damped_cholesky(gram.to(solve_dtype).mul_(scale), damping)
 
 
 def _chol_apply(chol: Tensor, x: Tensor) -> Tensor:

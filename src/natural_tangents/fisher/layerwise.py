@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .base import BoundFisher, DualFisher, block_diag_metric, inverse_psd, solve_with_metric
+from .block_tridiagonal import block_tridiagonal_solve
 
 __all__ = ["Layerwise", "BlockDiagonal", "BlockTriDiagonal", "tridiagonal_sigma", "check_invertible_sigma"]
 
@@ -54,92 +55,6 @@ def _bandwidth(s: Tensor) -> int:
     """The largest |l − l′| with Σ_{ll′} ≠ 0."""
     nz = s.nonzero()
     return int((nz[:, 0] - nz[:, 1]).abs().max()) if len(nz) else 0
-
-
-def block_tridiagonal_solve(
-    s: Tensor, left: Tensor, damping: float, rhs: Tensor, *, symmetric: bool = False
-) -> list[Tensor] | None:
-    """Solve Σ_{l′} Σ_{ll′} left_{l′} v_{l′} + ρ v_l = rhs (every l) for a tri-diagonal Σ (L, L),
-    blocks left (L, K, K) (``symmetric``: each block symmetric PSD, as Θ_l is without an output
-    metric) and rhs (K, R); returns v as L blocks (K, R), or None when a pivot block
-    is numerically singular (the caller then solves the whole L·K system).
-
-    The two end layers e are eliminated first: with R_e = (Σ_ee left_e + ρ)^{-1}, their Schur
-    products need no K³ product of their own, left_e R_e = (I − ρ R_e) / Σ_ee. The interior layers are
-    then eliminated in order (block LU, partial pivoting inside the blocks). About 4.7 K³ for L = 3
-    and 4.7 K³ per further layer, against (2/3) (L K)³ for the whole system."""
-    depth = left.shape[0]
-    sv = s.tolist()
-    ends = [e for e in ([0, depth - 1] if depth > 2 else [0]) if sv[e][e] != 0.0 and depth > 1]
-    inv = {}
-    for e in ends:
-        d_e = left[e] * sv[e][e]
-        d_e.diagonal().add_(damping)
-        if symmetric and sv[e][e] > 0:  # positive definite: Cholesky inverse, half the flops of LU
-            chol, info = torch.linalg.cholesky_ex(d_e)
-            if int(info) != 0:
-                return None
-            inv[e] = torch.cholesky_inverse(chol)
-        else:
-            inv[e], info = torch.linalg.inv_ex(d_e)
-            if int(info) != 0:
-                return None
-    inner = [l for l in range(depth) if l not in inv]
-    diag, rhs_in = [], []
-    for l in inner:
-        b, shift, mix = rhs, sv[l][l], None  # mix: Σ_e c_e R_e over the eliminated neighbours e of l
-        for e in inv:
-            if abs(e - l) == 1 and sv[l][e] != 0.0:
-                c = sv[l][e] * sv[e][l] / sv[e][e]
-                shift -= c
-                mix = c * inv[e] if mix is None else mix.add_(inv[e], alpha=c)
-                b = b - (sv[l][e] / sv[e][e]) * (rhs - damping * (inv[e] @ rhs))
-        d = left[l] * shift
-        d.diagonal().add_(damping)
-        if mix is not None:
-            d.addmm_(mix, left[l], alpha=damping)
-            del mix
-        diag.append(d)
-        rhs_in.append(b)
-    upper = [sv[l][l + 1] * left[l + 1] if sv[l][l + 1] != 0.0 else None for l in inner[:-1]]
-    lower = [sv[l + 1][l] * left[l] if sv[l + 1][l] != 0.0 else None for l in inner[:-1]]
-    v_in = _block_thomas(diag, upper, lower, rhs_in)
-    if v_in is None:
-        return None
-    v = dict(zip(inner, v_in))
-    for e, r_e in inv.items():
-        b = rhs
-        for l in (e - 1, e + 1):
-            if 0 <= l < depth and sv[e][l] != 0.0:
-                b = b - sv[e][l] * (left[l] @ v[l])
-        v[e] = r_e @ b
-    out = [v[l] for l in range(depth)]
-    return out if all(bool(torch.isfinite(x).all()) for x in out) else None
-
-
-def _block_thomas(diag: list, upper: list, lower: list, rhs: list) -> list[Tensor] | None:
-    """Block LU of a block tri-diagonal system (explicit K × K blocks; None for a zero block)."""
-    factors, couple, ys = [], [], []
-    for l, d in enumerate(diag):
-        y = rhs[l]
-        if l > 0 and lower[l - 1] is not None:
-            if couple[l - 1] is not None:
-                d = d - lower[l - 1] @ couple[l - 1]
-            y = y - lower[l - 1] @ torch.linalg.lu_solve(*factors[l - 1], ys[l - 1])
-        lu, piv, info = torch.linalg.lu_factor_ex(d)
-        if int(info) != 0 or not bool(torch.isfinite(lu).all()):
-            return None
-        factors.append((lu, piv))
-        ys.append(y)
-        if l + 1 < len(diag):
-            couple.append(torch.linalg.lu_solve(lu, piv, upper[l]) if upper[l] is not None else None)
-    v: list = [None] * len(diag)
-    for l in reversed(range(len(diag))):
-        x = torch.linalg.lu_solve(*factors[l], ys[l])
-        if l + 1 < len(diag) and couple[l] is not None:
-            x = x - couple[l] @ v[l + 1]
-        v[l] = x
-    return v
 
 
 @dataclass(frozen=True, kw_only=True)
