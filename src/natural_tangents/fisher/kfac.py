@@ -76,6 +76,9 @@ class KFAC(Fisher):
             α = N L) or ``"fisher"`` (B*_L = mean Λ, the plain K-FAC factor: α = N (L − 1) + 1).
         warn: warn when a layer's input factor is narrower than N and the inputs are not in
             radial isotropic position, where the isotropic condition fails (S.109).
+
+    With ρ > 0, the N × N factors of a network in lower precision than ``solve_dtype`` (float32)
+    are factored in the network's precision, in which they are applied to its signals anyway.
     """
 
     bias: str = "augment"
