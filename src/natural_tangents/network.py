@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import activations as _act
 from ._checks import check_batch, check_widths
 from .layers.affine import AffineSignals
-from .layers.base import padded_empty
+from .layers.linear import with_bias_column
 from .signals import Signals
 from .theory.architecture import Architecture
 
@@ -76,10 +76,7 @@ def _forward_signal(h: Tensor, layer: AffineLayer) -> Tensor:
     """a = [weight_scale · h | bias_scale] (N, M_in [+ 1]), written once."""
     if layer.bias is None:
         return h * layer.weight_scale
-    a = padded_empty((h.shape[0], h.shape[1] + 1), like=h)
-    torch.mul(h, layer.weight_scale, out=a[:, :-1])
-    a[:, -1] = layer.bias_scale
-    return a
+    return with_bias_column(h, layer.bias_scale, layer.weight_scale)
 
 
 def factors(layers: list[AffineLayer], x: Tensor) -> Signals:

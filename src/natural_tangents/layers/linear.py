@@ -8,6 +8,7 @@ axes (N, …, M_in), e.g. a sequence, puts the extra axes on the position axis T
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .affine import AffineSignals
@@ -16,10 +17,11 @@ from .base import padded_empty
 __all__ = ["linear_signals"]
 
 
-def with_bias_column(h: Tensor, value: float) -> Tensor:
-    """Append a constant column ``value`` to the last axis of ``h`` (rows stored with an aligned stride)."""
+def with_bias_column(h: Tensor, value: float, scale: float = 1.0) -> Tensor:
+    """[scale · h | value]: a constant column appended to the last axis of ``h``, written once into
+    rows with an aligned stride."""
     out = padded_empty((*h.shape[:-1], h.shape[-1] + 1), like=h)
-    out[..., :-1] = h
+    torch.mul(h, scale, out=out[..., :-1])
     out[..., -1] = value
     return out
 
