@@ -34,12 +34,16 @@ from torch import Tensor
 from .._parallel import ordered_map
 from ..signals import Signals
 from .base import BoundFisher, Fisher, block_diag_metric, not_positive_definite, pinv_psd, solve_psd, solve_with_metric
+from .support_systems import Workspace, cholesky, cholesky_solve, complement_solve, principal_submatrices, refined_solve
 
 __all__ = ["Unitwise"]
 
 _CHUNK_ELEMENTS = 2**23  # units per batched solve: chunk · N² ≤ this (64 MiB in float64)
 _CG_ELEMENTS = 2**21  # conjugate gradients: units per pass · N ≤ this (16 MiB per array in float64)
 _FULL_SUPPORT = 0.85  # supports this close to N are solved as whole N × N systems (no gathering)
+_SIZE_SPREAD = 1.05  # a chunk's units differ in support size by at most ~5% (padding)
+_REFINE_MIN_SIZE = 96  # update systems this large: float32 Cholesky, float64 refinement (support_systems)
+_COMPLEMENT = 0.56  # at ρ = 0, supports of more than this fraction of N go through K^{-1} and their complement
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,11 +126,29 @@ class Unitwise(Fisher):
             "n": n,
             "sizes": sizes,
             "pos": torch.argsort((~active).to(torch.int8), dim=1, stable=True),  # active samples first
+            "out_pos": torch.argsort(active.to(torch.int8), dim=1, stable=True),  # inactive samples first
+            "work": Workspace(),  # scratch for the batched systems, per worker thread
             "k_ext": torch.block_diag(k, torch.eye(biggest, dtype=k.dtype, device=k.device)),
             "s_ext": torch.cat([s, torch.ones(s.shape[0], biggest, dtype=s.dtype, device=s.device)], 1),
         }
-        chunks = [order[lo : lo + step] for lo in range(0, len(order), step)]
-        return [c for c in chunks if int(sizes[c].max()) > 0], ctx
+        ordered = sizes[order].tolist()
+        chunks, lo = [], 0
+        for hi, size in enumerate(ordered):  # at most ``step`` units, of sizes within ~5% (little padding)
+            if hi - lo >= step or size > _SIZE_SPREAD * ordered[lo] + 2:
+                chunks.append(order[lo:hi])
+                lo = hi
+        chunks.append(order[lo:])
+        return [c for c in chunks if len(c) and int(sizes[c].max()) > 0], ctx
+
+    @staticmethod
+    def _slots(units: Tensor, ctx: dict, m: int) -> tuple[Tensor, Tensor, Tensor]:
+        """idx (u, m): each unit's active samples first, then inactive ones; valid (u, m): the active
+        slots; sub_idx (u, m): the row of K ⊕ I for each slot (padding slots in the identity)."""
+        n, sizes = ctx["n"], ctx["sizes"]
+        idx = ctx["pos"][units, :m]
+        slot = torch.arange(m, device=idx.device)[None, :]
+        valid = slot < sizes[units][:, None]
+        return idx, valid, torch.where(valid, idx, n + slot)
 
     def _factor(self, units: Tensor, ctx: dict):
         """(units, idx, valid, chol, solve) of one chunk: idx (u, m) each unit's active samples first
@@ -142,22 +164,19 @@ class Unitwise(Fisher):
             idx = torch.arange(n, device=k_ext.device).expand(len(units), n)
             sub = k_ext[None, :n, :n] * (si[:, :, None] * si[:, None, :] / n)
             sub.diagonal(dim1=1, dim2=2).add_(self.damping)
-            return self._cholesky(units, idx, si > 0, sub)
-        idx = ctx["pos"][units, :m]
-        slot = torch.arange(m, device=k_ext.device)[None, :]
-        valid = slot < sizes[units][:, None]
-        sub_idx = torch.where(valid, idx, n + slot)
-        sub = k_ext[sub_idx[:, :, None], sub_idx[:, None, :]]  # (u, m, m)
+            return self._cholesky(units, idx, si > 0, sub, ctx["work"])
+        idx, valid, sub_idx = self._slots(units, ctx, m)
+        sub = principal_submatrices(k_ext, sub_idx, ctx["work"], "sub64")  # (u, m, m)
         if self.damping > 0:
             si = torch.gather(ctx["s_ext"][units], 1, sub_idx)
             sub.mul_(si[:, :, None] * si[:, None, :]).div_(n)
             sub.diagonal(dim1=1, dim2=2).add_(self.damping)
-        return self._cholesky(units, idx, valid, sub)
+        return self._cholesky(units, idx, valid, sub, ctx["work"])
 
-    def _cholesky(self, units: Tensor, idx: Tensor, valid: Tensor, sub: Tensor):
-        chol, info = torch.linalg.cholesky_ex(sub)
+    def _cholesky(self, units: Tensor, idx: Tensor, valid: Tensor, sub: Tensor, work: Workspace):
+        chol, info = cholesky(sub, work, "chol64")
         if not bool((info != 0).any()):
-            return units, idx, valid, chol, partial(_cholesky_solve, chol)
+            return units, idx, valid, chol, partial(cholesky_solve, chol)
         if self.damping == 0:  # singular K_SS (e.g. M_{l−1} < N): eigh pseudo-inverse
             return units, idx, valid, None, pinv_psd(sub).matmul
         raise not_positive_definite()
@@ -170,7 +189,18 @@ class Unitwise(Fisher):
         out = torch.zeros(rhs.shape, dtype=rhs.dtype, device=rhs.device)
         chunks, ctx = self._plan(k, s, r)
 
-        def job(units: Tensor):
+        refine = r == 1 and k.dtype == torch.float64
+        if refine:
+            ctx["k_low"] = ctx["k_ext"].float()
+        sizes = ctx["sizes"]
+        large = sizes[sizes > _COMPLEMENT * n]
+        if refine and self.damping == 0 and len(large):  # P = K^{-1} for the supports of more than N/2
+            chol, info = torch.linalg.cholesky_ex(k)
+            if int(info) == 0:
+                eye = torch.eye(n - int(large.min()), dtype=k.dtype, device=k.device)
+                ctx["p_ext"] = torch.block_diag(torch.cholesky_inverse(chol), eye)
+
+        def direct(units: Tensor):
             units, idx, valid, _, solve = self._factor(units, ctx)
             gidx = idx[:, :, None].expand(-1, -1, r)
             si = torch.gather(s[units], 1, idx)[:, :, None]
@@ -179,8 +209,31 @@ class Unitwise(Fisher):
             w = solve(b * (n / si**2)) if self.damping == 0 else solve(b / si) * si
             return units, idx, w * valid[:, :, None]
 
-        for units, idx, w in ordered_map(job, chunks):
-            out[units[:, None], idx] = w  # padding slots hold inactive samples, where w = 0
+        def job(units: Tensor) -> list:
+            m = int(sizes[units].max())
+            if not refine or m < _REFINE_MIN_SIZE:
+                return [direct(units)]
+            idx, valid, sub_idx = self._slots(units, ctx, m)
+            si = torch.where(valid, torch.gather(s[units], 1, idx), 1.0)
+            b = torch.gather(rhs[units, :, 0], 1, idx) * valid
+            low = int(sizes[units].min())
+            if self.damping == 0 and "p_ext" in ctx and low > _COMPLEMENT * n:
+                out_idx = ctx["out_pos"][units, : n - low]
+                out_valid = torch.arange(n - low, device=k.device)[None, :] < (n - sizes[units])[:, None]
+                z, ok = complement_solve(k, ctx["p_ext"], idx, valid, out_idx, out_valid, b * (n / si**2), ctx["work"])
+            elif self.damping == 0:
+                z, ok = refined_solve(k, ctx["k_low"], idx, sub_idx, valid, None, 0.0, b * (n / si**2), ctx["work"])
+            else:
+                z, ok = refined_solve(
+                    k, ctx["k_low"], idx, sub_idx, valid, si / n**0.5, self.damping, b / si, ctx["work"]
+                )
+                z = z * si
+            done = [(units[ok], idx[ok], z[ok][:, :, None])]
+            return done if bool(ok.all()) else [*done, direct(units[~ok])]
+
+        for solved in ordered_map(job, chunks):
+            for units, idx, w in solved:  # padding slots hold inactive samples, where w = 0
+                out[units[:, None], idx] = w
         return out
 
     def _cg_units(self, k: Tensor, s: Tensor, b: Tensor) -> Tensor:
@@ -382,8 +435,3 @@ class Unitwise(Fisher):
                 t = self._jacobian_coefficient(bound, l, bound.signals)
                 total += float(torch.diagonal(t if lam is None else t @ block_diag_metric(lam)).sum())
         return total / (bound.n * bound.c)
-
-
-def _cholesky_solve(chol: Tensor, b: Tensor) -> Tensor:
-    """(L L^T)^{-1} b by two triangular solves (no copy of the batch of factors)."""
-    return torch.linalg.solve_triangular(chol.mT, torch.linalg.solve_triangular(chol, b, upper=False), upper=True)
