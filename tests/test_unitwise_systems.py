@@ -59,7 +59,7 @@ def test_refined_support_solve_matches_float64_solves(damping, scaled):
     k_low = torch.block_diag(k, torch.eye(m, dtype=k.dtype)).float()
     t = (0.5 + torch.rand(idx.shape, generator=g, dtype=torch.float64)) / n**0.5 if scaled else None
     c = torch.randn(idx.shape, generator=g, dtype=torch.float64) * valid
-    z, ok = ss.refined_solve(k, k_low, idx, sub_idx, valid, t, damping, c, ss.Workspace())
+    z, ok = ss.refined_solve(k, k_low, idx, sub_idx, valid, t, damping, c, ss.Scratch())
     want = _reference(k, idx, valid, t, damping, c)
     assert bool(ok.all())
     assert _rel(z, want) < 1e-11
@@ -85,7 +85,7 @@ def test_complement_route_matches_float64_solves():
     out_valid = torch.arange(q)[None, :] < (n - valid.sum(1))[:, None]
     p_ext = torch.block_diag(torch.linalg.inv(k), torch.eye(q, dtype=k.dtype))
     c = torch.randn(idx.shape, generator=g, dtype=torch.float64) * valid
-    z, ok = ss.complement_solve(k, p_ext, idx, valid, out_idx, out_valid, c, ss.Workspace())
+    z, ok = ss.complement_solve(k, p_ext, idx, valid, out_idx, out_valid, c, ss.Scratch())
     assert bool(ok.all())
     assert _rel(z, _reference(k, idx, valid, None, 0.0, c)) < 1e-11
 
@@ -114,7 +114,7 @@ def test_systems_beyond_float32_are_not_certified():
 def test_principal_submatrices_gather():
     k = torch.arange(49.0).reshape(7, 7)
     idx = torch.tensor([[0, 3, 5], [6, 2, 1]])
-    got = ss.principal_submatrices(k, idx, ss.Workspace())
+    got = ss.principal_submatrices(k, idx, ss.Scratch())
     assert torch.equal(got, torch.stack([k[i][:, i] for i in idx]))
 
 
@@ -167,3 +167,28 @@ def test_unitwise_zero_damping_through_the_complement_route(forced, monkeypatch)
     got = flat(F.Unitwise(damping=0.0).natural_gradient(net, x, y))
     assert forced["complement"] > 0 and forced["refined"] > 0
     assert _rel(got, want) < 1e-10
+
+
+def test_scratch_buffers_are_reused_and_never_shared():
+    """One Scratch serves batches of different shapes in turn (each result intact after the next
+    call); the pool hands concurrent jobs different sets and sequential ones the same."""
+    n = 30
+    k, g = _shared(n, 90, seed=8)
+    scratch = ss.Scratch()
+    results = []
+    for sizes in ([10, 12], [14, 15, 15], [8]):
+        idx, valid = _supports(n, sizes, g)
+        m = idx.shape[1]
+        sub_idx = torch.where(valid, idx, n + torch.arange(m)[None, :])
+        k_low = torch.block_diag(k, torch.eye(m, dtype=k.dtype)).float()
+        c = torch.randn(idx.shape, generator=g, dtype=torch.float64) * valid
+        z, ok = ss.refined_solve(k, k_low, idx, sub_idx, valid, None, 0.0, c, scratch)
+        assert bool(ok.all())
+        results.append((z, _reference(k, idx, valid, None, 0.0, c)))
+    for z, want in results:
+        assert _rel(z, want) < 1e-11
+    pool = ss.ScratchPool()
+    with pool.take() as one, pool.take() as two:
+        assert one is not two
+    with pool.take() as again:
+        assert again in (one, two)

@@ -27,40 +27,70 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
-__all__ = ["Workspace", "cholesky", "cholesky_solve", "complement_solve", "principal_submatrices", "refined_solve"]
+__all__ = [
+    "Scratch",
+    "ScratchPool",
+    "cholesky",
+    "cholesky_solve",
+    "complement_solve",
+    "principal_submatrices",
+    "refined_solve",
+]
 
 REFINE_STEPS = 6
 
 
-class Workspace:
-    """Reusable scratch buffers, one set per thread (the batched systems of one layer are solved on
-    worker threads). A fresh tensor of tens of MiB per batch costs more in page faults (the allocator
-    returns such blocks to the system on every free) than the gather or the factorization that fills
-    it, and the faults of two threads serialize in the kernel; reusing a buffer costs nothing. The
-    buffers live as long as the Workspace."""
+class Scratch:
+    """One set of reusable buffers, for one thread at a time (see :class:`ScratchPool`)."""
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        self._buffers: dict = {}
 
     def get(self, key: str, shape: tuple[int, ...], like: Tensor, *, column_major: bool = False) -> Tensor:
-        """An uninitialized tensor of ``shape`` with ``like``'s dtype and device; ``column_major``:
-        batched column-major strides (what LAPACK writes in place)."""
-        store = self._local.__dict__
+        """An uninitialized tensor of ``shape`` with ``like``'s dtype and device, in buffer ``key``
+        (valid until the next ``get`` of the same key); ``column_major``: batched column-major
+        strides (what LAPACK writes in place)."""
         numel = math.prod(shape)
-        buf = store.get((key, like.dtype, like.device))
+        buf = self._buffers.get((key, like.dtype, like.device))
         if buf is None or buf.numel() < numel:
             buf = torch.empty(numel + numel // 4, dtype=like.dtype, device=like.device)  # room to grow
-            store[(key, like.dtype, like.device)] = buf
+            self._buffers[(key, like.dtype, like.device)] = buf
         if column_major:
             return buf[:numel].view(*shape[:-2], shape[-1], shape[-2]).mT
         return buf[:numel].view(shape)
 
 
-def principal_submatrices(k: Tensor, idx: Tensor, work: Workspace | None = None, key: str = "sub") -> Tensor:
+class ScratchPool:
+    """Scratch buffers shared by the batched systems of one step, one set per concurrent job.
+
+    A fresh tensor of tens of MiB per batch costs more in page faults (the allocator hands such
+    blocks back to the system on every free) than the gather or the factorization that fills it, and
+    the faults of two threads serialize in the kernel; a reused buffer costs nothing. Jobs take a set
+    with :meth:`take` (at most one per worker thread is in use at a time), so the buffers outlive the
+    worker threads of one layer and serve the next layer's."""
+
+    def __init__(self) -> None:
+        self._free: list[Scratch] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def take(self) -> Iterator[Scratch]:
+        with self._lock:
+            scratch = self._free.pop() if self._free else Scratch()
+        try:
+            yield scratch
+        finally:
+            with self._lock:
+                self._free.append(scratch)
+
+
+def principal_submatrices(k: Tensor, idx: Tensor, work: Scratch | None = None, key: str = "sub") -> Tensor:
     """k[idx_i][:, idx_i] for every row idx_i of idx (u, m): (u, m, m), in ``work``'s buffer ``key``
     (a new tensor without one)."""
     u, m = idx.shape
@@ -75,13 +105,15 @@ def principal_submatrices(k: Tensor, idx: Tensor, work: Workspace | None = None,
     return out
 
 
-def cholesky(a: Tensor, work: Workspace | None = None, key: str = "chol") -> tuple[Tensor, Tensor]:
-    """torch.linalg.cholesky_ex of the batch ``a``, written into ``work``'s buffer ``key``."""
+def cholesky(a: Tensor, work: Scratch | None = None, key: str = "chol") -> tuple[Tensor, Tensor]:
+    """torch.linalg.cholesky_ex of the batch of symmetric matrices ``a``, written into ``work``'s
+    buffer ``key``. The factorization reads a^T (the same matrix) so that the copy into LAPACK's
+    column-major layout is a plain one, not a transposition."""
     if work is None:
-        return torch.linalg.cholesky_ex(a)
+        return torch.linalg.cholesky_ex(a.mT)
     out = work.get(key, tuple(a.shape), a, column_major=True)
     info = torch.empty(a.shape[:-2], dtype=torch.int32, device=a.device)
-    return torch.linalg.cholesky_ex(a, out=(out, info))
+    return torch.linalg.cholesky_ex(a.mT, out=(out, info))
 
 
 def cholesky_solve(chol: Tensor, b: Tensor) -> Tensor:
@@ -98,7 +130,7 @@ def refined_solve(
     t: Tensor | None,
     damping: float,
     c: Tensor,
-    work: Workspace | None = None,
+    work: Scratch | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The support systems A_i z_i = c_i, factored in ``k_low``'s precision and refined in ``k``'s.
 
@@ -142,7 +174,7 @@ def complement_solve(
     out_idx: Tensor,
     out_valid: Tensor,
     c: Tensor,
-    work: Workspace | None = None,
+    work: Scratch | None = None,
 ) -> tuple[Tensor, Tensor]:
     """K[S_i, S_i]^{-1} c_i for supports S_i larger than half of the N samples, through P = K^{-1}
     (N × N, shared): with S̄_i the samples outside the support,

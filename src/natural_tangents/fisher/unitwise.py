@@ -32,9 +32,18 @@ import torch
 from torch import Tensor
 
 from .._parallel import ordered_map
+from ..layers.base import padded_mm
 from ..signals import Signals
 from .base import BoundFisher, Fisher, block_diag_metric, not_positive_definite, pinv_psd, solve_psd, solve_with_metric
-from .support_systems import Workspace, cholesky, cholesky_solve, complement_solve, principal_submatrices, refined_solve
+from .support_systems import (
+    Scratch,
+    ScratchPool,
+    cholesky,
+    cholesky_solve,
+    complement_solve,
+    principal_submatrices,
+    refined_solve,
+)
 
 __all__ = ["Unitwise"]
 
@@ -110,7 +119,7 @@ class Unitwise(Fisher):
         diag = s * s * torch.diagonal(k)
         return diag > self.rcond * diag.amax(1, keepdim=True).clamp_min(torch.finfo(k.dtype).tiny)
 
-    def _plan(self, k: Tensor, s: Tensor, width: int = 0) -> tuple[list[Tensor], dict]:
+    def _plan(self, k: Tensor, s: Tensor, width: int = 0, pool: ScratchPool | None = None) -> tuple[list[Tensor], dict]:
         """Chunks of units of similar support size (sorted), and what every chunk's job needs.
 
         Padding slot j of a system points at row n + j of K ⊕ I (and s = 1 there): identity rows and
@@ -125,9 +134,9 @@ class Unitwise(Fisher):
         ctx = {
             "n": n,
             "sizes": sizes,
-            "pos": torch.argsort((~active).to(torch.int8), dim=1, stable=True),  # active samples first
-            "out_pos": torch.argsort(active.to(torch.int8), dim=1, stable=True),  # inactive samples first
-            "work": Workspace(),  # scratch for the batched systems, per worker thread
+            "pos": _partition(active, sizes),  # active samples first
+            "out_pos": _partition(~active, n - sizes),  # inactive samples first
+            "pool": pool if pool is not None else ScratchPool(),  # buffers for the batched systems
             "k_ext": torch.block_diag(k, torch.eye(biggest, dtype=k.dtype, device=k.device)),
             "s_ext": torch.cat([s, torch.ones(s.shape[0], biggest, dtype=s.dtype, device=s.device)], 1),
         }
@@ -150,7 +159,7 @@ class Unitwise(Fisher):
         valid = slot < sizes[units][:, None]
         return idx, valid, torch.where(valid, idx, n + slot)
 
-    def _factor(self, units: Tensor, ctx: dict):
+    def _factor(self, units: Tensor, ctx: dict, work: Scratch | None = None):
         """(units, idx, valid, chol, solve) of one chunk: idx (u, m) each unit's active samples first
         (padded); valid (u, m) marks the real ones; chol the Cholesky factors of the support systems —
         K_SS at ρ = 0, S K_SS S / N + ρ I else — with identity rows on the padding (None where the
@@ -164,16 +173,16 @@ class Unitwise(Fisher):
             idx = torch.arange(n, device=k_ext.device).expand(len(units), n)
             sub = k_ext[None, :n, :n] * (si[:, :, None] * si[:, None, :] / n)
             sub.diagonal(dim1=1, dim2=2).add_(self.damping)
-            return self._cholesky(units, idx, si > 0, sub, ctx["work"])
+            return self._cholesky(units, idx, si > 0, sub, work)
         idx, valid, sub_idx = self._slots(units, ctx, m)
-        sub = principal_submatrices(k_ext, sub_idx, ctx["work"], "sub64")  # (u, m, m)
+        sub = principal_submatrices(k_ext, sub_idx, work, "sub64")  # (u, m, m)
         if self.damping > 0:
             si = torch.gather(ctx["s_ext"][units], 1, sub_idx)
             sub.mul_(si[:, :, None] * si[:, None, :]).div_(n)
             sub.diagonal(dim1=1, dim2=2).add_(self.damping)
-        return self._cholesky(units, idx, valid, sub, ctx["work"])
+        return self._cholesky(units, idx, valid, sub, work)
 
-    def _cholesky(self, units: Tensor, idx: Tensor, valid: Tensor, sub: Tensor, work: Workspace):
+    def _cholesky(self, units: Tensor, idx: Tensor, valid: Tensor, sub: Tensor, work: Scratch | None):
         chol, info = cholesky(sub, work, "chol64")
         if not bool((info != 0).any()):
             return units, idx, valid, chol, partial(cholesky_solve, chol)
@@ -181,13 +190,19 @@ class Unitwise(Fisher):
             return units, idx, valid, None, pinv_psd(sub).matmul
         raise not_positive_definite()
 
-    def _solve_units(self, k: Tensor, s: Tensor, rhs: Tensor) -> Tensor:
+    def _solve_units(self, k: Tensor, s: Tensor, rhs: Tensor, pool: ScratchPool | None = None) -> Tensor:
         """For each unit i: (S_i² K / N + ρ)^{-1} rhs_i = S_i (S_i K S_i / N + ρ)^{-1} S_i^+ rhs_i, for
         rhs (M, N, R) vanishing where s_i = 0. At ρ = 0, the pseudo-inverse limit (S.135):
-        N K_SS^{-1} (rhs / s²)_S on the support S of unit i, 0 elsewhere."""
+        N K_SS^{-1} (rhs / s²)_S on the support S of unit i, 0 elsewhere.
+
+        One right-hand side per unit (the update) in float64: systems of at least
+        ``_REFINE_MIN_SIZE`` samples are factored in float32 and refined to a certified float64
+        backward error, and at ρ = 0 supports of more than ``_COMPLEMENT`` · N go through K^{-1} and
+        the samples outside them (:mod:`.support_systems`); units not certified, and every other
+        case, by float64 Cholesky on the support."""
         n, r = k.shape[0], rhs.shape[2]
         out = torch.zeros(rhs.shape, dtype=rhs.dtype, device=rhs.device)
-        chunks, ctx = self._plan(k, s, r)
+        chunks, ctx = self._plan(k, s, r, pool)
 
         refine = r == 1 and k.dtype == torch.float64
         if refine:
@@ -200,8 +215,8 @@ class Unitwise(Fisher):
                 eye = torch.eye(n - int(large.min()), dtype=k.dtype, device=k.device)
                 ctx["p_ext"] = torch.block_diag(torch.cholesky_inverse(chol), eye)
 
-        def direct(units: Tensor):
-            units, idx, valid, _, solve = self._factor(units, ctx)
+        def direct(units: Tensor, work: Scratch):
+            units, idx, valid, _, solve = self._factor(units, ctx, work)
             gidx = idx[:, :, None].expand(-1, -1, r)
             si = torch.gather(s[units], 1, idx)[:, :, None]
             si = torch.where(valid[:, :, None], si, 1.0)
@@ -210,26 +225,28 @@ class Unitwise(Fisher):
             return units, idx, w * valid[:, :, None]
 
         def job(units: Tensor) -> list:
-            m = int(sizes[units].max())
-            if not refine or m < _REFINE_MIN_SIZE:
-                return [direct(units)]
+            with ctx["pool"].take() as work:
+                return solve_chunk(units, work)
+
+        def solve_chunk(units: Tensor, work: Scratch) -> list:
+            m, low = int(sizes[units].max()), int(sizes[units].min())
+            complement = refine and self.damping == 0 and "p_ext" in ctx and low > _COMPLEMENT * n
+            if not complement and (not refine or m < _REFINE_MIN_SIZE):
+                return [direct(units, work)]
             idx, valid, sub_idx = self._slots(units, ctx, m)
             si = torch.where(valid, torch.gather(s[units], 1, idx), 1.0)
             b = torch.gather(rhs[units, :, 0], 1, idx) * valid
-            low = int(sizes[units].min())
-            if self.damping == 0 and "p_ext" in ctx and low > _COMPLEMENT * n:
+            if complement:
                 out_idx = ctx["out_pos"][units, : n - low]
                 out_valid = torch.arange(n - low, device=k.device)[None, :] < (n - sizes[units])[:, None]
-                z, ok = complement_solve(k, ctx["p_ext"], idx, valid, out_idx, out_valid, b * (n / si**2), ctx["work"])
+                z, ok = complement_solve(k, ctx["p_ext"], idx, valid, out_idx, out_valid, b * (n / si**2), work)
             elif self.damping == 0:
-                z, ok = refined_solve(k, ctx["k_low"], idx, sub_idx, valid, None, 0.0, b * (n / si**2), ctx["work"])
+                z, ok = refined_solve(k, ctx["k_low"], idx, sub_idx, valid, None, 0.0, b * (n / si**2), work)
             else:
-                z, ok = refined_solve(
-                    k, ctx["k_low"], idx, sub_idx, valid, si / n**0.5, self.damping, b / si, ctx["work"]
-                )
+                z, ok = refined_solve(k, ctx["k_low"], idx, sub_idx, valid, si / n**0.5, self.damping, b / si, work)
                 z = z * si
             done = [(units[ok], idx[ok], z[ok][:, :, None])]
-            return done if bool(ok.all()) else [*done, direct(units[~ok])]
+            return done if bool(ok.all()) else [*done, direct(units[~ok], work)]
 
         for solved in ordered_map(job, chunks):
             for units, idx, w in solved:  # padding slots hold inactive samples, where w = 0
@@ -323,6 +340,7 @@ class Unitwise(Fisher):
         a, n, m = layer.kron.a[:, 0], bound.n, layer.kron.out_width
         k = self._layer_k(bound, l)
         iterative = self.solver == "cg" or (self.solver == "auto" and self.damping > 0)
+        pool = bound.cache.setdefault("unit_scratch", ScratchPool())  # shared by the layers of a step
         step = max(1, _CG_ELEMENTS // n) if iterative else m  # units per pass: bounded (U, N) arrays
         w = torch.empty(m, n, dtype=a.dtype, device=a.device)
         for lo in range(0, m, step):
@@ -332,8 +350,8 @@ class Unitwise(Fisher):
             if iterative:
                 w[units] = self._cg_units(k, s, b)
             else:
-                w[units] = self._solve_units(k, s, b[:, :, None])[:, :, 0]
-        return layer.kron.to_params(w @ a / n)
+                w[units] = self._solve_units(k, s, b[:, :, None], pool=pool)[:, :, 0]
+        return layer.kron.to_params(padded_mm(w.div_(n), a))
 
     def _rank_one_coefficient(self, bound: BoundFisher, l: int, test: Signals) -> Tensor:
         n, c, nt = bound.n, bound.c, test.n
@@ -435,3 +453,12 @@ class Unitwise(Fisher):
                 t = self._jacobian_coefficient(bound, l, bound.signals)
                 total += float(torch.diagonal(t if lam is None else t @ block_diag_metric(lam)).sum())
         return total / (bound.n * bound.c)
+
+
+def _partition(first: Tensor, count: Tensor) -> Tensor:
+    """(M, N) row-wise orders putting the samples where ``first`` holds first, each part in
+    increasing order (a stable partition; ``count`` = first.sum(1)), without sorting."""
+    ones = first.to(torch.int32)
+    rank = torch.where(first, ones.cumsum(1) - 1, count[:, None].to(torch.int32) + (1 - ones).cumsum(1) - 1)
+    samples = torch.arange(first.shape[1], device=first.device).expand_as(rank)
+    return torch.empty_like(samples).scatter_(1, rank.long(), samples)
