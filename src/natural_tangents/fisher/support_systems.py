@@ -49,7 +49,7 @@ __all__ = [
     "refined_solve",
 ]
 
-REFINE_STEPS = 6
+_REFINE_STEPS = 6
 
 
 class Scratch:
@@ -231,7 +231,7 @@ def _refine(k, idx, valid, t, damping, c, approx, factored) -> tuple[Tensor, Ten
     bound = m * torch.finfo(c.dtype).eps
     dense = torch.zeros(u, k.shape[0], dtype=c.dtype, device=c.device)
     z = approx(c)
-    for step in range(REFINE_STEPS + 1):
+    for step in range(_REFINE_STEPS + 1):
         tz = z if t is None else z * t
         dense.zero_().scatter_(1, idx, tz * mask)
         az = torch.gather(dense @ k, 1, idx)
@@ -243,7 +243,7 @@ def _refine(k, idx, valid, t, damping, c, approx, factored) -> tuple[Tensor, Ten
         res_norm = res.norm(dim=1)
         eta = torch.where(res_norm == 0, 0.0, res_norm / (a_norm * z.norm(dim=1) + c_norm))
         certified = factored & (eta <= bound)
-        if step == REFINE_STEPS or bool((certified | ~factored).all()):
+        if step == _REFINE_STEPS or bool((certified | ~factored).all()):
             break
         z = torch.where(certified[:, None], z, z + approx(res))
     return z, certified

@@ -215,12 +215,16 @@ class Unitwise(Fisher):
                 eye = torch.eye(n - int(large.min()), dtype=k.dtype, device=k.device)
                 ctx["p_ext"] = torch.block_diag(torch.cholesky_inverse(chol), eye)
 
+        def gathered(units: Tensor, idx: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+            """The units' scales (1 on padding) and right-hand sides (0 on padding) in slot order,
+            (u, m, 1) and (u, m, R)."""
+            si = torch.where(valid[:, :, None], torch.gather(s[units], 1, idx)[:, :, None], 1.0)
+            b = torch.gather(rhs[units], 1, idx[:, :, None].expand(-1, -1, r)) * valid[:, :, None]
+            return si, b
+
         def direct(units: Tensor, work: Scratch):
             units, idx, valid, _, solve = self._factor(units, ctx, work)
-            gidx = idx[:, :, None].expand(-1, -1, r)
-            si = torch.gather(s[units], 1, idx)[:, :, None]
-            si = torch.where(valid[:, :, None], si, 1.0)
-            b = torch.gather(rhs[units], 1, gidx) * valid[:, :, None]
+            si, b = gathered(units, idx, valid)
             w = solve(b * (n / si**2)) if self.damping == 0 else solve(b / si) * si
             return units, idx, w * valid[:, :, None]
 
@@ -234,8 +238,7 @@ class Unitwise(Fisher):
             if not complement and (not refine or m < _REFINE_MIN_SIZE):
                 return [direct(units, work)]
             idx, valid, sub_idx = self._slots(units, ctx, m)
-            si = torch.where(valid, torch.gather(s[units], 1, idx), 1.0)
-            b = torch.gather(rhs[units, :, 0], 1, idx) * valid
+            si, b = (x[:, :, 0] for x in gathered(units, idx, valid))
             if complement:
                 out_idx = ctx["out_pos"][units, : n - low]
                 out_valid = torch.arange(n - low, device=k.device)[None, :] < (n - sizes[units])[:, None]
