@@ -192,3 +192,132 @@ def test_scratch_buffers_are_reused_and_never_shared():
         assert one is not two
     with pool.take() as again:
         assert again in (one, two)
+
+
+# ------------------------------------------------------------------ ρ = 0 with supports larger than rank a
+
+
+def _basis(n, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
+    return q, g
+
+
+@pytest.mark.parametrize("refine", [True, False])
+def test_primal_solve_matches_float64_solves(refine):
+    """Weighted normal equations on row subsets of a shared basis against per-unit float64 solves;
+    a unit whose weighted rows span less than r is refused."""
+    n, r = 40, 12
+    x, g = _basis(n, r, seed=9)
+    idx, valid = _supports(n, [15, 20, 33, 30], g)
+    t = (0.2 + torch.rand(idx.shape, generator=g, dtype=torch.float64)) * valid
+    t[3, r - 2 :] = 0.0  # unit 3: only r − 2 samples carry weight, a singular Gram
+    rhs = torch.randn(len(idx), r, 1, generator=g, dtype=torch.float64)
+    phi, ok = ss.primal_solve(x, x.float() if refine else None, idx, t, rhs, ss.Scratch())
+    assert ok.tolist() == [True, True, True, False]
+    for i in range(3):
+        rows = x[idx[i]] * t[i][:, None]
+        want = torch.linalg.solve(rows.T @ rows, rhs[i])
+        assert _rel(phi[i], want) < (1e-12 if refine else 1e-10)
+
+
+def _tiny(case):
+    """A ReLU/tanh net on N = 12 samples whose inputs have rank below N: fewer inputs (+ bias) than
+    samples, or always-zero input pixels."""
+    act, c, bias, loss, m0, zero_columns = case
+    net = nat.MLP(
+        [m0, 6, 5, c], activation=act, sigma_w2=1.7, sigma_b2=0.4 if bias else 0.0, seed=0, dtype=torch.float64
+    )
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, m0, generator=g, dtype=torch.float64)
+    x_test = torch.randn(3, m0, generator=g, dtype=torch.float64)
+    x[:, :zero_columns] = 0.0  # pixels that are always zero: rank a < M_0
+    if loss == "ce":
+        lossf = nat.losses.CrossEntropy(output_damping=0.05)
+        y = torch.nn.functional.one_hot(torch.arange(12) % c, c).to(torch.float64)
+    else:
+        lossf = nat.losses.MSE()
+        y = torch.randn(12, c, generator=g, dtype=torch.float64)
+    return net, x, x_test, y, lossf
+
+
+# the last: M_0 + 1 > N, but rank a = 7 < N (K singular)
+CASES = [
+    ("relu", 1, False, "mse", 4, 1),
+    ("tanh", 3, True, "ce", 4, 0),
+    ("relu", 2, True, "mse", 4, 1),
+    ("tanh", 1, True, "mse", 12, 6),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("refuse", [False, True])
+def test_unitwise_zero_damping_with_more_samples_than_inputs(monkeypatch, case, refuse):
+    """N > M_{l−1} + 1: K_SS is singular for supports larger than rank a, and the ρ = 0 limit is the
+    weighted least-squares step pinv(D a_S) (not a^T K_SS^+). Update, Θ̄ (training and test inputs)
+    and α̂ against the explicit P × P pseudo-inverse; with every primal factorization refused, the
+    eigh fallback gives the same."""
+    net, x, x_test, y, lossf = _tiny(case)
+    seen = {"certified": 0, "refused": 0}
+
+    def counting(*args):
+        phi, ok = ss.primal_solve(*args)
+        ok = ok & (not refuse)
+        seen["certified"] += int(ok.sum())
+        seen["refused"] += int((~ok).sum())
+        return phi, ok
+
+    monkeypatch.setattr(unitwise, "primal_solve", counting)
+    fisher = F.Unitwise(damping=0.0, loss=lossf)
+    f = net(x).detach()
+    lam = lossf.output_fisher(f) if case[3] == "ce" else None
+    pinv = torch.linalg.pinv(explicit_fisher_of(fisher, net, x, net.depth, explicit_signals, lam=lam), hermitian=True)
+    j, jt = jacobian(net, x), jacobian(net, x_test)
+    grad = j.T @ lossf.residual(f, y).reshape(-1) / 12
+    assert _rel(flat(fisher.natural_gradient(net, x, y)), pinv @ grad) < 1e-8
+    assert seen["certified" if not refuse else "refused"] > 0
+    assert seen["refused" if not refuse else "certified"] == 0
+    assert _rel(F.flatten_coefficient(fisher.coefficient(net, x, x_test)), jt @ pinv @ j.T / 12) < 1e-8
+    tb = j @ pinv @ j.T / 12
+    want_alpha = torch.diagonal(tb if lam is None else tb @ torch.block_diag(*lam)).mean()
+    assert fisher.alpha_hat(net, x) == pytest.approx(float(want_alpha), rel=1e-8)
+
+
+def test_unitwise_zero_damping_with_duplicate_samples():
+    """Two identical samples: K_SS is singular for the supports holding both although |S| < N ≤ M_0
+    (pivots at rounding level); they take the pseudo-inverse."""
+    net = nat.MLP([6, 12, 11, 1], activation="tanh", sigma_w2=1.7, sigma_b2=0.4, seed=0, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True)
+    x[4] = x[3]
+    y = torch.randn(5, 1, generator=g, dtype=torch.float64)
+    fisher = F.Unitwise(damping=0.0)
+    pinv = torch.linalg.pinv(explicit_fisher_of(fisher, net, x, net.depth, explicit_signals), hermitian=True)
+    grad = jacobian(net, x).T @ (net(x) - y).reshape(-1).detach() / 5
+    assert _rel(flat(fisher.natural_gradient(net, x, y)), pinv @ grad) < 1e-8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cholesky_through_lapack_matches_torch(monkeypatch, dtype):
+    """The in-place LAPACK factorization (lower triangle of the returned view) against torch's, in
+    a batch with one matrix that is not positive definite (info > 0 there only), from a scratch
+    buffer and in place; an empty batch."""
+    if not ss._POTRF:
+        pytest.skip("SciPy's LAPACK is not available to worker threads here")
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(4, 30, 40, generator=g, dtype=dtype)
+    a = a @ a.mT
+    a[2, 5, 5] = -1.0
+    chol, info = ss.cholesky(a, ss.Scratch())
+    want, want_info = torch.linalg.cholesky_ex(a)
+    assert info.tolist() == want_info.tolist() and info[2] > 0
+    ok = info == 0
+    tol = 1e-4 if dtype == torch.float32 else 1e-12
+    assert _rel(chol[ok].tril(), want[ok]) < tol
+    b = torch.randn(4, 30, 1, generator=g, dtype=dtype)
+    assert _rel(ss.cholesky_solve(chol[ok], b[ok]), torch.linalg.solve(a[ok], b[ok])) < 100 * tol
+    inplace = a[ok].contiguous()
+    chol2, _ = ss.cholesky(inplace, overwrite=True)
+    assert chol2.data_ptr() == inplace.data_ptr() and torch.equal(chol2.tril(), chol[ok].tril())
+    assert ss.cholesky(a[:0])[0].shape == (0, 30, 30)

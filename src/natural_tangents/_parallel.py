@@ -8,22 +8,46 @@ its kernels) keep the cores busy without that synchronization.
 
 from __future__ import annotations
 
+import ctypes
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 
-__all__ = ["ordered_map", "single_thread"]
+__all__ = ["SCIPY_BLAS_PER_THREAD", "ordered_map", "single_thread"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
+def _scipy_blas_threads() -> Callable[[int], int] | None:
+    """SciPy's OpenBLAS ``openblas_set_num_threads_local`` (a per-thread setting), where SciPy
+    bundles its own OpenBLAS (the wheels); None elsewhere."""
+    try:
+        import scipy
+
+        libs = sorted((Path(scipy.__file__).parent.parent / "scipy.libs").glob("libscipy_openblas-*.so*"))
+        setter = ctypes.CDLL(str(libs[0])).openblas_set_num_threads_local
+    except (ImportError, IndexError, OSError, AttributeError):
+        return None
+    setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+    return setter
+
+
+_SCIPY_BLAS_THREADS = _scipy_blas_threads()
+#: whether worker threads can call SciPy's LAPACK single-threaded (see ``fisher.support_systems``)
+SCIPY_BLAS_PER_THREAD = _SCIPY_BLAS_THREADS is not None
+
+
 def single_thread() -> None:
-    """Worker-thread initializer: one intra-op thread (the setting is per thread)."""
+    """Worker-thread initializer: one intra-op thread for torch and for SciPy's OpenBLAS (both
+    settings are per thread), so that concurrent jobs do not oversubscribe the cores."""
     torch.set_num_threads(1)
+    if _SCIPY_BLAS_THREADS is not None:
+        _SCIPY_BLAS_THREADS(1)
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int | None = None) -> Iterator[R]:

@@ -54,13 +54,24 @@ def predict(act: A.Activation, sizes: Sizes) -> tuple[float, float]:
     return theory.alpha(F.Unitwise(), **kw), theory.alpha(F.Unitwise(), include_output=False, **kw)
 
 
-def measure(settings: Settings, sizes: Sizes, act: A.Activation, alpha: float) -> tuple[float, History]:
-    """(α̂ at ρ = 0: the mean number of active units per sample (S.137), training at η = RATE/α)."""
+def active_units(net, x) -> float:
+    """The number of units active per sample, Σ_{l,i} 1[δ_{l,i}(x_n) ≠ 0] averaged over x (with the
+    C output units): α̂ by (S.137) when every Θ_{l,i} has the rank of its support."""
+    layers = net.signals(x).layers
+    return sum(float((layer.kron.d != 0).any(0).sum()) for layer in layers) / x.shape[0]
+
+
+def measure(settings: Settings, sizes: Sizes, act: A.Activation, alpha: float) -> tuple[float, float, History]:
+    """(α̂ = tr Θ̄ / N at ρ = 0, the active units per sample (S.137), training at η = RATE/α).
+
+    The two agree when every unit's Θ_{l,i} has the rank of its support; at small widths ReLU units
+    that are inactive on every sample leave the next layer's inputs of rank below N, and α̂ is the
+    smaller."""
     ds = mnist_binary((0, 7), n_train=sizes.n, n_test=100, seed=settings.seed, dtype=settings.dtype)
     x, y = ds.x_train.to(settings.device), ds.y_train.to(settings.device)
     net = settings.network(_widths(sizes), act, SIGMA_W2, SIGMA_B2)
-    alpha_hat = F.Unitwise().alpha_hat(net, x)
-    return alpha_hat, train(net, x, y, F.Unitwise(damping=DAMPING), lr=RATE / alpha, steps=sizes.steps)
+    alpha_hat, active = F.Unitwise().alpha_hat(net, x), active_units(net, x)
+    return alpha_hat, active, train(net, x, y, F.Unitwise(damping=DAMPING), lr=RATE / alpha, steps=sizes.steps)
 
 
 def plot(results: list[tuple], sizes: Sizes):
@@ -85,7 +96,7 @@ def run(settings: Settings, sizes: Sizes | None = None) -> Result:
     rows, checks, results = [], [], []
     for label, act, paper in progress(CASES, settings, "unitwise"):
         alpha, alpha_paper = predict(act, sizes)
-        alpha_hat, hist = measure(settings, sizes, act, alpha)
+        alpha_hat, active, hist = measure(settings, sizes, act, alpha)
         th = hist.train_loss[0] * (1 - RATE) ** (2 * ts.double())
         results.append((label, alpha, alpha_paper, hist, th))
         rows += [
@@ -96,6 +107,7 @@ def run(settings: Settings, sizes: Sizes | None = None) -> Result:
                 "train_loss_theory": float(th[t]),
                 "alpha_theory": alpha,
                 "alpha_measured": alpha_hat,
+                "active_units": active,
                 "lr": hist.lr,
             }
             for t in range(steps + 1)

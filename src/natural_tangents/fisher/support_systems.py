@@ -26,30 +26,45 @@ towards rejecting). Units that are not certified (float32 breakdown, condition n
 P = K^{-1} each unit factors only the block of P outside its support (the inverse of a Schur
 complement), min(|S|, N − |S|)³ work instead of |S|³, refined and certified the same way.
 
+:func:`primal_solve` serves ρ = 0 supports larger than rank K, where K[S, S] is singular: the
+weighted r × r normal equations on a basis of K's range, refined and certified the same way.
+
+:func:`cg_solve` is the damped update's shared-K route: conjugate gradients for all units of a
+layer at once, with the same certificate.
+
+:func:`cholesky` factors the batches with LAPACK from SciPy, called without the GIL so that worker
+threads factor concurrently; :func:`factored` refuses factors with rounding-level pivots.
 :class:`ScratchPool` lends the batches reusable buffers for their (u, m, m) systems and factors.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
+from .._parallel import SCIPY_BLAS_PER_THREAD
+
 __all__ = [
     "Scratch",
     "ScratchPool",
+    "cg_solve",
     "cholesky",
     "cholesky_solve",
     "complement_solve",
+    "factored",
+    "primal_solve",
     "principal_submatrices",
     "refined_solve",
 ]
 
 _REFINE_STEPS = 6
+_LAPACK_MAX = 2048  # SciPy's LAPACK factors the CPU systems up to this size (torch beyond)
 
 
 class Scratch:
@@ -111,15 +126,67 @@ def principal_submatrices(k: Tensor, idx: Tensor, work: Scratch | None = None, k
     return out
 
 
-def cholesky(a: Tensor, work: Scratch | None = None, key: str = "chol") -> tuple[Tensor, Tensor]:
-    """torch.linalg.cholesky_ex of the batch of symmetric matrices ``a``, written into ``work``'s
-    buffer ``key``. The factorization reads a^T (the same matrix) so that the copy into LAPACK's
-    column-major layout is a plain one, not a transposition."""
-    if work is None:
+def cholesky(
+    a: Tensor, work: Scratch | None = None, key: str = "chol", *, overwrite: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Cholesky factors L of a batch of symmetric matrices (..., m, m), and info (...,) (0: success).
+
+    Only L's lower triangle is meaningful: the upper one may hold what was there before (the
+    triangular solves never read it). On the CPU each matrix is factored by LAPACK's ``potrf``
+    from SciPy, in place in ``work``'s buffer ``key`` (or in ``a`` itself with ``overwrite``),
+    called through ctypes so that the worker threads factor concurrently (no GIL): for systems of
+    a few hundred rows this runs at two to three times the rate of torch's batched factorization,
+    which also copies every matrix into and out of LAPACK's layout. A row-major symmetric matrix is
+    its own column-major transpose, so LAPACK works on the buffer as it is and leaves L^T in its
+    upper triangle, returned as a transposed view. Elsewhere: ``torch.linalg.cholesky_ex``."""
+    m = a.shape[-1]
+    potrf = _POTRF.get(a.dtype) if a.device.type == "cpu" and 0 < m <= _LAPACK_MAX else None
+    if potrf is None or a.requires_grad:
         return torch.linalg.cholesky_ex(a.mT)
-    out = work.get(key, tuple(a.shape), a, column_major=True)
-    info = torch.empty(a.shape[:-2], dtype=torch.int32, device=a.device)
-    return torch.linalg.cholesky_ex(a.mT, out=(out, info))
+    if overwrite and a.is_contiguous():
+        buf = a
+    else:
+        buf = work.get(key, tuple(a.shape), a) if work is not None else torch.empty(a.shape, dtype=a.dtype)
+        buf.copy_(a)
+    count = buf.numel() // (m * m)
+    info = torch.zeros(count, dtype=torch.int32)
+    size, status = ctypes.c_int(m), ctypes.c_int(0)
+    base, stride = buf.data_ptr(), m * m * buf.element_size()
+    for i in range(count):
+        potrf(b"L", ctypes.byref(size), ctypes.c_void_p(base + i * stride), ctypes.byref(size), ctypes.byref(status))
+        info[i] = status.value
+    return buf.mT, info.reshape(a.shape[:-2])
+
+
+def _lapack_potrf() -> dict:
+    """{dtype: potrf} from SciPy's Cython LAPACK as ctypes functions (which release the GIL while
+    they run); empty where SciPy does not expose them (then torch factors)."""
+    try:
+        from scipy.linalg import cython_lapack
+
+        capsule_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
+        capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+            ("PyCapsule_GetPointer", ctypes.pythonapi)
+        )
+        ref = ctypes.POINTER(ctypes.c_int)
+        signature = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ref, ctypes.c_void_p, ref, ref)
+        out = {}
+        for dtype, name in ((torch.float32, "spotrf"), (torch.float64, "dpotrf")):
+            capsule = cython_lapack.__pyx_capi__[name]
+            out[dtype] = signature(capsule_pointer(capsule, capsule_name(capsule)))
+        return out
+    except Exception:  # any failure leaves the factorization to torch
+        return {}
+
+
+def factored(chol: Tensor, info: Tensor) -> Tensor:
+    """(batch,) bool: the factorization succeeded and no pivot is negligible, L_jj² > m·eps·max_k L_kk².
+
+    A singular matrix (duplicate samples, a support larger than the rank) can factor in floating
+    point with pivots at rounding level, and its "solution" is then noise of size 1/eps; since
+    L_jj² ≥ λ_min, such a pivot shows that λ_min lies below the pseudo-inverse's cut-off."""
+    d = torch.diagonal(chol, dim1=-2, dim2=-1).square()
+    return (info == 0) & (d.amin(-1) > d.shape[-1] * torch.finfo(d.dtype).eps * d.amax(-1))
 
 
 def cholesky_solve(chol: Tensor, b: Tensor) -> Tensor:
@@ -162,14 +229,15 @@ def refined_solve(
         sub.mul_(tl[:, :, None] * tl[:, None, :])
     if damping:
         sub.diagonal(dim1=1, dim2=2).add_(damping)
-    chol, info = cholesky(sub, work)
+    chol, info = cholesky(sub, work, overwrite=True)
     del sub
     mask = valid.to(c.dtype)
 
     def approx(r: Tensor) -> Tensor:
         return cholesky_solve(chol, r.to(chol.dtype)[:, :, None])[:, :, 0].to(c.dtype) * mask
 
-    return _refine(k, idx, valid, t, damping, c, approx, info == 0)
+    apply, a_norm = _support_product(k, idx, valid, t, damping)
+    return _refine(apply, approx, c, a_norm, info == 0 if damping else factored(chol, info), idx.shape[1])
 
 
 def complement_solve(
@@ -204,7 +272,7 @@ def complement_solve(
     u, q = out_idx.shape
     slot = torch.arange(q, device=out_idx.device)[None, :]
     sub = principal_submatrices(p_ext, torch.where(out_valid, out_idx, n + slot), work)
-    chol, info = cholesky(sub, work)
+    chol, info = cholesky(sub, work, overwrite=True)
     del sub
     p = p_ext[:n, :n]
     mask, out_mask = valid.to(c.dtype), out_valid.to(c.dtype)
@@ -216,30 +284,95 @@ def complement_solve(
         g.sub_(dense.zero_().scatter_(1, out_idx, y * out_mask) @ p)
         return torch.gather(g, 1, idx) * mask
 
-    return _refine(k, idx, valid, None, 0.0, c, approx, info == 0)
+    apply, a_norm = _support_product(k, idx, valid, None, 0.0)
+    return _refine(apply, approx, c, a_norm, info == 0, idx.shape[1])
 
 
-def _refine(k, idx, valid, t, damping, c, approx, factored) -> tuple[Tensor, Tensor]:
-    """Iterative refinement of ``approx`` (an approximate inverse of every A_i, applied to (u, m))
-    with float64 residuals through K, until each unit's backward error is certified."""
+def primal_solve(
+    x: Tensor,
+    x_low: Tensor | None,
+    idx: Tensor,
+    scale: Tensor,
+    g: Tensor,
+    work: Scratch | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Weighted normal equations on row subsets of one shared basis, G_i φ_i = g_i with
+
+        G_i = Σ_{n ∈ S_i} t_{i,n}² x_n x_n^T   (r × r),
+
+    for supports larger than r, where the dual systems of :func:`refined_solve` are singular.
+    The Grams are batched products of the gathered, scaled rows (u, m, r), r²·|S_i| work per unit.
+
+    Args:
+        x: (N, r) the shared rows x_n (columns orthonormal keeps G_i as well conditioned as the
+            data allow).
+        x_low: x in float32: factor in float32 and refine with residuals in x's precision (one
+            right-hand side) to the certified backward error of :func:`refined_solve`; None: one
+            Cholesky factorization in x's precision.
+        idx: (u, m) each unit's samples (support first; the rest carry t = 0).
+        scale: (u, m) t_{i,n}, zero off the support.
+        g: (u, r, R) right-hand sides (R = 1 to refine).
+        work: scratch buffers for the (u, m, r) rows and the (u, r, r) Grams and factors.
+
+    Returns:
+        φ (u, r, R) and certified (u,) bool: factored (and, refined, within the backward-error
+        bound); the others' φ is not to be used.
+    """
+    low = x if x_low is None else x_low
     u, m = idx.shape
-    mask = valid.to(c.dtype)
-    kd = torch.diagonal(k)[idx]
-    a_diag = kd if t is None else kd * t * t
-    a_norm = (a_diag * mask).amax(1) + damping  # the largest diagonal entry, ≤ ‖A_i‖
-    c_norm = c.norm(dim=1)
-    bound = m * torch.finfo(c.dtype).eps
-    dense = torch.zeros(u, k.shape[0], dtype=c.dtype, device=c.device)
-    z = approx(c)
-    for step in range(_REFINE_STEPS + 1):
+    r = x.shape[1]
+    rows = work.get("rows", (u, m, r), low) if work is not None else torch.empty(u, m, r, dtype=low.dtype)
+    torch.index_select(low, 0, idx.reshape(-1), out=rows.view(u * m, r))
+    rows.mul_(scale.to(low.dtype)[:, :, None])
+    gram = work.get("gram", (u, r, r), low) if work is not None else torch.empty(u, r, r, dtype=low.dtype)
+    torch.bmm(rows.mT, rows, out=gram)
+    del rows
+    chol, info = cholesky(gram, work, overwrite=True)
+    ok = factored(chol, info)
+    if x_low is None:
+        return cholesky_solve(chol, g.to(chol.dtype)).to(g.dtype), ok
+    weight = torch.zeros(u, x.shape[0], dtype=x.dtype, device=x.device).scatter_(1, idx, scale.to(x.dtype) ** 2)
+
+    def apply(phi: Tensor) -> Tensor:  # G_i φ_i through x: two (u, N)-sized products for all units
+        return ((phi @ x.T) * weight) @ x
+
+    def approx(res: Tensor) -> Tensor:
+        return cholesky_solve(chol, res.to(chol.dtype)[:, :, None])[:, :, 0].to(x.dtype)
+
+    a_norm = (weight @ (x * x)).amax(1)  # the largest diagonal entry of G_i
+    phi, ok = _refine(apply, approx, g[:, :, 0], a_norm, ok, r)
+    return phi[:, :, None], ok
+
+
+def _support_product(k: Tensor, idx: Tensor, valid: Tensor, t: Tensor | None, damping: float):
+    """z ↦ A_i z_i for every unit (u, m), A_i = diag(t_i) K[S_i, S_i] diag(t_i) + ρ I, in K's
+    precision: one (u, N) × (N, N) product for all units (zero on padding)."""
+    mask = valid.to(k.dtype)
+    dense = torch.zeros(idx.shape[0], k.shape[0], dtype=k.dtype, device=k.device)
+
+    def apply(z: Tensor) -> Tensor:
         tz = z if t is None else z * t
-        dense.zero_().scatter_(1, idx, tz * mask)
-        az = torch.gather(dense @ k, 1, idx)
+        az = torch.gather(dense.zero_().scatter_(1, idx, tz * mask) @ k, 1, idx)
         if t is not None:
             az.mul_(t)
         if damping:
             az.add_(z, alpha=damping)
-        res = (c - az) * mask
+        return az * mask
+
+    kd = torch.diagonal(k)[idx]
+    a_diag = kd if t is None else kd * t * t
+    return apply, (a_diag * mask).amax(1) + damping  # and the largest diagonal entries, ≤ ‖A_i‖
+
+
+def _refine(apply, approx, c: Tensor, a_norm: Tensor, factored: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Iterative refinement of ``approx`` (an approximate inverse of every A_i, applied to (u, m))
+    with residuals c − ``apply``(z) in c's precision, until each unit's normwise backward error
+    ‖c_i − A_i z_i‖ / (‖A_i‖ ‖z_i‖ + ‖c_i‖) is at most size·eps (``a_norm`` ≤ ‖A_i‖)."""
+    c_norm = c.norm(dim=1)
+    bound = size * torch.finfo(c.dtype).eps
+    z = approx(c)
+    for step in range(_REFINE_STEPS + 1):
+        res = c - apply(z)
         res_norm = res.norm(dim=1)
         eta = torch.where(res_norm == 0, 0.0, res_norm / (a_norm * z.norm(dim=1) + c_norm))
         certified = factored & (eta <= bound)
@@ -247,3 +380,88 @@ def _refine(k, idx, valid, t, damping, c, approx, factored) -> tuple[Tensor, Ten
             break
         z = torch.where(certified[:, None], z, z + approx(res))
     return z, certified
+
+
+def cg_solve(
+    k: Tensor,
+    s: Tensor,
+    b: Tensor,
+    damping: float,
+    *,
+    tol: float,
+    maxiter: int,
+    certify: bool,
+    fallback: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
+    """The unit-wise update's systems by conjugate gradients, all units of a layer at once.
+
+    Unit i solves A_i z_i = c_i with A_i = S_i K S_i / N + ρ and c_i = b_i / s_i (0 where
+    s_i = 0), and w_i = s_i z_i, as the direct route; every iteration applies all the layer's
+    systems with one (U, N) × (N, N) product, Jacobi-preconditioned (diagonal s_n² K_nn / N + ρ).
+    Without ``certify`` a unit stops at residual ≤ ``tol`` ‖c_i‖; with it, it stops at a tenth of
+    the backward-error bound N·eps (‖A_i‖ ‖z_i‖ + ‖c_i‖), and is kept only if its true residual,
+    recomputed at the end, meets the bound. The units left (not converged in ``maxiter``
+    iterations, or not certified) go to ``fallback(s, b)``. s, b: (M, N). Returns w (M, N)."""
+    n, rho = k.shape[0], damping
+    bound = n * torch.finfo(k.dtype).eps
+    kn = k / n
+
+    def apply(scale: Tensor, v: Tensor) -> Tensor:  # A_i v_i for every row
+        return torch.mm(scale * v, kn).mul_(scale).add_(v, alpha=rho)
+
+    def diagonal(scale: Tensor) -> Tensor:  # the diagonals of the A_i, (rows, N)
+        return (scale * scale).mul_(torch.diagonal(kn)).add_(rho)
+
+    def rhs(rows: Tensor) -> Tensor:
+        su = s[rows]
+        return torch.where(su > 0, b[rows] / torch.where(su > 0, su, 1.0), 0.0)
+
+    z = torch.zeros_like(b)
+    rows = torch.nonzero((b != 0).any(1) & (s > 0).any(1))[:, 0]  # units still iterating
+    su, res = s[rows], rhs(rows)
+    dinv = diagonal(su).reciprocal_()
+    c_norm = res.norm(dim=1)
+    a_norm = 1.0 / dinv.amin(1)  # the largest diagonal entry of A_i, ≤ ‖A_i‖
+    p = dinv * res
+    rz, x = (res * p).sum(1), torch.zeros_like(res)
+    converged = []
+    for _ in range(maxiter):
+        if len(rows) == 0:
+            break
+        q = apply(su, p)
+        alpha = (rz / (p * q).sum(1))[:, None]
+        x.addcmul_(p, alpha)
+        res.addcmul_(q, alpha, value=-1.0)
+        del q
+        if certify:
+            done = res.norm(dim=1) <= 0.1 * bound * (a_norm * x.norm(dim=1) + c_norm)
+        else:
+            done = res.norm(dim=1) <= tol * c_norm
+        if bool(done.any()):
+            z[rows[done]] = x[done]
+            converged.append(rows[done])
+            keep = ~done
+            kept = (t[keep] for t in (rows, su, res, x, p, rz, dinv, c_norm, a_norm))
+            rows, su, res, x, p, rz, dinv, c_norm, a_norm = kept
+        y = dinv * res
+        rz_new = (res * y).sum(1)
+        p = p.mul_((rz_new / rz)[:, None]).add_(y)
+        rz = rz_new
+        del y
+    left = [rows]
+    if certify and converged:  # the true residuals of the accepted units
+        acc = torch.cat(converged)
+        su, c, za = s[acc], rhs(acc), z[acc]
+        a_acc = diagonal(su).amax(1)
+        eta = (c - apply(su, za)).norm(dim=1) / (a_acc * za.norm(dim=1) + c.norm(dim=1))
+        left.append(acc[~(eta <= bound)])
+    w = z.mul_(s)
+    rows = torch.cat(left)
+    if len(rows):  # not converged or not certified: the direct route
+        w[rows] = fallback(s[rows], b[rows])
+    return w
+
+
+# SciPy's LAPACK only where the worker threads can run it single-threaded: concurrent calls that
+# each start OpenBLAS's own threads run slower than torch
+_POTRF = _lapack_potrf() if SCIPY_BLAS_PER_THREAD else {}

@@ -11,9 +11,12 @@ sample n), the push-through identity gives
 (one symmetric positive-definite solve per unit). Rows of a sample on which the unit is inactive
 (s_n = 0, as for ReLU) decouple, so each solve is restricted to the unit's support, |S| × |S| —
 about N/2 for ReLU, an eighth of the work. At ρ = 0 the limit is the pseudo-inverse (S.135):
-w_S = N K_SS^{-1} (b / s²)_S. For one output, S K S / N is the paper's
+w_S = N K_SS^{-1} (b / s²)_S while K_SS is invertible (|S| ≤ rank a); for larger supports it is the
+weighted least-squares step pinv(S a_S) (b / s)_S, solved in the primal on a's column basis
+(:meth:`Unitwise._solve_primal`). For one output, S K S / N is the paper's
 Θ_{l,i} = diag(δ_{l,i}) (σ_w² A_{l−1} + σ_b²) diag(δ_{l,i}) / N (S.131), and on the training set
-Θ̄ = Σ_{l,i} Θ_{l,i} Θ_{l,i}^+ = Σ_{l,i} diag(1[δ_{l,i} ≠ 0]) (S.137): α = Σ_{l<L} γ_l M_l (+ C).
+Θ̄ = Σ_{l,i} Θ_{l,i} Θ_{l,i}^+ = Σ_{l,i} diag(1[δ_{l,i} ≠ 0]) (S.137): α = Σ_{l<L} γ_l M_l (+ C)
+(again while |S| ≤ rank a; beyond, Θ_{l,i} Θ_{l,i}^+ is a projector of rank rank a).
 Never a (M_{l−1} + 1)² block per unit, never J.
 
 Layers with positions (convolutions: a unit is an output channel, its filter with its bias) and
@@ -38,9 +41,12 @@ from .base import BoundFisher, Fisher, block_diag_metric, not_positive_definite,
 from .support_systems import (
     Scratch,
     ScratchPool,
+    cg_solve,
     cholesky,
     cholesky_solve,
     complement_solve,
+    factored,
+    primal_solve,
     principal_submatrices,
     refined_solve,
 )
@@ -53,6 +59,16 @@ _FULL_SUPPORT = 0.85  # supports this close to N are solved as whole N × N syst
 _SIZE_SPREAD = 1.05  # a chunk's units differ in support size by at most ~5% (padding)
 _REFINE_MIN_SIZE = 96  # update systems this large: float32 Cholesky, float64 refinement (support_systems)
 _COMPLEMENT = 0.56  # at ρ = 0, supports of more than this fraction of N go through K^{-1} and their complement
+
+
+@dataclass(frozen=True)
+class _Range:
+    """A layer's input signal a (N, p) in its column space: a = U Λ^{1/2} V^T of rank r < N."""
+
+    rank: int
+    basis: Tensor  # U (N, r), orthonormal columns, in the solve dtype
+    basis_low: Tensor | None  # U in float32 where the solve dtype is float64 (refined solves)
+    eig: Tensor  # Λ (r,), the nonzero eigenvalues of a^T a (and of K = a a^T)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,21 +192,73 @@ class Unitwise(Fisher):
             return self._cholesky(units, idx, si > 0, sub, work)
         idx, valid, sub_idx = self._slots(units, ctx, m)
         sub = principal_submatrices(k_ext, sub_idx, work, "sub64")  # (u, m, m)
+        si = torch.gather(ctx["s_ext"][units], 1, sub_idx)
         if self.damping > 0:
-            si = torch.gather(ctx["s_ext"][units], 1, sub_idx)
             sub.mul_(si[:, :, None] * si[:, None, :]).div_(n)
             sub.diagonal(dim1=1, dim2=2).add_(self.damping)
-        return self._cholesky(units, idx, valid, sub, work)
+        return self._cholesky(units, idx, valid, sub, work, si)
 
-    def _cholesky(self, units: Tensor, idx: Tensor, valid: Tensor, sub: Tensor, work: Scratch | None):
+    def _cholesky(self, units: Tensor, idx: Tensor, valid: Tensor, sub: Tensor, work: Scratch | None, si=None):
         chol, info = cholesky(sub, work, "chol64")
-        if not bool((info != 0).any()):
+        if bool((info == 0).all() if self.damping > 0 else factored(chol, info).all()):
             return units, idx, valid, chol, partial(cholesky_solve, chol)
-        if self.damping == 0:  # singular K_SS (e.g. M_{l−1} < N): eigh pseudo-inverse
-            return units, idx, valid, None, pinv_psd(sub).matmul
+        if self.damping == 0:
+            # singular K_SS: the limit is S (S K_SS S)^+ S, not K_SS^+ (they differ unless s is constant)
+            inv = pinv_psd(sub * (si[:, :, None] * si[:, None, :]))
+            return units, idx, valid, None, lambda b: si[:, :, None] * (inv @ (si[:, :, None] * b))
         raise not_positive_definite()
 
-    def _solve_units(self, k: Tensor, s: Tensor, rhs: Tensor, pool: ScratchPool | None = None) -> Tensor:
+    def _solve_units(
+        self, k: Tensor, s: Tensor, rhs: Tensor, pool: ScratchPool | None = None, rng: _Range | None = None
+    ) -> Tensor:
+        """:meth:`_solve_dual`, except at ρ = 0 for the units whose support is larger than rank a
+        (``rng``, from :meth:`_layer_range`), where K_SS is singular: :meth:`_solve_primal`."""
+        if rng is None or self.damping > 0:
+            return self._solve_dual(k, s, rhs, pool)
+        active = self._support(k, s)
+        over = active.sum(1) > rng.rank
+        if not bool(over.any()):
+            return self._solve_dual(k, s, rhs, pool)
+        out = torch.zeros(rhs.shape, dtype=rhs.dtype, device=rhs.device)
+        if not bool(over.all()):
+            out[~over] = self._solve_dual(k, s[~over], rhs[~over], pool)
+        out[over] = self._solve_primal(s[over], rhs[over], active[over], rng, pool)
+        return out
+
+    def _solve_primal(self, s: Tensor, rhs: Tensor, active: Tensor, rng: _Range, pool: ScratchPool | None) -> Tensor:
+        """The ρ = 0 limit for units active on more samples than rank a = r, in the primal.
+
+        With a = U Λ^{1/2} V^T (U (N, r) orthonormal) and D = diag(s) on the support S, the
+        limit of the unit's step is pinv(D a_S) (rhs / s)_S = V Λ^{-1/2} G^{-1} U_S^T rhs_S with the
+        r × r Gram G = U_S^T D² U_S, nonsingular for |S| ≥ r in general position. It is returned as
+        the dual vector w = N U Λ^{-1} G^{-1} U_S^T rhs_S (a^T w / N is the step). Grams that are
+        singular (or, refined, not certified) are pseudo-inverted by eigh. rhs (u, N, R)."""
+        n, r = rhs.shape[1], rng.rank
+        sizes = active.sum(1)
+        pos = _partition(active, sizes)
+        scale = torch.where(active, s, 0.0)
+        g = rng.basis.T @ (rhs * active[:, :, None])  # (u, r, R)
+        low = rng.basis_low if rhs.shape[2] == 1 else None
+        order = torch.argsort(sizes)
+        step = max(1, _CHUNK_ELEMENTS // (r * (int(sizes.max()) + r)))
+        pool = pool if pool is not None else ScratchPool()
+
+        def job(units: Tensor) -> tuple[Tensor, Tensor]:
+            idx = pos[units, : int(sizes[units].max())]
+            t = torch.gather(scale[units], 1, idx)
+            with pool.take() as work:
+                phi, ok = primal_solve(rng.basis, low, idx, t, g[units], work)
+            if not bool(ok.all()):
+                rows = rng.basis[idx[~ok]] * t[~ok][:, :, None]
+                phi[~ok] = pinv_psd(rows.mT @ rows) @ g[units[~ok]]
+            return units, phi
+
+        phi = torch.empty_like(g)
+        for units, part in ordered_map(job, order.split(step)):
+            phi[units] = part
+        return (rng.basis * (n / rng.eig)) @ phi
+
+    def _solve_dual(self, k: Tensor, s: Tensor, rhs: Tensor, pool: ScratchPool | None = None) -> Tensor:
         """For each unit i: (S_i² K / N + ρ)^{-1} rhs_i = S_i (S_i K S_i / N + ρ)^{-1} S_i^+ rhs_i, for
         rhs (M, N, R) vanishing where s_i = 0. At ρ = 0, the pseudo-inverse limit (S.135):
         N K_SS^{-1} (rhs / s²)_S on the support S of unit i, 0 elsewhere.
@@ -211,7 +279,7 @@ class Unitwise(Fisher):
         large = sizes[sizes > _COMPLEMENT * n]
         if refine and self.damping == 0 and len(large):  # P = K^{-1} for the supports of more than N/2
             chol, info = torch.linalg.cholesky_ex(k)
-            if int(info) == 0:
+            if bool(factored(chol, info)):
                 eye = torch.eye(n - int(large.min()), dtype=k.dtype, device=k.device)
                 ctx["p_ext"] = torch.block_diag(torch.cholesky_inverse(chol), eye)
 
@@ -256,75 +324,6 @@ class Unitwise(Fisher):
                 out[units[:, None], idx] = w
         return out
 
-    def _cg_units(self, k: Tensor, s: Tensor, b: Tensor) -> Tensor:
-        """The update's unit systems by conjugate gradients, all units of the layer at once.
-
-        Unit i solves A_i z_i = c_i with A_i = S_i K S_i / N + ρ and c_i = b_i / s_i (0 where
-        s_i = 0), and w_i = s_i z_i, as the direct route; every iteration applies all the layer's
-        systems with one (U, N) × (N, N) product, Jacobi-preconditioned (diagonal s_n² K_nn / N + ρ).
-        ``solver="cg"``: a unit stops at residual ≤ ``tol`` ‖c_i‖. ``"auto"``: it stops at a tenth of
-        the backward-error bound N·eps (‖A_i‖ ‖z_i‖ + ‖c_i‖), and is kept only if its true residual,
-        recomputed at the end, meets the bound. The units left are solved directly. Returns w (M, N)."""
-        n, rho = k.shape[0], self.damping
-        certify = self.solver == "auto"
-        bound = n * torch.finfo(k.dtype).eps
-        kn = k / n
-
-        def apply(scale: Tensor, v: Tensor) -> Tensor:  # A_i v_i for every row
-            return torch.mm(scale * v, kn).mul_(scale).add_(v, alpha=rho)
-
-        def diagonal(scale: Tensor) -> Tensor:  # the diagonals of the A_i, (rows, N)
-            return (scale * scale).mul_(torch.diagonal(kn)).add_(rho)
-
-        def rhs(rows: Tensor) -> Tensor:
-            su = s[rows]
-            return torch.where(su > 0, b[rows] / torch.where(su > 0, su, 1.0), 0.0)
-
-        z = torch.zeros_like(b)
-        rows = torch.nonzero((b != 0).any(1) & (s > 0).any(1))[:, 0]  # units still iterating
-        su, res = s[rows], rhs(rows)
-        dinv = diagonal(su).reciprocal_()
-        c_norm = res.norm(dim=1)
-        a_norm = 1.0 / dinv.amin(1)  # the largest diagonal entry of A_i, ≤ ‖A_i‖
-        p = dinv * res
-        rz, x = (res * p).sum(1), torch.zeros_like(res)
-        converged = []
-        for _ in range(self.maxiter):
-            if len(rows) == 0:
-                break
-            q = apply(su, p)
-            alpha = (rz / (p * q).sum(1))[:, None]
-            x.addcmul_(p, alpha)
-            res.addcmul_(q, alpha, value=-1.0)
-            del q
-            if certify:
-                done = res.norm(dim=1) <= 0.1 * bound * (a_norm * x.norm(dim=1) + c_norm)
-            else:
-                done = res.norm(dim=1) <= self.tol * c_norm
-            if bool(done.any()):
-                z[rows[done]] = x[done]
-                converged.append(rows[done])
-                keep = ~done
-                kept = (t[keep] for t in (rows, su, res, x, p, rz, dinv, c_norm, a_norm))
-                rows, su, res, x, p, rz, dinv, c_norm, a_norm = kept
-            y = dinv * res
-            rz_new = (res * y).sum(1)
-            p = p.mul_((rz_new / rz)[:, None]).add_(y)
-            rz = rz_new
-            del y
-        left = [rows]
-        if certify and converged:  # the true residuals of the accepted units
-            acc = torch.cat(converged)
-            su, c, za = s[acc], rhs(acc), z[acc]
-            a_acc = diagonal(su).amax(1)
-            eta = (c - apply(su, za)).norm(dim=1) / (a_acc * za.norm(dim=1) + c.norm(dim=1))
-            left.append(acc[~(eta <= bound)])
-        w = z.mul_(s)
-        rows = torch.cat(left)
-        if len(rows):  # not converged or not certified: the direct route
-            w[rows] = self._solve_units(k, s[rows], b[rows][:, :, None])[:, :, 0]
-        return w
-
     # ------------------------------------------------------------------ rank-one units (MLP layers)
     @staticmethod
     def _rank_one(layer) -> bool:
@@ -336,6 +335,27 @@ class Unitwise(Fisher):
         if key not in bound.cache:
             a = bound.signals.layers[l].kron.a[:, 0].to(self.solve_dtype)
             bound.cache[key] = a @ a.T
+        return bound.cache[key]
+
+    def _layer_range(self, bound: BoundFisher, l: int) -> _Range | None:
+        """At ρ = 0, when layer l's input signal a (N, p) has rank r < N (always when p < N), so that
+        supports can exceed it: the orthonormal basis of a's column space, from the eigendecomposition
+        of a^T a (p < N) or of K = a a^T, with the pseudo-inverse's cut-off N·eps·λ_max. None when
+        K is nonsingular or ρ > 0."""
+        if self.damping > 0:
+            return None
+        key = ("unit_range", l)
+        if key not in bound.cache:
+            a = bound.signals.layers[l].kron.a[:, 0].to(self.solve_dtype)
+            n, p = a.shape
+            rng = None
+            if p < n or not bool(factored(*torch.linalg.cholesky_ex(self._layer_k(bound, l)))):
+                ev, vec = torch.linalg.eigh(a.T @ a if p < n else self._layer_k(bound, l))
+                keep = ev > n * torch.finfo(a.dtype).eps * ev[-1].clamp_min(torch.finfo(a.dtype).tiny)
+                basis = a @ (vec[:, keep] / ev[keep].sqrt()) if p < n else vec[:, keep]
+                low = basis.float() if basis.dtype == torch.float64 else None
+                rng = _Range(rank=int(keep.sum()), basis=basis, basis_low=low, eig=ev[keep])
+            bound.cache[key] = rng
         return bound.cache[key]
 
     def _rank_one_update(self, bound: BoundFisher, l: int, r: Tensor) -> list[Tensor]:
@@ -351,9 +371,12 @@ class Unitwise(Fisher):
             s, d = self._unit_scales(layer, bound.metric, units)
             b = torch.einsum("mnk,nk->mn", d, r)  # δ_n · r_n
             if iterative:
-                w[units] = self._cg_units(k, s, b)
+                w[units] = cg_solve(
+                    k, s, b, self.damping, tol=self.tol, maxiter=self.maxiter, certify=self.solver == "auto",
+                    fallback=lambda s_left, b_left: self._solve_units(k, s_left, b_left[:, :, None])[:, :, 0],
+                )  # fmt: skip
             else:
-                w[units] = self._solve_units(k, s, b[:, :, None], pool=pool)[:, :, 0]
+                w[units] = self._solve_units(k, s, b[:, :, None], pool, self._layer_range(bound, l))[:, :, 0]
         return layer.kron.to_params(padded_mm(w.div_(n), a))
 
     def _rank_one_coefficient(self, bound: BoundFisher, l: int, test: Signals) -> Tensor:
@@ -370,18 +393,22 @@ class Unitwise(Fisher):
             sl = slice(lo, lo + step)
             m = s[sl].shape[0]
             # (S²K/N + ρ)^{-1} restricted to the columns it meets (δ vanishes elsewhere), (m, N, N)
-            r_i = self._solve_units(k, s[sl], eye.expand(m, n, n) * (s[sl] > 0)[:, :, None])
+            rhs = eye.expand(m, n, n) * (s[sl] > 0)[:, :, None]
+            r_i = self._solve_units(k, s[sl], rhs, None, self._layer_range(bound, l))
             t_i = k_cross @ r_i  # (m, N′, N)
             total += torch.einsum("ipk,ipn,inj->pknj", dt[sl], t_i, d[sl]).reshape(nt * c, n * c)
         return total
 
     def _rank_one_trace(self, bound: BoundFisher, l: int) -> float:
         """Σ_i tr(Θ_{l,i} (Θ_{l,i} + ρ)^{-1}) without forming Θ̄: |S_i| − ρ ||L_i^{-1}||_F² per unit
-        for the Cholesky factor L_i of its support system, |S_i| at ρ = 0 (S.137)."""
+        for the Cholesky factor L_i of its support system; at ρ = 0 the rank, min(|S_i|, rank a) for
+        data in general position (|S_i| is (S.137))."""
         s, _ = self._unit_scales(bound.signals.layers[l], bound.metric)
         k = self._layer_k(bound, l)
-        if self.damping == 0:
-            return float(self._support(k, s).sum())
+        if self.damping == 0:  # rank Θ_{l,i} = min(|S_i|, rank a) for data in general position
+            rng = self._layer_range(bound, l)
+            sizes = self._support(k, s).sum(1)
+            return float(sizes.sum() if rng is None else sizes.clamp_max(rng.rank).sum())
         chunks, ctx = self._plan(k, s)
 
         def job(units: Tensor) -> float:
