@@ -319,9 +319,10 @@ class Unitwise(Fisher):
             done = [(units[ok], idx[ok], z[ok][:, :, None])]
             return done if bool(ok.all()) else [*done, direct(units[~ok], work)]
 
+        rows = out.view(-1, r)  # (M·N, R): one flat row index per (unit, sample), a plain copy
         for solved in ordered_map(job, chunks):
             for units, idx, w in solved:  # padding slots hold inactive samples, where w = 0
-                out[units[:, None], idx] = w
+                rows.index_copy_(0, (units[:, None] * n + idx).view(-1), w.reshape(-1, r))
         return out
 
     # ------------------------------------------------------------------ rank-one units (MLP layers)
