@@ -148,14 +148,13 @@ def cholesky(
     else:
         buf = work.get(key, tuple(a.shape), a) if work is not None else torch.empty(a.shape, dtype=a.dtype)
         buf.copy_(a)
-    count = buf.numel() // (m * m)
-    info = torch.zeros(count, dtype=torch.int32)
     size, status = ctypes.c_int(m), ctypes.c_int(0)
     base, stride = buf.data_ptr(), m * m * buf.element_size()
-    for i in range(count):
+    info = []  # a Python list: a tensor item assignment per matrix costs more than a small factorization
+    for i in range(buf.numel() // (m * m)):
         potrf(b"L", ctypes.byref(size), ctypes.c_void_p(base + i * stride), ctypes.byref(size), ctypes.byref(status))
-        info[i] = status.value
-    return buf.mT, info.reshape(a.shape[:-2])
+        info.append(status.value)
+    return buf.mT, torch.tensor(info, dtype=torch.int32).reshape(a.shape[:-2])
 
 
 def _lapack_potrf() -> dict:

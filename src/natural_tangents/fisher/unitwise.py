@@ -189,7 +189,7 @@ class Unitwise(Fisher):
             idx = torch.arange(n, device=k_ext.device).expand(len(units), n)
             sub = k_ext[None, :n, :n] * (si[:, :, None] * si[:, None, :] / n)
             sub.diagonal(dim1=1, dim2=2).add_(self.damping)
-            return self._cholesky(units, idx, si > 0, sub, work)
+            return self._cholesky(units, idx, si > 0, sub, work, si)
         idx, valid, sub_idx = self._slots(units, ctx, m)
         sub = principal_submatrices(k_ext, sub_idx, work, "sub64")  # (u, m, m)
         si = torch.gather(ctx["s_ext"][units], 1, sub_idx)
@@ -198,7 +198,7 @@ class Unitwise(Fisher):
             sub.diagonal(dim1=1, dim2=2).add_(self.damping)
         return self._cholesky(units, idx, valid, sub, work, si)
 
-    def _cholesky(self, units: Tensor, idx: Tensor, valid: Tensor, sub: Tensor, work: Scratch | None, si=None):
+    def _cholesky(self, units: Tensor, idx: Tensor, valid: Tensor, sub: Tensor, work: Scratch | None, si: Tensor):
         chol, info = cholesky(sub, work, "chol64")
         if bool((info == 0).all() if self.damping > 0 else factored(chol, info).all()):
             return units, idx, valid, chol, partial(cholesky_solve, chol)
