@@ -350,7 +350,8 @@ def test_kfac_zero_damping_update_by_factors_matches_the_pseudo_inverses(monkeyp
 def test_kfac_float32_network_factors_in_float32_with_a_float64_fallback():
     """A float32 network's N × N K-FAC factors are factored in float32 (they are applied in float32),
     and the update agrees with the float64 network's to float32 accuracy; a kernel too singular for a
-    float32 Cholesky (duplicated samples, ρ = 1e-10) is factored in float64 instead."""
+    float32 Cholesky (duplicated samples, ρ = 1e-10), or a float32 Gram with an overflowed entry, is
+    formed and factored in float64 instead."""
     from natural_tangents.fisher.kfac import _dual_cholesky
 
     net64 = nat.MLP([6, 40, 40, 1], activation="relu", sigma_b2=0.5, seed=2, dtype=torch.float64)
@@ -365,5 +366,9 @@ def test_kfac_float32_network_factors_in_float32_with_a_float64_fallback():
     dup = torch.cat([a, a])  # a singular kernel
     chol = _dual_cholesky(dup, 1 / 24, 1e-10, torch.float64)
     assert chol.dtype == torch.float64
-    k = (dup @ dup.T).double() / 24 + 1e-10 * torch.eye(24, dtype=torch.float64)  # the Gram is float32
+    k = (dup.double() @ dup.double().T) / 24 + 1e-10 * torch.eye(24, dtype=torch.float64)
     assert _rel(chol @ chol.T, k) < 1e-12
+    big = a.clone()
+    big[-1] *= 1e19  # only the last diagonal entry of the float32 Gram overflows: info = 0, L_NN = inf
+    chol = _dual_cholesky(big, 1 / 12, 1e-3, torch.float64)
+    assert chol.dtype == torch.float64 and bool(torch.isfinite(chol).all())

@@ -325,14 +325,19 @@ def _dual_cholesky(x: Tensor, scale: float, damping: float, solve_dtype: torch.d
     for a network in a lower precision than ``solve_dtype`` (float32) with ρ > 0 it is computed in
     that precision: a float32 factorization has the same first-order backward error as the float64
     factor rounded to float32, at half the time. If it breaks down (a kernel too ill-conditioned for
-    float32), it is computed in ``solve_dtype`` instead."""
+    float32, or a Gram entry overflowing it), the Gram and its factor are computed in ``solve_dtype``
+    instead."""
     gram = outer_gram(x, mirror=damping == 0)  # Cholesky reads the lower triangle only
     if damping > 0 and x.dtype.itemsize < solve_dtype.itemsize:
         low = gram * scale
         low.diagonal().add_(damping)
         chol, info = torch.linalg.cholesky_ex(low)
-        if int(info) == 0 and bool(torch.isfinite(chol).all()):
+        # a non-finite entry below the diagonal makes a later pivot -inf or NaN (info > 0), so with
+        # info = 0 a finite diagonal means a finite factor: an N-element check, not N²
+        if int(info) == 0 and bool(torch.isfinite(chol.diagonal()).all()):
             return chol
+        # too ill-conditioned, or overflowed, in the network's precision: the Gram again in solve_dtype
+        gram = outer_gram(x.to(solve_dtype), mirror=False)
     return damped_cholesky(gram.to(solve_dtype).mul_(scale), damping)
 
 
