@@ -48,6 +48,13 @@ def results(net, x, y, labels, group):
             "coef": bound.coefficient(),
             "alpha": bound.alpha_hat(),
         }
+    gd_net = problem()[0]  # a fresh replica: two GD steps at η = 1/λ_max, then one at η = 0.3 with cross-entropy
+    start = [p.detach().clone() for p in gd_net.parameters()]
+    gd = nat.GD(gd_net, lr="optimal", process_group=group)
+    gd.step(x, y)
+    gd.step(x, y)
+    nat.GD(gd_net, lr=0.3, loss="cross_entropy", process_group=group).step(x, labels)
+    out["gd_delta"] = [p.detach() - p0 for p, p0 in zip(gd_net.parameters(), start)]
     opt = nat.NGD(net, F.BlockDiagonal(damping=1e-3), lr="optimal", process_group=group)
     opt.step(x, y)
     out["after_step"] = [p.detach().clone() for p in net.parameters()]

@@ -1,6 +1,6 @@
 """Data parallelism with torch.distributed: 2 and 3 gloo processes on 127.0.0.1 with uneven shards
 against the single-process run on the whole batch (every Fisher's natural gradient, Θ̄ and α̂ to
-1e-10, and an NGD step), and the refusals (uninitialized group, differing replicas, differing shards).
+1e-10, an NGD step, and GD steps), and the refusals (uninitialized group, differing replicas, differing shards).
 
 Each rank is a fresh Python process (tests/_dist_worker.py) with a timeout, so a hung collective
 fails the test instead of the suite; the port is picked free for each run.
@@ -78,6 +78,8 @@ def test_sharded_batch_equals_the_single_process_run(world, tmp_path, reference)
             assert _rel(got[name]["coef"], want["coef"]) < 1e-10, name
             assert got[name]["alpha"] == pytest.approx(want["alpha"], rel=1e-10), name
         for a, b in zip(got["after_step"], reference["after_step"]):
+            assert _rel(a, b) < 1e-10
+        for a, b in zip(got["gd_delta"], reference["gd_delta"]):  # data-parallel GD: the whole batch's steps
             assert _rel(a, b) < 1e-10
     # every rank holds the identical update
     for other in ranks[1:]:

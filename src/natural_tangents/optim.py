@@ -156,22 +156,17 @@ class GD:
         params = list(self.model.parameters())
         f = self.model(x)
         value = self.loss.value(f, self.loss.check_targets(y, f.detach()))
-        share = _batch_share(f.shape[0], self.process_group)
-        grads = torch.autograd.grad(value * share, params)
+        if self.process_group is None:
+            grads = torch.autograd.grad(value, params)
+        else:  # one all-reduce: the shards' summed gradients N_r ∇L_r and sizes N_r, then ÷ N
+            grads = torch.autograd.grad(value * f.shape[0], params)
+            flat = torch.cat([*(g.reshape(-1) for g in grads), grads[0].new_tensor([float(f.shape[0])])])
+            dist.all_reduce(flat, group=self.process_group)
+            parts = flat[:-1].div_(flat[-1]).split([g.numel() for g in grads])
+            grads = [v.view_as(g) for v, g in zip(parts, grads)]
         with torch.no_grad():
             for p, g in zip(params, grads):
-                if self.process_group is not None:
-                    dist.all_reduce(g, group=self.process_group)
-                p.add_(g, alpha=-float(self.lr))
-
-
-def _batch_share(n_local: int, group) -> float:
-    """N_r / N: the weight of this rank's mean in the whole batch's mean (1 without a group)."""
-    if group is None:
-        return 1.0
-    total = torch.tensor([float(n_local)], dtype=torch.float64)
-    dist.all_reduce(total, group=group)
-    return n_local / float(total)
+                p.add_(g.to(p.dtype), alpha=-float(self.lr))
 
 
 def _whole_batch_mean(value: float, n_local: int, group) -> float:
