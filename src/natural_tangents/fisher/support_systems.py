@@ -87,6 +87,12 @@ class Scratch:
         return buf[:numel].view(shape)
 
 
+def _buffer(work: Scratch | None, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """``work``'s buffer ``key`` of ``shape`` (see :meth:`Scratch.get`), or a new tensor without one;
+    either with ``like``'s dtype and device."""
+    return work.get(key, shape, like) if work is not None else like.new_empty(shape)
+
+
 class ScratchPool:
     """Scratch buffers shared by the batched systems of one step, one set per concurrent job.
 
@@ -146,7 +152,7 @@ def cholesky(
     if overwrite and a.is_contiguous():
         buf = a
     else:
-        buf = work.get(key, tuple(a.shape), a) if work is not None else torch.empty(a.shape, dtype=a.dtype)
+        buf = _buffer(work, key, tuple(a.shape), a)
         buf.copy_(a)
     size, status = ctypes.c_int(m), ctypes.c_int(0)
     base, stride = buf.data_ptr(), m * m * buf.element_size()
@@ -320,10 +326,10 @@ def primal_solve(
     low = x if x_low is None else x_low
     u, m = idx.shape
     r = x.shape[1]
-    rows = work.get("rows", (u, m, r), low) if work is not None else torch.empty(u, m, r, dtype=low.dtype)
+    rows = _buffer(work, "rows", (u, m, r), low)
     torch.index_select(low, 0, idx.reshape(-1), out=rows.view(u * m, r))
     rows.mul_(scale.to(low.dtype)[:, :, None])
-    gram = work.get("gram", (u, r, r), low) if work is not None else torch.empty(u, r, r, dtype=low.dtype)
+    gram = _buffer(work, "gram", (u, r, r), low)
     torch.bmm(rows.mT, rows, out=gram)
     del rows
     chol, info = cholesky(gram, work, overwrite=True)
