@@ -295,3 +295,27 @@ def explicit_module_fisher(kind, model, x, damping, lam=None, sigma=None):
             g[t[:, None], t[None, :]] += j[:, t].T @ lm @ j[:, t] / n
         return g
     raise ValueError(kind)
+
+
+# ------------------------------------------------------------------ the cross-entropy metric, written out
+
+
+def ce_metric(f, output_damping):
+    """Λ_n of the softmax cross-entropy, written out: diag p − p p^T + ρ̃ I (C > 1), or σ(1 − σ) + ρ̃
+    for one output (the logistic loss); (N, C, C)."""
+    f = f.detach()
+    if f.shape[1] == 1:
+        s = torch.sigmoid(f)
+        return (s * (1 - s) + output_damping)[:, :, None]
+    p = torch.softmax(f, 1)
+    return torch.diag_embed(p) - p[:, :, None] * p[:, None, :] + output_damping * torch.eye(f.shape[1], dtype=f.dtype)
+
+
+def ce_residual(f, y):
+    """p − y (C > 1, one-hot or soft y; class indices become one-hot) or σ − y (one output)."""
+    f = f.detach()
+    if f.shape[1] == 1:
+        return torch.sigmoid(f) - y.reshape(-1, 1).to(f.dtype)
+    if y.ndim == 1:
+        y = torch.nn.functional.one_hot(y.long(), f.shape[1])
+    return torch.softmax(f, 1) - y.to(f.dtype)

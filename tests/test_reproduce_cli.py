@@ -38,3 +38,11 @@ def test_cli_lists_and_rejects_unknown_names(capsys):
     assert cli.main(["reproduce", "nonsense", "--quick"]) == 2
     assert "unknown experiment 'nonsense'" in capsys.readouterr().err
     assert cli.main(["reproduce", "convergence", "--device", "nonsense-device"]) == 2
+
+
+def test_condition_experiment_runs_in_float32(tmp_path, capsys):
+    """K-FAC at ρ = 1e-12 on a float32 network used to end this run with a traceback (its N × N
+    factors were factored in float32); they are now formed and factored in float64 there."""
+    argv = ["reproduce", "condition", "--quick", "--dtype", "float32", "--max-width", "128", "--no-progress"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "condition.json").is_file()

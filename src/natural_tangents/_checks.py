@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 
 import numpy as np
 import torch
@@ -21,8 +24,8 @@ def as_tensor(
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
-    if not (x.is_floating_point() or x.dtype in (torch.int64, torch.int32, torch.bool)):
-        raise ValueError(f"{name}: expected a real floating-point tensor, got dtype {x.dtype}")
+    if x.is_complex():
+        raise ValueError(f"{name}: expected a real tensor (floating point or integer), got dtype {x.dtype}")
     if dtype is not None or device is not None:
         x = x.to(dtype=dtype or x.dtype, device=device)
     return x
@@ -95,3 +98,48 @@ def check_lr(lr, allow_optimal: bool = True):
         what = "a positive number or 'optimal'" if allow_optimal else "a positive finite number"
         raise ValueError(f"lr: expected {what} for the learning rate η, got {lr!r}")
     return lr if isinstance(lr, str) else float(lr)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the user's line: the first frame outside natural_tangents
+    (and outside torch's decorators, such as ``torch.no_grad`` around an optimizer's step)."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE, _TORCH)):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def check_outputs(model, f: Tensor) -> None:
+    """FloatingPointError if the model's outputs f are not finite, naming the first non-finite
+    parameter when there is one (else the outputs overflowed for finite parameters and inputs)."""
+    if bool(torch.isfinite(f).all()):
+        return
+    bad = int((~torch.isfinite(f)).sum())
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise FloatingPointError(
+                f"model: parameter {name!r} has {int((~torch.isfinite(p)).sum())} NaN or inf entries, so {bad} "
+                "outputs are not finite (a diverged run: lower the learning rate or raise the damping, and "
+                "restart from finite parameters)"
+            )
+    raise FloatingPointError(
+        f"model: {bad} outputs are NaN or inf for finite inputs and parameters (overflow, e.g. after a "
+        "diverging step: lower the learning rate or raise the damping)"
+    )
+
+
+def check_update(model, update: list[Tensor | None]) -> None:
+    """FloatingPointError if an update (aligned with ``model.parameters()``) has a non-finite entry."""
+    parts = [u for u in update if u is not None]
+    if not parts or bool(torch.stack([torch.isfinite(u).all() for u in parts]).all()):
+        return
+    for (name, _), u in zip(model.named_parameters(), update):
+        if u is not None and not bool(torch.isfinite(u).all()):
+            raise FloatingPointError(
+                f"update: the natural gradient of {name!r} is not finite (the damped system is too "
+                "ill-conditioned, or the loss diverged); raise the damping or lower the learning rate"
+            )

@@ -130,7 +130,11 @@ def _reproduce(args: argparse.Namespace) -> int:
     results = []
     for name in names:
         print(f"[{name}] running ({'quick' if args.quick else 'full'}) …", file=sys.stderr, flush=True)
-        result = timed(REGISTRY[name].run, settings)
+        try:
+            result = timed(REGISTRY[name].run, settings)
+        except (ValueError, FloatingPointError, torch.linalg.LinAlgError) as err:
+            hint = " (its algebra needs more precision: try --dtype float64)" if args.dtype != "float64" else ""
+            raise UsageError(f"reproduce {name} failed{hint}: {_one_line(err)}") from None
         try:
             results.append(write(result, out))
         except OSError as err:

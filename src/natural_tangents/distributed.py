@@ -151,4 +151,4 @@ def gather_signals(local, model, group):
     for layer in local.layers:
         tensors = [gather_rows(t, group, sizes) for t in layer.tensors()]
         layers.append(layer.with_tensors(tensors))
-    return Signals(f=f, layers=tuple(layers)), sum(sizes[:rank])
+    return Signals(f=f, layers=tuple(layers), frozen_output=local.frozen_output), sum(sizes[:rank])

@@ -106,6 +106,11 @@ class CrossEntropy(Loss):
             if bool((y < 0).any() | (y >= c).any()):
                 raise ValueError(f"y: class indices must lie in [0, {c}), got {y.min()}..{y.max()}")
             return torch.nn.functional.one_hot(y.long(), c).to(dtype=f.dtype, device=f.device)
+        if y.ndim == 1 and c > 1:
+            raise ValueError(
+                f"y: a vector of {y.dtype} values for C = {c} classes; class indices must be an integer tensor "
+                f"(e.g. y.long()), or pass one-hot targets of shape ({f.shape[0]}, {c})"
+            )
         y = _targets_2d(y, f)
         if y.shape[1] != c:
             raise ValueError(f"y: expected one-hot targets with {c} columns, got {y.shape[1]}")

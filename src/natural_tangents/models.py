@@ -9,13 +9,18 @@ accept such a model as they accept a :class:`~natural_tangents.MLP`::
     for x, y in loader:
         opt.step(x, y)
 
-How a model is read. Each module that holds parameters of its own is one *layer* of the Fishers
+How a model is read. Each module that holds trainable parameters of its own is one *layer* of the Fishers
 (layer-wise blocks, K-FAC blocks, unit-wise units live inside it), in the order of
 ``model.parameters()``; its kind comes from :data:`natural_tangents.layers.KINDS`: ``nn.Linear``,
 ``nn.Conv1d``/``nn.Conv2d``, or the generic kind (per-sample gradients) for anything else. One
 forward pass with hooks records each layer's input and output; one backward pass, batched over the C
 outputs, gives ∂f_k/∂(layer output) for every sample at once. Skips, pooling, reshapes, shared
 parameter-free modules and any nonlinearity are fine: only the parameterized modules are read.
+
+Frozen parameters. A parameter with ``requires_grad=False`` is not a coordinate of the Fisher: the
+Fishers, Θ̄, α̂ and the empirical NTK are those of the trainable parameters alone, a natural gradient
+has ``None`` in a frozen parameter's place, and a module whose parameters are all frozen is not read
+at all (it costs nothing beyond the forward pass).
 
 Refused before anything is computed, naming the module and the fix:
 
@@ -31,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import as_tensor, check_finite
+from ._checks import as_tensor, check_finite, check_outputs
 from .layers import kind_of
 from .signals import Signals
 
@@ -52,7 +57,8 @@ def _where(name: str) -> str:
 
 
 def parameterized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The modules of ``model`` holding parameters of their own, in ``model.parameters()`` order."""
+    """The modules of ``model`` holding trainable parameters of their own (``requires_grad``), in
+    ``model.parameters()`` order."""
     check_model(model)
     owners: dict[int, tuple[str, nn.Module]] = {}
     for name, module in model.named_modules():
@@ -60,6 +66,8 @@ def parameterized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             owners.setdefault(id(p), (name, module))
     out, seen = [], set()
     for p in model.parameters():
+        if not p.requires_grad:
+            continue
         name, module = owners[id(p)]
         if id(module) not in seen:
             seen.add(id(module))
@@ -73,7 +81,7 @@ def check_model(model) -> None:
         raise TypeError(f"model: expected a torch.nn.Module (or natural_tangents.MLP), got {type(model).__name__}")
     seen_modules: dict[int, str] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if id(module) in seen_modules and list(module.parameters(recurse=False)):
+        if id(module) in seen_modules and any(p.requires_grad for p in module.parameters(recurse=False)):
             raise NotImplementedError(
                 f"{_where(name)} ({_describe(module)}) is the same module as {_where(seen_modules[id(module)])}: "
                 "a parameterized module used twice shares its weights, which the Fisher's layer structure does "
@@ -83,9 +91,14 @@ def check_model(model) -> None:
     params = list(model.named_parameters(remove_duplicate=False))
     if not params:
         raise ValueError("model: it has no parameters, so there is nothing to train")
+    if not any(p.requires_grad for _, p in params):
+        raise ValueError(
+            "model: every parameter is frozen (requires_grad=False), so the Fisher has no coordinates; "
+            "unfreeze the parameters to train with p.requires_grad_(True)"
+        )
     first: dict[int, str] = {}
     for name, p in params:
-        if id(p) in first:
+        if id(p) in first and p.requires_grad:
             raise NotImplementedError(
                 f"{_where(name)} is the same parameter as {_where(first[id(p)])} (tied weights): the Fisher's layer "
                 "structure needs each parameter used once; untie them (give each module its own parameter)"
@@ -156,7 +169,10 @@ def signals(model: nn.Module, x, name: str = "x") -> Signals:
     has C = 1).
     """
     if hasattr(model, "signals") and callable(model.signals):  # natural_tangents.MLP: closed-form signals
-        return model.signals(x, name)
+        check_model(model)
+        out = model.signals(x, name)
+        check_outputs(model, out.f)
+        return out
     modules = parameterized_modules(model)
     x = _input(model, x, name)
     records: dict[int, list] = {id(m): [] for _, m in modules}
@@ -177,6 +193,7 @@ def signals(model: nn.Module, x, name: str = "x") -> Signals:
         for h in handles:
             h.remove()
     f = _check_output(f, x.shape[0])
+    check_outputs(model, f)
     for _, m in modules:
         calls = records[id(m)]
         where = f"{_where(names[id(m)])} ({_describe(m)})"
@@ -194,7 +211,8 @@ def signals(model: nn.Module, x, name: str = "x") -> Signals:
     for (mname, m), g in zip(modules, grads):
         args = tuple(a.detach() if isinstance(a, Tensor) else a for a in records[id(m)][0][0])
         layers.append(kind_of(m)(m, args, g.detach(), _where(mname)))
-    return Signals(f=f.detach(), layers=tuple(layers))
+    last = list(model.parameters())[-1]
+    return Signals(f=f.detach(), layers=tuple(layers), frozen_output=not last.requires_grad)
 
 
 def _check_output(f, n: int) -> Tensor:

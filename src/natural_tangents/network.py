@@ -25,8 +25,7 @@ from torch import Tensor, nn
 
 from . import activations as _act
 from ._checks import check_batch, check_widths
-from .layers.affine import AffineSignals
-from .layers.linear import with_bias_column
+from .layers.affine import affine_signals
 from .signals import Signals
 from .theory.architecture import Architecture
 
@@ -57,6 +56,11 @@ class AffineLayer:
         return self.weight.shape[0]
 
     @property
+    def trainable(self) -> bool:
+        """Whether the weight or the bias requires grad (a frozen layer has no signals)."""
+        return self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+
+    @property
     def factor_width(self) -> int:
         """Width of the forward signal a: M_in, plus one for the bias column."""
         return self.in_features + (self.bias is not None)
@@ -72,13 +76,6 @@ class AffineLayer:
         return u if self.activation is None else self.activation(u)
 
 
-def _forward_signal(h: Tensor, layer: AffineLayer) -> Tensor:
-    """a = [weight_scale · h | bias_scale] (N, M_in [+ 1]), written once."""
-    if layer.bias is None:
-        return h * layer.weight_scale
-    return with_bias_column(h, layer.bias_scale, layer.weight_scale)
-
-
 def factors(layers: list[AffineLayer], x: Tensor) -> Signals:
     """Forward and backward signals of ``x`` (N, M_0) through ``layers``.
 
@@ -90,7 +87,7 @@ def factors(layers: list[AffineLayer], x: Tensor) -> Signals:
         fwd, pre = [], []
         for layer in layers:
             u = layer.preactivation(h)
-            fwd.append(_forward_signal(h, layer))
+            fwd.append(h)
             pre.append(u)
             h = layer.output(u)
         f = h
@@ -109,19 +106,24 @@ def factors(layers: list[AffineLayer], x: Tensor) -> Signals:
             pre[i] = None  # no longer needed
             back.append(delta)
         back.reverse()
-    return Signals(
-        f=f,
-        layers=tuple(
-            AffineSignals(
-                a=a[:, None, :],
-                d=b.contiguous()[:, :, None, :],
-                has_bias=layer.bias is not None,
-                params=(layer.weight, layer.bias) if layer.bias is not None else (layer.weight,),
-                name=f"layer {l + 1}",
+    out = []
+    for l, (h_in, b, layer) in enumerate(zip(fwd, back, layers)):
+        if not layer.trainable:  # frozen: not a coordinate of the Fisher
+            continue
+        d = b.contiguous()[:, :, None, :]
+        name = f"layer {l + 1}"
+        out.append(
+            affine_signals(
+                layer.weight,
+                layer.bias,
+                h_in[:, None, :],
+                d,
+                name,
+                scale=layer.weight_scale,
+                bias_value=layer.bias_scale,
             )
-            for l, (a, b, layer) in enumerate(zip(fwd, back, layers))
-        ),
-    )
+        )
+    return Signals(f=f, layers=tuple(out), frozen_output=not layers[-1].trainable)
 
 
 class MLP(nn.Module):

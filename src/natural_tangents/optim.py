@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import fisher as _fisher
 from . import losses as _losses
-from ._checks import check_lr, lr_ok
+from ._checks import check_lr, check_update, warn
 from .distributed import check_group
 from .fisher.base import BoundFisher, Fisher
 from .models import check_model
@@ -53,16 +53,28 @@ class NGD(torch.optim.Optimizer):
     """Full-batch natural gradient descent θ ← θ − η (G + ρI)^{-1} ∇L.
 
     Args:
-        model: a :class:`~natural_tangents.MLP` or a supported ``nn.Sequential``.
+        model: a :class:`~natural_tangents.MLP` or any supported ``nn.Module``.
         fisher: a :mod:`natural_tangents.fisher` instance or name (``"exact"``, ``"kfac"``, …).
-        lr: a number, or ``"optimal"`` for η = 1/α̂ of this Fisher, measured once at the first step
-            (stored in the parameter group as ``"alpha"`` and saved with ``state_dict``).
-        param_groups: optional torch-style groups (dicts with ``"params"`` and optionally ``"lr"``)
-            over ``model.parameters()``; parameters in no group are not updated. The natural
-            gradient is always that of the whole model (the Fisher couples all parameters); a group
-            applies its own block of it with its own rate.
+        lr: a positive number, or ``"optimal"`` (the same as ``lr=1.0, lr_unit="alpha"``).
+        param_groups: optional torch-style groups (dicts with ``"params"`` and optionally ``"lr"``
+            and ``"lr_unit"``) over ``model.parameters()``; parameters in no group are not updated.
+            The rule: the Fisher's coordinates are the model's trainable parameters
+            (``requires_grad=True``), whether or not a group lists them, so the natural gradient is
+            that of all trainable parameters together (the Fisher couples them); a group applies its
+            own block of it with its own rate. Frozen parameters (``requires_grad=False``) are not
+            coordinates and never move, even when a group lists them.
         process_group: a torch.distributed group for data parallelism (each rank passes its shard
             of the batch; every rank applies the whole batch's update), or ``None`` (one process).
+        lr_unit: ``"absolute"`` (η = lr) or ``"alpha"``: η = lr / α̂ with α̂ this Fisher's isotropy
+            constant measured once, at the first step (kept in the group as ``"alpha"`` and saved
+            with ``state_dict``). The scale of the natural gradient differs between Fishers by α
+            (1 for the exact Fisher, L block-diagonal, N·L K-FAC, …), so ``lr_unit="alpha"`` makes
+            one value of ``lr`` mean the same for every Fisher; lr = 1 is the paper's one-step rate.
+            ``group["lr"]`` is always a number, so torch's learning-rate schedulers scale it.
+        nonfinite: what a step does when the model's outputs or the update are not finite (a
+            diverged run, a NaN parameter): ``"raise"`` (default, FloatingPointError naming the
+            cause) or ``"skip"`` (the parameters stay as they are and a RuntimeWarning says so).
+            A non-finite update is never applied.
 
     An unsupported model or layer is rejected here, before anything is computed (``TypeError`` or
     ``NotImplementedError`` naming the module; see :mod:`natural_tangents.models`).
@@ -75,42 +87,51 @@ class NGD(torch.optim.Optimizer):
         lr: float | str = 1.0,
         param_groups: list[dict] | None = None,
         process_group=None,
+        *,
+        lr_unit: str = "absolute",
+        nonfinite: str = "raise",
     ) -> None:
-        check_lr(lr)
+        lr, lr_unit = _lr_and_unit(lr, lr_unit)
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite: expected 'raise' or 'skip', got {nonfinite!r}")
         check_model(model)  # an unsupported model or layer fails here, before anything is computed
         if process_group is not None:
             check_group(process_group)
         self.model = model
         self.fisher = _fisher.get(fisher)
         self.process_group = process_group
+        self.nonfinite = nonfinite
         groups = param_groups if param_groups is not None else [{"params": list(model.parameters())}]
-        super().__init__(groups, {"lr": lr})
+        super().__init__(groups, {"lr": lr, "lr_unit": lr_unit})
 
     def add_param_group(self, param_group: dict) -> None:
-        """As ``torch.optim.Optimizer.add_param_group``; the parameters must belong to the model and
-        ``lr`` must be a positive number or ``"optimal"``."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        """As ``torch.optim.Optimizer.add_param_group``; the parameters must belong to the model,
+        ``lr`` must be a positive number or ``"optimal"`` and ``lr_unit`` ``"absolute"`` or ``"alpha"``."""
+        group = dict(param_group)
+        if "lr" in group:
+            group["lr"], group["lr_unit"] = _lr_and_unit(group["lr"], group.get("lr_unit", self.defaults["lr_unit"]))
         owned = {id(p) for p in self.model.parameters()}
-        if any(id(p) not in owned for p in group["params"]) or not lr_ok(group["lr"]):
-            self.param_groups.pop()
-            check_lr(group["lr"])
+        params = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
+        if any(id(p) not in owned for p in params):
             raise ValueError("param_groups: every parameter must belong to `model`")
+        super().add_param_group(group)
+        last = self.param_groups[-1]
+        _lr_and_unit(last["lr"], last["lr_unit"])
 
     def bind(self, x) -> BoundFisher:
         """The Fisher bound to the batch ``x`` (this rank's shard when distributed)."""
         return self.fisher.at(self.model, x, process_group=self.process_group)
 
     def learning_rates(self, batch: BoundFisher | Tensor) -> list[float]:
-        """Each group's η; ``"optimal"`` groups measure α̂ on ``batch`` (a bound Fisher or the
-        inputs) once and keep it in the group as ``"alpha"`` (saved with ``state_dict``)."""
-        if any(g["lr"] == _OPTIMAL and g.get("alpha") is None for g in self.param_groups):
+        """Each group's η: ``lr``, or ``lr / α̂`` for ``lr_unit="alpha"``, with α̂ measured on
+        ``batch`` (a bound Fisher or the inputs) once and kept in the group as ``"alpha"``."""
+        if any(g["lr_unit"] == "alpha" and g.get("alpha") is None for g in self.param_groups):
             bound = batch if isinstance(batch, BoundFisher) else self.bind(batch)
             alpha = bound.alpha_hat()
             for g in self.param_groups:
-                if g["lr"] == _OPTIMAL and g.get("alpha") is None:
+                if g["lr_unit"] == "alpha" and g.get("alpha") is None:
                     g["alpha"] = alpha
-        return [1.0 / g["alpha"] if g["lr"] == _OPTIMAL else float(g["lr"]) for g in self.param_groups]
+        return [float(g["lr"]) / (g["alpha"] if g["lr_unit"] == "alpha" else 1.0) for g in self.param_groups]
 
     def natural_gradient(self, x, y) -> list[Tensor]:
         """(G + ρI)^{-1} ∇L at (x, y), aligned with ``model.parameters()``."""
@@ -118,19 +139,43 @@ class NGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def precondition(self, x, y) -> None:
-        """Write the natural gradient into each parameter's ``.grad`` (for any torch optimizer)."""
-        for p, g in zip(self.model.parameters(), self.natural_gradient(x, y), strict=True):
-            p.grad = g.to(p.dtype).clone()
+        """Write the natural gradient into each trainable parameter's ``.grad`` (for any torch
+        optimizer); frozen parameters keep theirs. A non-finite natural gradient raises."""
+        grads = self.natural_gradient(x, y)
+        check_update(self.model, grads)
+        for p, g in zip(self.model.parameters(), grads, strict=True):
+            if g is not None:
+                p.grad = g.to(p.dtype).clone()
 
     @torch.no_grad()
-    def step(self, x, y) -> None:  # type: ignore[override]
-        """One NGD step on the batch (x, y): signals and factorizations computed once."""
-        bound = self.bind(x)
-        grads = bound.natural_gradient(y)
+    def step(self, x, y) -> bool:  # type: ignore[override]
+        """One NGD step on the batch (x, y): signals and factorizations computed once. Frozen
+        parameters (``requires_grad=False``) never move. Returns whether the step was applied
+        (False only for a step skipped under ``nonfinite="skip"``)."""
+        try:
+            bound = self.bind(x)
+            grads = bound.natural_gradient(y)
+            lrs = self.learning_rates(bound)
+            check_update(self.model, grads)
+        except FloatingPointError as err:
+            if self.nonfinite == "raise":
+                raise
+            warn(f"NGD step skipped, the parameters are unchanged: {err}", RuntimeWarning)
+            return False
         ng = {id(p): g for p, g in zip(self.model.parameters(), grads, strict=True)}
-        for group, lr in zip(self.param_groups, self.learning_rates(bound)):
+        for group, lr in zip(self.param_groups, lrs):
             for p in group["params"]:
-                p.add_(ng[id(p)].to(p.dtype), alpha=-lr)
+                if ng[id(p)] is not None:
+                    p.add_(ng[id(p)].to(p.dtype), alpha=-lr)
+        return True
+
+
+def _lr_and_unit(lr, unit: str) -> tuple[float, str]:
+    """``lr`` as a number and its unit; ``"optimal"`` is lr 1 in units of 1/α̂."""
+    if unit not in ("absolute", "alpha"):
+        raise ValueError(f"lr_unit: expected 'absolute' (η = lr) or 'alpha' (η = lr / α̂), got {unit!r}")
+    lr = check_lr(lr)
+    return (1.0, "alpha") if lr == _OPTIMAL else (lr, unit)
 
 
 class GD:
@@ -164,6 +209,7 @@ class GD:
             dist.all_reduce(flat, group=self.process_group)
             parts = flat[:-1].div_(flat[-1]).split([g.numel() for g in grads])
             grads = [v.view_as(g) for v, g in zip(parts, grads)]
+        check_update(self.model, list(grads))  # a diverged loss is never applied
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.add_(g.to(p.dtype), alpha=-float(self.lr))

@@ -5,7 +5,7 @@ O(N² · layers) memory; the N·C × P Jacobian is never formed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -22,8 +22,11 @@ class Signals:
 
     Attributes:
         f: the model's outputs, (N, C).
-        layers: one :class:`~natural_tangents.layers.base.LayerSignals` per parameterized module, in
-            ``model.parameters()`` order; their parameters concatenated are ``model.parameters()``.
+        layers: one :class:`~natural_tangents.layers.base.LayerSignals` per module holding trainable
+            parameters, in ``model.parameters()`` order; their parameters concatenated are the
+            model's trainable parameters.
+        frozen_output: True when the model's output layer (its last parameterized module) is frozen,
+            so that no layer here is the output layer (K-FAC's output-factor convention needs to know).
 
     For an MLP (every layer an affine layer with one position), ``forward[l]`` is the forward signal
     a_{l−1} (N, M_{l−1} [+1]) with the bias column appended, and ``backward[l]`` the backward signal
@@ -33,6 +36,7 @@ class Signals:
 
     f: Tensor
     layers: tuple[LayerSignals, ...]
+    frozen_output: bool = False
 
     @property
     def n(self) -> int:
@@ -41,6 +45,11 @@ class Signals:
     @property
     def c(self) -> int:
         return self.f.shape[1]
+
+    @property
+    def output_layer(self) -> int | None:
+        """The index in ``layers`` of the model's output layer (the last one), or None when it is frozen."""
+        return None if self.frozen_output or not self.layers else len(self.layers) - 1
 
     @property
     def depth(self) -> int:
@@ -73,7 +82,7 @@ class Signals:
 
     def to(self, dtype: torch.dtype) -> Signals:
         """The same signals cast to ``dtype`` (e.g. float64 for kernels and diagnostics)."""
-        return Signals(f=self.f.to(dtype), layers=tuple(s.to(dtype) for s in self.layers))
+        return replace(self, f=self.f.to(dtype), layers=tuple(s.to(dtype) for s in self.layers))
 
     def layer_kernels(self, other: Signals | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """Per-layer J_l(x) J_l(x′)^T, (L, N·C, N′·C) sample-major, no 1/N (S.68)."""
@@ -87,13 +96,13 @@ class Signals:
     def rows(self, rows: slice) -> Signals:
         """The signals of the samples ``rows`` (a slice of the batch)."""
         layers = tuple(s.with_tensors([t[rows] for t in s.tensors()]) for s in self.layers)
-        return Signals(f=self.f[rows], layers=layers)
+        return replace(self, f=self.f[rows], layers=layers)
 
     @staticmethod
     def cat(parts: list[Signals]) -> Signals:
         """The signals of the concatenated batch (parts in order)."""
         layers = tuple(type(ls[0]).cat(list(ls)) for ls in zip(*(p.layers for p in parts)))
-        return Signals(f=torch.cat([p.f for p in parts], 0), layers=layers)
+        return replace(parts[0], f=torch.cat([p.f for p in parts], 0), layers=layers)
 
 
 #: The name of :class:`Signals` in natural-tangents 0.1 (an MLP's Jacobian factors).

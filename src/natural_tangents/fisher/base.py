@@ -85,19 +85,25 @@ def pinv_psd(a: Tensor) -> Tensor:
     return (vec * inv.unsqueeze(-2)) @ vec.mT
 
 
-def not_positive_definite() -> ValueError:
-    """The error for a damped system that is not positive definite in the solve precision."""
-    return ValueError(
-        "damping: the damped system is not positive definite in this precision; "
-        "increase damping or use solve_dtype=torch.float64"
-    )
+def not_positive_definite(m: Tensor | None = None, chol: Tensor | None = None) -> ArithmeticError | ValueError:
+    """The error for a damped system ``m`` that failed to factor: FloatingPointError when it (or its
+    attempted factor ``chol``) holds NaN or inf entries (kernels of a diverged model overflow), else
+    ValueError naming the fix."""
+    if any(t is not None and not bool(torch.isfinite(t).all()) for t in (m, chol)):
+        return FloatingPointError(
+            "damping: the system to solve has NaN or inf entries (the model's outputs or derivatives overflowed, "
+            "as in a diverged run); lower the learning rate or raise the damping, and restart from finite parameters"
+        )
+    double = m is not None and m.dtype == torch.float64
+    fix = "increase damping" if double else "increase damping or use solve_dtype=torch.float64"
+    return ValueError(f"damping: the damped system is not positive definite in this precision; {fix}")
 
 
 def cholesky_pd(m: Tensor) -> Tensor:
     """The Cholesky factor of a positive definite matrix (or batch), else :func:`not_positive_definite`."""
     chol, info = torch.linalg.cholesky_ex(m)
     if not bool((info == 0).all()):
-        raise not_positive_definite()
+        raise not_positive_definite(m, chol)
     return chol
 
 
@@ -165,15 +171,67 @@ def block_diag_metric(lam: Tensor) -> Tensor:
     return torch.block_diag(*lam)
 
 
+@dataclass(frozen=True)
+class Whitening:
+    """The output metric's square roots: ``root`` Λ_n^{1/2} and ``pinv_root`` (Λ_n^{1/2})^+, (N, C, C).
+
+    A Fisher with an output metric, G = J^T Λ J / N, is the Λ = I Fisher of the whitened Jacobian
+    Λ^{1/2} J: its kernels are Λ^{1/2} Θ Λ^{1/2} and, since every residual r of the loss lies in the
+    range of Λ (r_n ⊥ 1 for the softmax, whose Λ_n 1 = 0 without output damping),
+    J^T r = (Λ^{1/2} J)^T (Λ^{1/2})^+ r. So (Λ Θ + ρ)^{-1} r = Λ^{1/2} (Λ^{1/2} Θ Λ^{1/2} + ρ)^{-1} (Λ^{1/2})^+ r
+    for every ρ > 0, and its ρ → 0⁺ limit is Λ^{1/2} (Λ^{1/2} Θ Λ^{1/2})^+ (Λ^{1/2})^+ r, which equals
+    Θ^+ Λ^{-1} r only when Θ is nonsingular. Singular Λ (``output_damping=0``) needs no inverse."""
+
+    root: Tensor
+    pinv_root: Tensor
+
+    @staticmethod
+    def of(lam: Tensor) -> Whitening:
+        ev, vec = torch.linalg.eigh(0.5 * (lam + lam.mT))
+        cut = ev.shape[-1] * torch.finfo(ev.dtype).eps * ev.abs().amax(-1, keepdim=True)
+        keep = ev > cut
+        sq = torch.where(keep, ev.clamp_min(0).sqrt(), 0.0)
+        inv = torch.where(keep, 1.0 / sq.where(keep, 1.0), 0.0)
+        return Whitening((vec * sq.unsqueeze(-2)) @ vec.mT, (vec * inv.unsqueeze(-2)) @ vec.mT)
+
+    @staticmethod
+    def _left(blocks: Tensor, m: Tensor) -> Tensor:
+        """blockdiag(blocks) @ m for m (…, N·C, R)."""
+        n, c = blocks.shape[0], blocks.shape[1]
+        lead, r = m.shape[:-2], m.shape[-1]
+        out = torch.einsum("nab,...nbr->...nar", blocks, m.reshape(*lead, n, c, r))
+        return out.reshape(*lead, n * c, r)
+
+    def kernel(self, k: Tensor) -> Tensor:
+        """Λ^{1/2} K Λ^{1/2} for kernels K (…, N·C, N·C)."""
+        return self._left(self.root, self._left(self.root, k).mT).mT
+
+    def rhs(self, b: Tensor) -> Tensor:
+        """(Λ^{1/2})^+ b for b (…, N·C, R)."""
+        return self._left(self.pinv_root, b)
+
+    def out(self, v: Tensor) -> Tensor:
+        """Λ^{1/2} v for v (…, N·C, R)."""
+        return self._left(self.root, v)
+
+    def dual(self, x: Tensor) -> Tensor:
+        """Λ^{1/2} X (Λ^{1/2})^+ for a whitened dual matrix X (…, N·C, N·C)."""
+        return self._left(self.pinv_root, self._left(self.root, x).mT).mT
+
+
 def solve_with_metric(k: Tensor, lam: Tensor | None, damping: float, rhs: Tensor | None = None) -> Tensor:
-    """(Λ K + ρ I)^{-1} = (K + ρ Λ^{-1})^{-1} Λ^{-1} for a symmetric PSD kernel K (N·C, N·C) and the
-    per-sample output metric Λ (N, C, C), ``None`` for Λ = I; at ρ = 0, K^+ Λ^{-1}. With ``rhs``
-    (N·C, R), that matrix applied to it (one factorization, no inverse)."""
+    """(Λ K + ρ I)^{-1} for a symmetric PSD kernel K (N·C, N·C) and the per-sample output metric Λ
+    (N, C, C), ``None`` for Λ = I, through the whitened kernel (:class:`Whitening`):
+    Λ^{1/2} (Λ^{1/2} K Λ^{1/2} + ρ)^{-1} (Λ^{1/2})^+; at ρ = 0 its limit on the range of Λ (where
+    every residual lies), with the pseudo-inverse. With ``rhs`` (N·C, R), that matrix applied to it
+    (one factorization, no inverse)."""
     if lam is None:
         return inverse_psd(k, damping) if rhs is None else solve_psd(k, rhs, damping)
-    lam_inv = block_diag_metric(torch.linalg.inv(lam))
-    b = lam_inv if rhs is None else lam_inv @ rhs
-    return solve_psd(k, b, damping * lam_inv if damping > 0 else 0.0)
+    w = Whitening.of(lam)
+    kt = w.kernel(k)
+    if rhs is None:
+        return w.dual(inverse_psd(kt, damping))
+    return w.out(solve_psd(kt, w.rhs(rhs), damping))
 
 
 class BoundFisher:
@@ -223,15 +281,19 @@ class BoundFisher:
         return slice(start, start + self.local_n)
 
     def natural_gradient(self, y) -> list[Tensor]:
-        """(G + ρI)^{-1} ∇L of the whole batch, aligned with ``model.parameters()``.
+        """(G + ρI)^{-1} ∇L of the whole batch, aligned with ``model.parameters()``: ``None`` in the
+        place of a frozen parameter (``requires_grad=False``, not a coordinate of the Fisher). Bound
+        to signals without a model, the trainable parameters' updates in layer order.
 
         y: targets of this rank's samples, (N_r, C) (MSE) or one-hot / class indices (cross-entropy).
         """
         updates = self.fisher._layer_updates(self, self.residual(y))
-        out = []
+        by_param = {}
         for layer, upd in zip(self.signals.layers, updates):
-            out.extend(u.to(p.dtype) for u, p in zip(upd, layer.params))
-        return out
+            by_param.update({id(p): u.to(p.dtype) for u, p in zip(upd, layer.params, strict=True)})
+        if self.model is None:
+            return list(by_param.values())
+        return [by_param.get(id(p)) for p in self.model.parameters()]
 
     def test_signals(self, x_test) -> Signals:
         if self.model is None:

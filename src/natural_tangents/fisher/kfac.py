@@ -30,13 +30,13 @@ module without Kronecker structure (the generic kind) keeps its exact block J_l^
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from .._checks import warn
 from ..layers.affine import AffineSignals
 from ..layers.base import outer_gram, padded_mm
 from ..signals import Signals
@@ -98,7 +98,7 @@ class KFAC(Fisher):
 
     # ------------------------------------------------------------------ structure
     def _blocks(self, sig: Signals) -> list[_KronBlock]:
-        out, last = [], sig.depth - 1
+        out, last = [], sig.output_layer
         for l, layer in enumerate(sig.layers):
             kr = layer.kron
             if kr is None or kr.positions > 1:
@@ -106,7 +106,7 @@ class KFAC(Fisher):
                 continue
             b_scale = 1.0 / sig.n if (l == last and self.output_factor == "paper") else 1.0
             p = kr.in_width
-            if kr.has_bias and self.bias == "block" and l < last:
+            if kr.has_bias and kr.has_weight and self.bias == "block" and l != last:
                 out.append(_KronBlock(l, slice(0, p - 1), 1.0, b_scale))
                 out.append(_KronBlock(l, slice(p - 1, p), 1.0 / sig.n, b_scale))
             else:
@@ -121,7 +121,7 @@ class KFAC(Fisher):
             kr = layer.kron
             if kr is None or kr.positions > 1:
                 continue
-            p = kr.in_width - (kr.has_bias and self.bias == "block")
+            p = kr.in_width - (kr.has_bias and kr.has_weight and self.bias == "block")
             if p >= n:
                 continue
             if l == 0:
@@ -133,6 +133,33 @@ class KFAC(Fisher):
             warn_narrow_input(
                 f"K-FAC: layer {l + 1}", p, n, first=l == 0, augmented=kr.has_bias and self.bias == "augment"
             )
+
+    # ------------------------------------------------------------------ precision
+    def _work_dtype(self, bound: BoundFisher, blk: _KronBlock) -> torch.dtype:
+        """The precision of block ``blk``'s N × N factors, their solves and the update's products.
+
+        A network in a lower precision than ``solve_dtype`` (float32) keeps its own only where that
+        is provably accurate: ρ > 0 and both factors' condition numbers, bounded by
+        (tr K + ρ) / ρ with the traces read off the signals, below 10⁻³ / eps of the network's
+        precision (about 1.7·10⁴ in float32), so that a float32 factorization loses at most about
+        10⁻³ relative. Otherwise (small or zero damping) the signals are cast to ``solve_dtype``
+        once and everything about the block is computed there."""
+        kr = bound.signals.layers[blk.layer].kron
+        net, sd = kr.dtype, self.solve_dtype
+        if net.itemsize >= sd.itemsize:
+            return net
+        if self.damping == 0:
+            return sd
+        a = kr.a[:, 0, blk.cols]
+        d = kr.flat_delta()
+        lam = bound.metric
+        lam_max = 1.0 if lam is None else float(torch.diagonal(lam, dim1=1, dim2=2).sum(1).max())
+        traces = (
+            blk.a_scale / bound.n * float(a.double().square().sum()),
+            blk.b_scale / bound.n * lam_max * float(d.double().square().sum()),
+        )
+        kappa = max(traces) / self.damping + 1.0
+        return net if kappa * torch.finfo(net).eps <= 1e-3 else sd
 
     # ------------------------------------------------------------------ factor inverses (cached)
     def _factors(self, bound: BoundFisher, i: int, blk: _KronBlock):
@@ -149,9 +176,9 @@ class KFAC(Fisher):
         return bound.cache[key]
 
     def _input_side(self, bound: BoundFisher, blk: _KronBlock) -> tuple[Tensor, Tensor]:
-        """(a, R_A) with R_A = a (A* + ρI)^{-1}, both (N, p). The O(N² p) products stay in the
-        network's precision; only the small factor is solved in the solve dtype."""
-        a = bound.signals.layers[blk.layer].kron.a[:, 0, blk.cols]
+        """(a, R_A) with R_A = a (A* + ρI)^{-1}, both (N, p). The O(N² p) products run in the block's
+        work precision (:meth:`_work_dtype`); the small factor is solved in the solve dtype."""
+        a = bound.signals.layers[blk.layer].kron.a[:, 0, blk.cols].to(self._work_dtype(bound, blk))
         n, p = a.shape
         t = blk.a_scale / n
         sd = self.solve_dtype
@@ -166,7 +193,7 @@ class KFAC(Fisher):
         """(B* + ρ)^{-1} Δ^T (M_l, N·C): through Δ^T Z with Z = (b_scale Λ β / N + ρ)^{-1} and
         β = Δ Δ^T (N·C × N·C) for a wide layer, as it is (primal) for a layer narrower than N·C."""
         kr = bound.signals.layers[blk.layer].kron
-        d = kr.flat_delta()
+        d = kr.flat_delta(self._work_dtype(bound, blk))
         nf, m = d.shape
         lam = bound.metric
         if m < nf:
@@ -205,7 +232,8 @@ class KFAC(Fisher):
         if key in bound.cache:
             return bound.cache[key]
         kr = bound.signals.layers[blk.layer].kron
-        a, d = kr.a[:, 0, blk.cols], kr.flat_delta()
+        work = self._work_dtype(bound, blk)
+        a, d = kr.a[:, 0, blk.cols].to(work), kr.flat_delta(work)
         n, sd, rho = bound.n, self.solve_dtype, self.damping
         t, s = blk.a_scale / n, blk.b_scale / n
         out = {"a": a, "d": d}
@@ -254,7 +282,7 @@ class KFAC(Fisher):
             if "a_inv" in sides:
                 return padded_mm(padded_mm(v.T, a), sides["a_inv"].to(dtype))
             return padded_mm(_chol_apply(sides["a_chol"], v).T, a)
-        z = torch.cholesky_inverse(sides["d_chol"].to(dtype))  # (NC, NC)
+        z = torch.cholesky_inverse(sides["d_chol"]).to(dtype)  # (NC, NC)
         zr = torch.einsum("xnk,nk->xn", z.reshape(nc, n, c), rr)  # Z R, (NC, N)
         x = _chol_apply(sides["a_chol"], zr.T).T  # Z R K_A^{-1}, (NC, N)
         if m <= p:
@@ -283,7 +311,7 @@ class KFAC(Fisher):
                 done[blk.layer] = kr.to_params(fac[1] @ grad @ fac[2])
             else:
                 _, _, ra, dz = fac
-                dtype = sig.f.dtype  # the O(M p N) products in the model's precision
+                dtype = ra.dtype  # the O(M p N) products in the block's work precision
                 zr = torch.einsum("mnk,nk->mn", dz.reshape(-1, n, bound.c).to(dtype), r.to(dtype) / n)  # (M, N)
                 mats.setdefault(blk.layer, []).append(padded_mm(zr, ra.to(dtype)))
         for l, m in mats.items():
@@ -342,8 +370,10 @@ def _dual_cholesky(x: Tensor, scale: float, damping: float, solve_dtype: torch.d
 
 
 def _chol_apply(chol: Tensor, x: Tensor) -> Tensor:
-    """(L L^T)^{-1} x in the precision of x (the factor cast to it): the O(N² width) solves of the
-    wide signals stay in the network's precision."""
+    """(L L^T)^{-1} x in the higher of the two precisions (the result in x's): a factor computed in a
+    higher precision than the signals (the float64 fallback of :func:`_dual_cholesky`) is applied in it."""
+    if chol.dtype.itemsize > x.dtype.itemsize:
+        return torch.cholesky_solve(x.to(chol.dtype), chol).to(x.dtype)
     return torch.cholesky_solve(x, chol.to(x.dtype))
 
 
@@ -361,9 +391,8 @@ def warn_narrow_input(where: str, p: int, n: int, *, first: bool, augmented: boo
         )
     else:
         hint = "put the inputs in radial isotropic position with nat.data.forster(x) (then α = N (L−1) + M_0, (S.111))"
-    warnings.warn(
+    warn(
         f"{where} has an input factor of width {p} < N = {n}, so K-FAC's Θ̄ is not isotropic "
         f"(the paper's (S.109)) and η = 1/α is not one-step optimal; {hint}",
         RuntimeWarning,
-        stacklevel=4,
     )

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import BoundFisher, DualFisher, block_diag_metric, inverse_psd, solve_with_metric
+from .base import BoundFisher, DualFisher, Whitening, inverse_psd, solve_psd
 from .block_tridiagonal import block_tridiagonal_solve
 
 __all__ = ["Layerwise", "BlockDiagonal", "BlockTriDiagonal", "tridiagonal_sigma", "check_invertible_sigma"]
@@ -95,48 +95,55 @@ class Layerwise(DualFisher):
         return torch.linalg.solve(s, torch.ones(depth, dtype=torch.float64))
 
     def _dual_vectors(self, bound: BoundFisher, r: Tensor) -> list[Tensor]:
+        """v_l from one solve per layer (diagonal Σ, or ρ = 0), by block elimination (tri-diagonal Σ)
+        or by the (L·N·C)² system. With an output metric Λ the system is solved for the whitened
+        kernels Λ^{1/2} Θ_l Λ^{1/2} and right-hand side (Λ^{1/2})^+ r, then v_l = Λ^{1/2} ṽ_l
+        (:class:`~natural_tangents.fisher.base.Whitening`): the same vectors for invertible Λ, and the
+        ρ → 0⁺ limit for singular Θ_l or Λ."""
         if "dual" in bound.cache:
             return super()._dual_vectors(bound, r)
         thetas, lam, rf = bound.layer_kernels(), bound.metric, r.reshape(-1, 1)
+        white = None if lam is None else Whitening.of(lam)
+        if white is not None:
+            thetas, rf = white.kernel(thetas), white.rhs(rf)
+        vs = self._whitened_vectors(thetas, rf)
+        return vs if white is None else [white.out(v[:, None])[:, 0] for v in vs]
+
+    def _whitened_vectors(self, thetas: Tensor, rf: Tensor) -> list[Tensor]:
         depth, nf = thetas.shape[0], thetas.shape[1]
-        if self.damping == 0:  # v_l = (Σ^{-1} 1)_l Θ_l^+ Λ^{-1} r (S.74)
+        if self.damping == 0:  # v_l = (Σ^{-1} 1)_l Θ_l^+ r (S.74)
             c = self.sigma_weights(depth)
-            return [float(c[l]) * solve_with_metric(thetas[l], lam, 0.0, rf)[:, 0] for l in range(depth)]
+            return [float(c[l]) * solve_psd(thetas[l], rf, 0.0)[:, 0] for l in range(depth)]
         s = self.sigma_matrix(depth)
         if bool((s == torch.diag(torch.diagonal(s))).all()):  # diagonal Σ: L decoupled N·C × N·C solves
             scaled = [thetas[l] if float(s[l, l]) == 1.0 else float(s[l, l]) * thetas[l] for l in range(depth)]
-            return [solve_with_metric(t, lam, self.damping, rf)[:, 0] for t in scaled]
-        opts = {"dtype": thetas.dtype, "device": thetas.device}
-        left = thetas if lam is None else block_diag_metric(lam) @ thetas
-        s = s.to(**opts)
+            return [solve_psd(t, rf, self.damping)[:, 0] for t in scaled]
+        s = s.to(dtype=thetas.dtype, device=thetas.device)
         if _bandwidth(s) == 1:  # block tri-diagonal: O(L N³) elimination instead of the (L·N)³ system
-            v = block_tridiagonal_solve(s, left, self.damping, rf, symmetric=lam is None)
+            v = block_tridiagonal_solve(s, thetas, self.damping, rf, symmetric=True)
             if v is not None:
                 return [x[:, 0] for x in v]
-        big = (s[:, None, :, None] * left.permute(1, 0, 2)[None]).reshape(depth * nf, depth * nf)
+        big = (s[:, None, :, None] * thetas.permute(1, 0, 2)[None]).reshape(depth * nf, depth * nf)
         big.diagonal().add_(self.damping)
         return list(torch.linalg.solve(big, rf.repeat(depth, 1))[:, 0].reshape(depth, nf))
 
     def _dual(self, bound: BoundFisher) -> list[Tensor]:
         thetas, lam = bound.layer_kernels(), bound.metric
+        white = None if lam is None else Whitening.of(lam)
+        if white is not None:
+            thetas = white.kernel(thetas)
         depth, nf = thetas.shape[0], thetas.shape[1]
         opts = {"dtype": thetas.dtype, "device": thetas.device}
-        lam_full = block_diag_metric(lam) if lam is not None else None
         if self.damping == 0:
             c = self.sigma_weights(depth).to(**opts)
-            lam_inv = block_diag_metric(torch.linalg.inv(lam)) if lam is not None else None
-            xs = []
-            for l in range(depth):
-                p = inverse_psd(thetas[l], 0.0) * c[l]
-                xs.append(p @ lam_inv if lam_inv is not None else p)
-            return xs
-        s = self.sigma_matrix(depth).to(**opts)
-        left = thetas if lam_full is None else lam_full @ thetas  # Λ Θ_l, (L, NC, NC)
-        big = (s[:, None, :, None] * left.permute(1, 0, 2)[None]).reshape(depth * nf, depth * nf)
-        big = big + self.damping * torch.eye(depth * nf, **opts)
-        rhs = torch.eye(nf, **opts).repeat(depth, 1)
-        x = torch.linalg.solve(big, rhs)
-        return list(x.reshape(depth, nf, nf))
+            xs = [inverse_psd(thetas[l], 0.0) * c[l] for l in range(depth)]
+        else:
+            s = self.sigma_matrix(depth).to(**opts)
+            big = (s[:, None, :, None] * thetas.permute(1, 0, 2)[None]).reshape(depth * nf, depth * nf)
+            big = big + self.damping * torch.eye(depth * nf, **opts)
+            rhs = torch.eye(nf, **opts).repeat(depth, 1)
+            xs = list(torch.linalg.solve(big, rhs).reshape(depth, nf, nf))
+        return xs if white is None else [white.dual(x) for x in xs]
 
 
 @dataclass(frozen=True, kw_only=True)

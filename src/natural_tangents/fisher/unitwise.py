@@ -206,7 +206,7 @@ class Unitwise(Fisher):
             # singular K_SS: the limit is S (S K_SS S)^+ S, not K_SS^+ (they differ unless s is constant)
             inv = pinv_psd(sub * (si[:, :, None] * si[:, None, :]))
             return units, idx, valid, None, lambda b: si[:, :, None] * (inv @ (si[:, :, None] * b))
-        raise not_positive_definite()
+        raise not_positive_definite(sub)
 
     def _solve_units(
         self, k: Tensor, s: Tensor, rhs: Tensor, pool: ScratchPool | None = None, rng: _Range | None = None

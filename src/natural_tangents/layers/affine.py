@@ -22,9 +22,18 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .base import LayerSignals, Units, mirror_lower, outer_gram, padded_mm
+from .base import LayerSignals, Units, mirror_lower, outer_gram, padded_empty, padded_mm
 
-__all__ = ["AffineSignals"]
+__all__ = ["AffineSignals", "affine_signals", "with_bias_column"]
+
+
+def with_bias_column(h: Tensor, value: float, scale: float = 1.0) -> Tensor:
+    """[scale · h | value]: a constant column appended to the last axis of ``h``, written once into
+    rows with an aligned stride."""
+    out = padded_empty((*h.shape[:-1], h.shape[-1] + 1), like=h)
+    torch.mul(h, scale, out=out[..., :-1])
+    out[..., -1] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -37,8 +46,11 @@ class AffineSignals(LayerSignals):
             (σ_b, or 1) appended as the last entry of p when ``has_bias``.
         d: backward signal (C, N, T, M): δ[k, n, t] = ∂f_k(x_n)/∂u_{n,t}.
         has_bias: whether the last column of ``a`` belongs to a bias parameter.
-        params: (weight,) or (weight, bias); the weight reshapes to (M, p − has_bias).
+        params: the trainable parameters among (weight, bias), in that order; the weight reshapes
+            to (M, p − has_bias).
         name: the module's path in the model.
+        has_weight: whether the weight is a parameter of the Fisher (False when it is frozen and
+            only the bias trains: then ``a`` is the bias column alone, p = 1).
     """
 
     a: Tensor
@@ -46,6 +58,7 @@ class AffineSignals(LayerSignals):
     has_bias: bool
     params: tuple[Tensor, ...]
     name: str = ""
+    has_weight: bool = True
 
     # ---------------------------------------------------------------- shape
     @property
@@ -118,11 +131,14 @@ class AffineSignals(LayerSignals):
         return padded_mm(w.reshape(-1, self.out_width).T, self.a2)
 
     def to_params(self, mat: Tensor) -> list[Tensor]:
-        """An (…, M, p) [W | b] matrix → the module's parameter tensors (views where possible)."""
-        w = self.params[0]
+        """An (…, M, p) [W | b] matrix → the module's trainable parameter tensors (views where possible)."""
+        out = []
+        if self.has_weight:
+            w = self.params[0]
+            out.append((mat[..., :-1] if self.has_bias else mat).reshape(*mat.shape[:-2], *w.shape))
         if self.has_bias:
-            return [mat[..., :-1].reshape(*mat.shape[:-2], *w.shape), mat[..., -1]]
-        return [mat.reshape(*mat.shape[:-2], *w.shape)]
+            out.append(mat[..., -1])
+        return out
 
     def transpose(self, v: Tensor) -> list[Tensor]:
         return self.to_params(self.matrix_update(v))
@@ -136,7 +152,7 @@ class AffineSignals(LayerSignals):
     def jacobian(self, dtype: torch.dtype | None = None) -> Tensor:
         g = self._per_sample(dtype or self.dtype)  # (N, C, M, p)
         rows = self.n * self.c
-        if not self.has_bias:
+        if not (self.has_bias and self.has_weight):
             return g.reshape(rows, -1)
         return torch.cat([g[..., :-1].reshape(rows, -1), g[..., -1].reshape(rows, -1)], 1)
 
@@ -158,3 +174,31 @@ class AffineSignals(LayerSignals):
 
     def with_tensors(self, tensors: list[Tensor]) -> AffineSignals:
         return replace(self, a=tensors[0], d=tensors[1].transpose(0, 1).contiguous())
+
+
+def affine_signals(
+    module_weight: Tensor,
+    module_bias: Tensor | None,
+    inp: Tensor,
+    d: Tensor,
+    name: str,
+    *,
+    scale: float = 1.0,
+    bias_value: float = 1.0,
+) -> AffineSignals:
+    """The signals of an affine layer from its input rows ``inp`` (N, T, M_in) and backward signal
+    ``d`` (C, N, T, M): the forward signal holds ``scale`` · inp for a trainable weight and the
+    column ``bias_value`` for a trainable bias. Frozen parameters (``requires_grad=False``) are not
+    coordinates of the Fisher: they get no column and no entry in ``params``."""
+    w_on = module_weight.requires_grad
+    b_on = module_bias is not None and module_bias.requires_grad
+    if w_on and b_on:
+        a = with_bias_column(inp, bias_value, scale)
+    elif w_on:
+        a = inp if scale == 1.0 else inp * scale
+    elif b_on:
+        a = inp.new_full((*inp.shape[:-1], 1), bias_value)
+    else:
+        raise ValueError(f"{name}: every parameter of this layer is frozen; it has no signals")
+    params = tuple(p for p, on in ((module_weight, w_on), (module_bias, b_on)) if on)
+    return AffineSignals(a=a, d=d, has_bias=b_on, params=params, name=name, has_weight=w_on)

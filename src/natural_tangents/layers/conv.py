@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .affine import AffineSignals
-from .linear import with_bias_column
+from .affine import AffineSignals, affine_signals
 
 __all__ = ["conv_signals", "is_supported_conv"]
 
@@ -46,11 +45,6 @@ def patches(module: nn.Conv1d | nn.Conv2d, inp: Tensor) -> Tensor:
 
 def conv_signals(module: nn.Conv1d | nn.Conv2d, inp: Tensor, grad_out: Tensor, name: str) -> AffineSignals:
     """Signals of a convolution from its input (N, C_in, …) and the output gradients (C, N, C_out, …)."""
-    a = patches(module, inp)
-    has_bias = module.bias is not None
-    if has_bias:
-        a = with_bias_column(a, 1.0)
     c, n, c_out = grad_out.shape[:3]
     d = grad_out.reshape(c, n, c_out, -1).transpose(2, 3)  # (C, N, T, C_out)
-    params = (module.weight, module.bias) if has_bias else (module.weight,)
-    return AffineSignals(a=a, d=d, has_bias=has_bias, params=params, name=name)
+    return affine_signals(module.weight, module.bias, patches(module, inp), d, name)

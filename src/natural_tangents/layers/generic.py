@@ -74,7 +74,7 @@ class GenericSignals(LayerSignals):
 def generic_signals(module: nn.Module, args: tuple, grad_out: Tensor, name: str) -> GenericSignals:
     """Per-sample gradients of ``module``'s own parameters from its inputs ``args`` (tensors with the
     sample axis first; anything else is passed as it is) and the output gradients (C, N, …)."""
-    own = dict(module.named_parameters(recurse=False))
+    own = {k: p for k, p in module.named_parameters(recurse=False) if p.requires_grad}  # frozen: no coordinate
     params = tuple(own.values())
     detached = {k: p.detach() for k, p in own.items()}
     batched = [isinstance(a, Tensor) and a.ndim > 0 and a.shape[0] == grad_out.shape[1] for a in args]
