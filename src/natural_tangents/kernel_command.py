@@ -8,7 +8,9 @@
 
 Inputs are scaled to unit norm (the paper's Assumption 2). Under ``torchrun`` (``WORLD_SIZE`` > 1 in
 the environment) a process group is initialized (NCCL with GPUs, gloo otherwise), the ranks share the
-tiles and write them into the one file. The command logic lives here; ``cli.py`` registers it.
+tiles and write them into the one file. An existing ``--out`` file is refused unless ``--force`` is
+given; an interrupted run (killed, Ctrl-C) is resumed by running the same command again. The command
+logic lives here; ``cli.py`` registers it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import datetime
 import os
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -35,7 +39,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="the analytic (or empirical) NTK of a dataset into a .npy file, tile by tile",
         description="Compute the NTK Θ(x, x) (J J^T, no 1/N) of a dataset into a .npy file.",
     )
-    k.add_argument("--out", required=True, help="the .npy file to write (N × N)")
+    k.add_argument(
+        "--out",
+        required=True,
+        help="the .npy file to write (N × N); an existing file is refused unless --force is given. The file "
+        "appears when complete; an interrupted run is resumed by the same command",
+    )
+    k.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out file, and discard an interrupted run into it that had other arguments",
+    )
     k.add_argument(
         "--data",
         default="mnist-subset",
@@ -60,6 +74,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _fail(message: str) -> int:
     print(f"natural-tangents kernel: {message}", file=sys.stderr)
     return 2
+
+
+@contextmanager
+def _notes():
+    """The library's warnings (a stale lock taken over) as one-line notes on stderr."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"natural-tangents kernel: note: {_for_the_command(str(message))}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = show
+        yield
+
+
+def _for_the_command(message: str) -> str:
+    """A library message in the command's words (``out`` is ``--out``, ``overwrite=True`` is ``--force``)."""
+    message = message.replace("pass overwrite=True", "pass --force")
+    return "--out:" + message[len("out:") :] if message.startswith("out:") else message
 
 
 def _inputs(args) -> torch.Tensor:
@@ -103,14 +136,7 @@ def _empirical(args, x, common):
         raise ValueError("--width: the --empirical network needs a positive hidden width M, e.g. --width 4096")
     widths = [x.shape[1], *([args.width] * (args.depth - 1)), 1]
     net = MLP(widths, args.activation, args.sigma_w2, args.sigma_b2, seed=args.seed, dtype=torch.float64)
-    return empirical_ntk(
-        net,
-        x,
-        batch_size=common["batch_size"],
-        out=common["out"],
-        process_group=common["process_group"],
-        progress=common["progress"],
-    )
+    return empirical_ntk(net, x, **common)
 
 
 def run(args) -> int:
@@ -121,6 +147,8 @@ def run(args) -> int:
         return _fail(f"--out: expected a path ending in .npy, got {args.out!r}")
     if args.batch_size is not None and args.batch_size < 1:
         return _fail(f"--batch-size: expected a positive tile side, got {args.batch_size}")
+    if os.path.lexists(args.out) and not args.force:
+        return _fail(f"--out: {args.out} exists; pass --force to replace it, or choose another path")
     group, owned = None, False
     try:
         x = _inputs(args)
@@ -128,20 +156,22 @@ def run(args) -> int:
         common = {
             "batch_size": args.batch_size,
             "out": args.out,
+            "overwrite": args.force,
             "process_group": group,
             "progress": False if args.no_progress else None,
         }
         start = time.perf_counter()
-        if args.empirical:
-            k = _empirical(args, x, common)
-            what = f"empirical NTK of an MLP of width {args.width}"
-        else:
-            arch = theory.Architecture(args.depth, args.activation, args.sigma_w2, args.sigma_b2)
-            k = theory.ntk(x, arch=arch, dtype=getattr(torch, args.dtype), **common)
-            what = "analytic NTK"
+        with _notes():
+            if args.empirical:
+                k = _empirical(args, x, common)
+                what = f"empirical NTK of an MLP of width {args.width}"
+            else:
+                arch = theory.Architecture(args.depth, args.activation, args.sigma_w2, args.sigma_b2)
+                k = theory.ntk(x, arch=arch, dtype=getattr(torch, args.dtype), **common)
+                what = "analytic NTK"
         seconds = time.perf_counter() - start
     except _USER_ERRORS as err:
-        return _fail(str(err))
+        return _fail(_for_the_command(str(err)))
     finally:
         if owned:
             import torch.distributed as dist

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .models import signals
 from .signals import Signals
-from .tiling import tiled
+from .tiling import fingerprint, tiled
 
 __all__ = ["empirical_ntk", "empirical_unit_ntk", "layer_kernels", "unit_kernels", "model_factors"]
 
@@ -60,8 +60,10 @@ def empirical_ntk(
     *,
     batch_size: int | None = None,
     out=None,
+    overwrite: bool = False,
     process_group=None,
     progress: bool | None = None,
+    on_tile=None,
 ) -> Tensor:
     """The empirical NTK J(x1) J(x2)^T (no 1/N), built from the layers' signals, never from J.
 
@@ -75,23 +77,29 @@ def empirical_ntk(
             memory-mapped ``.npy`` file ``out``, the tiles shared by the ranks of a
             ``torch.distributed`` group, with a progress bar (see :func:`natural_tangents.tiling.tiled`).
             The signals of all inputs are held (O(N Σ_l (M_{l−1} + C M_l))), the kernel only tile by tile.
+            An interrupted run into ``out`` is resumed when the inputs, the model (its structure,
+            parameters, buffers and outputs) and the settings are the same.
+        overwrite, on_tile: replace an existing ``out`` and discard an unfinished run of other
+            arguments (default False: refuse both); a callback per tile (see
+            :func:`natural_tangents.tiling.tiled`).
 
     Returns:
         (N1, N2) for C = 1, (N1, N2, C, C) for C > 1; with a leading (L,) when ``per_layer``.
         Tiled with C > 1, the result is a (N1, N2, C, C) view of a (C, C, N1, N2) array (the
         layout of ``out``).
     """
-    if batch_size is None and out is None and process_group is None:
+    if batch_size is None and out is None and process_group is None and on_tile is None:
         f1 = model_factors(model, x1, "x1")
         f2 = f1 if x2 is None else model_factors(model, x2, "x2")
         k = layer_kernels(f1, f2, dtype)
         if not per_layer:
             k = k.sum(0)
         return _public_shape(k, f1.n, f2.n, f1.c)
-    return _tiled_ntk(model, x1, x2, per_layer, dtype, batch_size, out, process_group, progress)
+    tiling = {"out": out, "overwrite": overwrite, "process_group": process_group, "progress": progress}
+    return _tiled_ntk(model, x1, x2, per_layer, dtype, batch_size, on_tile=on_tile, **tiling)
 
 
-def _tiled_ntk(model, x1, x2, per_layer, dtype, batch_size, out, process_group, progress) -> Tensor:
+def _tiled_ntk(model, x1, x2, per_layer, dtype, batch_size, **tiling) -> Tensor:
     chunk = batch_size or 512
     f1 = _chunked_signals(model, x1, "x1", chunk)
     f2 = f1 if x2 is None else _chunked_signals(model, x2, "x2", chunk)
@@ -107,27 +115,23 @@ def _tiled_ntk(model, x1, x2, per_layer, dtype, batch_size, out, process_group, 
     lead = ((depth,) if per_layer else ()) + ((c, c) if c > 1 else ())
     # a C > 1 kernel is symmetric only in (sample, output) pairs, not per output pair: all tiles
     symmetric = x2 is None and c == 1
-    signature = (_fingerprint(x1), None if x2 is None else _fingerprint(x2), sum(p.numel() for p in model.parameters()))
+    signature = ()
+    if tiling["out"] is not None or tiling["process_group"] is not None:
+        state = model.state_dict() if hasattr(model, "state_dict") else list(model.parameters())
+        signature = (fingerprint(x1, x2, f1.f, f2.f, state, repr(model)), per_layer)
     k = tiled(
         block,
         f1.n,
         None if symmetric else f2.n,
         batch_size=batch_size,
-        out=out,
-        process_group=process_group,
-        progress=progress,
         dtype=dtype,
         lead=lead,
         device=f1.f.device,
         signature=signature,
         desc="empirical NTK",
+        **tiling,
     )
     return k.movedim((-4, -3), (-2, -1)) if c > 1 else k
-
-
-def _fingerprint(x) -> float:
-    t = torch.as_tensor(x)
-    return float(t.to(torch.float64).sum()) if t.numel() else 0.0
 
 
 def unit_kernels(f1: Signals, f2: Signals | None, layer: int, dtype: torch.dtype | None = None) -> Tensor:

@@ -15,16 +15,27 @@
   off-diagonal one is written twice (as is and transposed), and a diagonal tile is made exactly
   symmetric by keeping its upper triangle. The working set is a few tiles; the output is the only
   N1 × N2 object.
-* **out=** a path: the ``.npy`` header is written first (``numpy.lib.format.open_memmap``), then
-  every tile row goes to its place in the file with ``os.pwrite``, so the written kernel never
-  counts in the resident memory of the process; the result is ``torch.from_numpy`` of
-  ``np.load(out, mmap_mode="r+")``: pages are read on demand, and writing to the tensor writes
-  the file. While a run writes ``out``, a lock file ``out + ".lock"`` exists (created with
-  ``O_EXCL``, removed at the end); a second run on the same path is refused.
+* **out=** a path: the tiles go to ``out + ".partial"`` (a full-size ``.npy``: header first, then
+  every tile row to its place with ``os.pwrite``, so the written kernel never counts in the resident
+  memory of the process), which is synced and renamed to ``out`` when every tile is in it: a file at
+  ``out`` is always a whole kernel. The result is ``torch.from_numpy`` of
+  ``np.load(out, mmap_mode="r+")``: pages are read on demand, and writing to the tensor writes the
+  file. An existing ``out`` is refused unless ``overwrite=True`` (then replaced when the new kernel
+  is complete). While a run writes, a lock file ``out + ".lock"`` names its process; a second run is
+  refused, and a lock whose process on this host has died is taken over with a warning.
+* **Resuming.** A journal ``out + ".journal"`` records the finished tiles (after syncing their
+  data, every ``checkpoint`` seconds and when the run stops, also on an error or Ctrl-C), with a
+  SHA-256 fingerprint of the sizes, tile side, dtype and the caller's ``signature`` (the inputs and
+  settings). A re-run with the same arguments computes only the tiles not recorded; a re-run with
+  other arguments is refused (naming what differs) unless ``overwrite=True``, which discards the
+  unfinished run. Without a ``signature`` a run cannot be checked, so it never resumes. Details of
+  the files: :mod:`natural_tangents._outfile`.
 * **process_group=** a ``torch.distributed`` group (default ``None``: this process alone, which
   is the one-rank case of the same code). The tile list is shared round-robin: rank r computes
   tiles r, r + K, r + 2K, … of K ranks. With ``out=`` every rank writes its own tiles into the one
-  file (rank 0 creates it; a shared filesystem across machines), and all return after a barrier.
+  file (rank 0 creates it; a shared filesystem across machines), each rank records its own tiles
+  in its own journal (``out + ".journal.<rank>"``; rank 0 merges them all when a run resumes, also
+  with another number of ranks), and all return after rank 0 renamed the finished file.
   Without ``out=`` every rank fills its tiles into a zero buffer and one all-reduce (sum) of the
   N1 × N2 buffer gives every rank the whole kernel (each entry is written by exactly one rank, so
   the sum is exact). Before any work the ranks all-gather a checksum of their arguments (sizes,
@@ -39,16 +50,17 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ._outfile import Journal, Layout, Lock, fingerprint, finish, partial_path, prepare, recorded, warn
 from ._parallel import ordered_map
 
-__all__ = ["tiled", "tiles", "default_batch_size", "intra_op_threads"]
+__all__ = ["tiled", "tiles", "default_batch_size", "intra_op_threads", "fingerprint", "finished_tiles"]
 
 DEFAULT_TILE = 512
 """Default tile side: 512² float64 entries are 2 MiB, a working set that stays in cache-sized pieces."""
@@ -137,16 +149,24 @@ def _check_agreement(process_group, world: int, items: Sequence[object]) -> None
         )
 
 
-def _broadcast_error(process_group, message: str | None) -> None:
-    """Rank 0's error (or None) to every rank; every rank raises it."""
+_RAISED = {"FileExistsError": FileExistsError, "IsADirectoryError": IsADirectoryError, "ValueError": ValueError}
+
+
+def _share(process_group, error: BaseException | None, payload: object = None) -> object:
+    """Rank 0's error and ``payload`` to every rank (a synchronization point); every rank raises the
+    error (rank 0 its own), else returns the payload."""
     if process_group is not None:
         import torch.distributed as dist
 
-        box = [message]
+        box = [None if error is None else (type(error).__name__, str(error)), payload]
         dist.broadcast_object_list(box, src=dist.get_global_rank(process_group, 0), group=process_group)
-        message = box[0]
-    if message is not None:
-        raise FileExistsError(message) if "lock file" in message else OSError(message)
+        if error is None and box[0] is not None:
+            kind, message = box[0]
+            raise _RAISED.get(kind, OSError)(message)
+        payload = box[1]
+    if error is not None:
+        raise error
+    return payload
 
 
 def _barrier(process_group) -> None:
@@ -157,43 +177,12 @@ def _barrier(process_group) -> None:
 
 
 # ------------------------------------------------------------------------------------ the file
-def _lock_path(out: Path) -> Path:
-    return out.with_name(out.name + ".lock")
-
-
-def _create(out: Path, shape: tuple[int, ...], dtype: np.dtype) -> str | None:
-    """Rank 0: take the lock and write the header (and a sparse body). Returns an error or None."""
-    lock = _lock_path(out)
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return (
-            f"out: {out} is being written by another run (its lock file {lock} exists); wait for that run, "
-            f"choose another path, or delete {lock} if that run has died"
-        )
-    except OSError as err:
-        return f"out: cannot create {lock} ({err.strerror}); check that the folder {out.parent} exists and is writable"
-    with os.fdopen(fd, "w") as f:
-        f.write(f"pid {os.getpid()}\n")
-    try:
-        arr = np.lib.format.open_memmap(out, mode="w+", dtype=dtype, shape=shape)
-        del arr
-    except OSError as err:
-        lock.unlink(missing_ok=True)
-        return f"out: cannot create {out} ({err.strerror}); check the folder and the free disk space"
-    return None
-
-
-def _data_offset(out: Path) -> int:
-    return int(np.load(out, mmap_mode="r").offset)  # maps without reading: the header's length
-
-
 class _FileSink:
     """Writes tiles of a C-ordered (*lead, N1, N2) array into the body of a .npy with pwrite."""
 
     def __init__(self, out: Path, lead: tuple[int, ...], n1: int, n2: int, dtype: torch.dtype):
         self.fd = os.open(out, os.O_RDWR)
-        self.offset = _data_offset(out)
+        self.offset = int(np.load(out, mmap_mode="r").offset)  # maps without reading: the header's length
         self.lead, self.n1, self.n2 = int(np.prod(lead, dtype=np.int64)), n1, n2
         self.item = torch.empty(0, dtype=dtype).element_size()
 
@@ -205,10 +194,11 @@ class _FileSink:
             for i in range(data.shape[1]):
                 os.pwrite(self.fd, data[k, i].tobytes(), base + i * self.n2 * self.item)
 
-    def close(self, sync: bool) -> None:
-        if sync:
-            os.fsync(self.fd)
-        os.close(self.fd)
+    def close(self) -> None:
+        try:
+            os.fsync(self.fd)  # every tile on disk before the file is renamed to out
+        finally:
+            os.close(self.fd)
 
 
 class _MemorySink:
@@ -245,6 +235,7 @@ def tiled(
     *,
     batch_size: int | None = None,
     out: str | os.PathLike | None = None,
+    overwrite: bool = False,
     process_group=None,
     progress: bool | None = None,
     dtype: torch.dtype = torch.float64,
@@ -253,6 +244,8 @@ def tiled(
     signature: Sequence[object] = (),
     desc: str = "kernel",
     threads: int | None = None,
+    on_tile: Callable[[int, slice, slice], None] | None = None,
+    checkpoint: float = 1.0,
 ) -> Tensor:
     """Compute a (*lead, N1, N2) kernel tile by tile (module docstring: tiles, files, processes).
 
@@ -265,17 +258,29 @@ def tiled(
             triangle).
         batch_size: the tile side (default :func:`default_batch_size`: about 512² entries per tile).
         out: a ``.npy`` path to write the kernel into (returned as a tensor backed by that file);
-            None: an in-memory tensor.
+            None: an in-memory tensor. An interrupted run into ``out`` with the same arguments and
+            ``signature`` is resumed.
+        overwrite: with ``out=``: replace an existing ``out`` (when the new kernel is complete) and
+            discard an unfinished run of other arguments; False (default): refuse both.
         process_group: a ``torch.distributed`` process group sharing the tiles (None: one process).
             Every rank must call with the same arguments and gets the same result.
         progress: a tqdm bar on rank 0: None shows it when stderr is a terminal and there are at
             least 8 tiles, True always, False never.
         dtype: the output dtype; lead: leading (stacked) dimensions of every tile.
         device: where the in-memory result lives (the collectives' backend must support it).
-        signature: extra items every rank must agree on (e.g. a checksum of the data, the settings).
+        signature: items that identify the kernel's inputs (e.g. :func:`fingerprint` of the data,
+            the settings): every rank must agree on them, and an interrupted run into ``out`` is
+            resumed only when they are the same (empty: never resumed).
         desc: the progress bar's label.
         threads: worker threads, each computing whole tiles with one intra-op thread (default
             ``torch.get_num_threads()``; 1: tiles one after another with torch's own threads).
+        on_tile: called as ``on_tile(index, rows, cols)`` on the calling thread after each tile this
+            process computed and stored, ``index`` counting in :func:`tiles` order (a progress hook;
+            an exception it raises stops the run, keeping the stored tiles for a re-run).
+        checkpoint: with ``out=``, the seconds between two journal records (each syncs the data
+            written so far first; the first tile is recorded at once); 0: after every tile. A
+            killed run loses the tiles of at most that last interval (and those in flight); an
+            exception or Ctrl-C loses none.
 
     Returns:
         The (*lead, N1, N2) kernel, on every rank.
@@ -283,7 +288,9 @@ def tiled(
     Raises:
         RuntimeError: ``process_group`` is given but torch.distributed is not initialized.
         ValueError: bad sizes or tile side, or ranks that disagree on the arguments.
-        FileExistsError: ``out`` is being written by another run (its lock file exists).
+        FileExistsError: ``out`` exists and ``overwrite`` is False; ``out`` is being written by
+            another run (its lock file names a live process); an unfinished run into ``out`` had
+            other arguments and ``overwrite`` is False.
     """
     batch_size, lead = _check_args(n1, n2, batch_size, lead)
     symmetric = n2 is None
@@ -295,12 +302,12 @@ def tiled(
         _check_agreement(process_group, world, (*items, *signature))
     shape = (*lead, n1, ncols)
     threads = torch.get_num_threads() if threads is None else max(1, int(threads))
-    todo = tiles(n1, n2, batch_size)[rank::world]
+    every = [(i, rows, cols) for i, (rows, cols) in enumerate(tiles(n1, n2, batch_size))]
+    engine = dict(symmetric=symmetric, dtype=dtype, progress=progress, rank=rank, desc=desc, threads=threads)
     if out_path is None:
         alloc = torch.zeros if world > 1 else torch.empty  # one rank writes every entry
         buf = alloc(shape, dtype=dtype, device=device)
-        sink = _MemorySink(buf)
-        _fill(block_fn, todo, sink, symmetric, dtype, progress, rank, desc, threads)
+        _fill(block_fn, every[rank::world], _MemorySink(buf), None, on_tile, **engine)
         if world > 1:
             import torch.distributed as dist
 
@@ -309,27 +316,55 @@ def tiled(
             dist.all_reduce(moved, group=process_group)
             buf.copy_(moved)
         return buf
-    return _to_file(
-        block_fn, todo, out_path, shape, symmetric, dtype, progress, process_group, rank, world, desc, threads
-    )
-
-
-def _to_file(
-    block_fn, todo, out: Path, shape, symmetric, dtype, progress, process_group, rank, world, desc, threads
-) -> Tensor:
+    if not (isinstance(checkpoint, (int, float)) and checkpoint >= 0):
+        raise ValueError(f"checkpoint: expected the seconds between journal records (>= 0), got {checkpoint!r}")
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-    error = _create(out, shape, np_dtype) if rank == 0 else None
-    _broadcast_error(process_group, error)  # also the barrier after rank 0 created the file
-    try:
-        sink = _FileSink(out, shape[:-2], shape[-2], shape[-1], dtype)
+    inputs = fingerprint(*signature) if signature else None
+    layout = Layout(shape, str(np_dtype), batch_size, symmetric, len(every), inputs)
+    return _to_file(block_fn, every, out_path, layout, overwrite, process_group, world, on_tile, checkpoint, engine)
+
+
+def finished_tiles(out: str | os.PathLike) -> set[int]:
+    """The tiles (indices in :func:`tiles` order) that an interrupted run into ``out`` recorded as
+    finished; a re-run with the same arguments computes only the others. Empty: no such run."""
+    return recorded(Path(os.fspath(out)))
+
+
+def _to_file(block_fn, every, out: Path, layout, overwrite, process_group, world, on_tile, checkpoint, engine):
+    rank, lock, error, done = engine["rank"], None, None, set()
+    if rank == 0:
         try:
-            _fill(block_fn, todo, sink, symmetric, dtype, progress, rank, desc, threads)
+            lock = Lock.take(out)
+            if lock.note:
+                warn(lock.note)
+            done = prepare(out, layout, overwrite)
+        except (OSError, ValueError) as err:  # FileExistsError, a missing folder, a full disk
+            error = err  # raised on every rank by _share
+            if lock is not None:
+                lock.release()
+    try:
+        done = set(_share(process_group, error, sorted(done)))  # also: rank 0 has made the file
+        todo = [tile for tile in every if tile[0] not in done][rank::world]
+        sink = _FileSink(partial_path(out), layout.shape[:-2], layout.shape[-2], layout.shape[-1], engine["dtype"])
+        try:
+            journal = Journal(out, rank, layout, sink.fd, checkpoint)
+            try:
+                _fill(block_fn, todo, sink, journal.record, on_tile, **engine)
+            finally:
+                journal.close()
         finally:
-            sink.close(sync=world > 1)
-        _barrier(process_group)
-    finally:
+            sink.close()
+        _barrier(process_group)  # every rank's tiles are on disk
+        error = None
         if rank == 0:
-            _lock_path(out).unlink(missing_ok=True)
+            try:
+                finish(out)
+            except OSError as err:
+                error = err
+        _share(process_group, error)
+    finally:
+        if lock is not None:
+            lock.release()
     return torch.from_numpy(np.load(out, mmap_mode="r+"))
 
 
@@ -349,16 +384,28 @@ def _one_tile(block_fn, sink, symmetric: bool, dtype: torch.dtype, rows: slice, 
         sink.put(block.transpose(-1, -2), cols, rows)
 
 
-def _fill(block_fn, todo, sink, symmetric: bool, dtype, progress, rank: int, desc: str, threads: int) -> None:
-    """Compute and store this rank's tiles. With ``threads`` > 1, that many worker threads take whole
-    tiles (each with one intra-op thread), at most 2·threads tiles in flight: no synchronization
-    per elementwise operation, which matters on small tiles and on a loaded machine."""
+def _fill(block_fn, todo, sink, record, on_tile, *, symmetric, dtype, progress, rank: int, desc: str, threads: int):
+    """Compute and store this rank's tiles ``todo`` (index, rows, cols); after each, ``record(index)``
+    (the journal) and ``on_tile(index, rows, cols)`` on this thread. With ``threads`` > 1, that many
+    worker threads take whole tiles (each with one intra-op thread), at most 2·threads tiles in
+    flight: no synchronization per elementwise operation, which matters on small tiles and on a
+    loaded machine."""
+
+    def stored(index: int, rows: slice, cols: slice) -> None:
+        bar.update(1)
+        if record is not None:
+            record(index)
+        if on_tile is not None:
+            on_tile(index, rows, cols)
+
     with _progress_bar(len(todo), progress, rank, desc) as bar:
         if threads <= 1 or len(todo) <= 1:
             with intra_op_threads(threads):  # one tile: torch's own threads inside it
-                for rows, cols in todo:
+                for index, rows, cols in todo:
                     _one_tile(block_fn, sink, symmetric, dtype, rows, cols)
-                    bar.update(1)
+                    stored(index, rows, cols)
             return
-        for _ in ordered_map(lambda tile: _one_tile(block_fn, sink, symmetric, dtype, *tile), todo, threads):
-            bar.update(1)
+        work = ordered_map(lambda tile: _one_tile(block_fn, sink, symmetric, dtype, *tile[1:]), todo, threads)
+        with closing(work):  # on an exception here: wait for the tiles in flight before the file closes
+            for _, tile in zip(work, todo):
+                stored(*tile)

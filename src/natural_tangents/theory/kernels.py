@@ -32,7 +32,6 @@ per sample, and ReLU and erf use a fused closed-form recursion per tile (:mod:`.
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,7 +40,7 @@ from torch import Tensor
 
 from .. import activations as _act
 from .._checks import as_tensor, check_batch
-from ..tiling import default_batch_size, intra_op_threads, tiled
+from ..tiling import default_batch_size, fingerprint, intra_op_threads, tiled
 from . import tiles as _tiles
 from .architecture import Architecture, check_depth, check_variances, resolve
 
@@ -124,10 +123,14 @@ class _Problem:
     method: str
     order: int | None
 
-    def signature(self, what: str) -> tuple:
-        """What every rank must agree on: the data (a CRC of its bytes) and the settings."""
-        crc = [zlib.crc32(x.contiguous().numpy()) for x in (self.x1, self.x2)]
-        return (what, tuple(self.x1.shape), tuple(self.x2.shape), crc, repr(self.arch), self.method, self.order)
+    def signature(self, what: str) -> tuple[str, str]:
+        """What identifies the kernel: a SHA-256 of the data's bytes and of the settings, with the
+        activation by its values and derivatives on a grid (two callables with the same label differ)."""
+        act = self.arch.activation
+        grid = torch.cat([torch.linspace(-6.0, 6.0, 97, dtype=_F64), torch.tensor(act.kinks, dtype=_F64)])
+        probe = (act(grid), act.derivative(grid))
+        settings = (repr(self.arch), self.method, self.order, self.symmetric)
+        return what, fingerprint(self.x1, self.x2, probe, settings)
 
 
 def _problem(x1, x2, arch: Architecture, method: str, order: int | None) -> _Problem:
@@ -139,21 +142,19 @@ def _problem(x1, x2, arch: Architecture, method: str, order: int | None) -> _Pro
     return _Problem(x1, x2, q1, q2, False, arch, method, order)
 
 
-def _run(problem: _Problem, block, what, *, lead, batch_size, out, process_group, progress, dtype, threads) -> Tensor:
+def _run(problem: _Problem, block, what, *, lead, dtype, threads, **tiling) -> Tensor:
     n1, n2 = problem.x1.shape[0], problem.x2.shape[0]
+    needed = tiling["out"] is not None or tiling["process_group"] is not None
     return tiled(
         block,
         n1,
         None if problem.symmetric else n2,
-        batch_size=batch_size,
-        out=out,
-        process_group=process_group,
-        progress=progress,
         dtype=dtype,
         lead=lead,
-        signature=() if process_group is None else problem.signature(what),
+        signature=problem.signature(what) if needed else (),
         desc=f"analytic {what}",
         threads=threads,
+        **tiling,
     )
 
 
@@ -171,8 +172,10 @@ def kernels(
     order: int | None = None,
     batch_size: int | None = None,
     out: str | os.PathLike | None = None,
+    overwrite: bool = False,
     process_group=None,
     progress: bool | None = None,
+    on_tile: Callable[[int, slice, slice], None] | None = None,
 ) -> AnalyticKernels:
     """All infinite-width signals of an L-layer MLP (the paper's (S.168)–(S.178)); see :class:`AnalyticKernels`.
 
@@ -189,8 +192,11 @@ def kernels(
             :mod:`natural_tangents.theory.gaussian`.
         batch_size: the tile side (default: about 512²/(5L) entries per tile and signal).
         out: a ``.npy`` path: the (5L, N1, N2) stack [A_0 … A_{L−1}, Q_1 … Q_L, Ξ_1 … Ξ_{L−1},
-            B_1 … B_L, Θ_1 … Θ_L, Θ_ana] is written there and the fields are views of it.
-        process_group, progress: see :func:`natural_tangents.tiling.tiled`.
+            B_1 … B_L, Θ_1 … Θ_L, Θ_ana] is written there and the fields are views of it. An
+            interrupted run into ``out`` with the same inputs and settings is resumed.
+        overwrite: replace an existing ``out`` and discard an unfinished run of other arguments
+            (default False: refuse both, ``FileExistsError``).
+        process_group, progress, on_tile: see :func:`natural_tangents.tiling.tiled`.
 
     Returns:
         An :class:`AnalyticKernels` in float64; ``.ntk`` is J J^T without the 1/N, comparable with
@@ -209,8 +215,8 @@ def kernels(
         if batch_size is None:
             batch_size = default_batch_size(p.x1.shape[0], p.x2.shape[0], stack=5 * L)
         stack = _run(
-            p, block, "kernels", lead=(5 * L,), batch_size=batch_size, out=out,
-            process_group=process_group, progress=progress, dtype=_F64, threads=threads,
+            p, block, "kernels", lead=(5 * L,), batch_size=batch_size, out=out, overwrite=overwrite,
+            process_group=process_group, progress=progress, dtype=_F64, threads=threads, on_tile=on_tile,
         )  # fmt: skip
         lay = _tiles.stack_layout(L)
         return AnalyticKernels(
@@ -243,9 +249,11 @@ def ntk(
     order: int | None = None,
     batch_size: int | None = None,
     out: str | os.PathLike | None = None,
+    overwrite: bool = False,
     process_group=None,
     progress: bool | None = None,
     dtype: torch.dtype = _F64,
+    on_tile: Callable[[int, slice, slice], None] | None = None,
 ) -> Tensor:
     """The infinite-width NTK Θ_ana(x1, x2) (S.169), shape (N1, N2), *without* the 1/N.
 
@@ -258,10 +266,15 @@ def ntk(
         x1, x2, arch, depth, activation, sigma_w2, sigma_b2, method, order: as in :func:`kernels`.
         batch_size: the tile side (default 512).
         out: a ``.npy`` path to write the (N1, N2) kernel into; the result is backed by that file.
+            The file appears at ``out`` only when complete; an interrupted run into ``out`` with
+            the same inputs and settings is resumed from its finished tiles.
+        overwrite: replace an existing ``out`` and discard an unfinished run of other arguments
+            (default False: refuse both, ``FileExistsError``).
         process_group: a ``torch.distributed`` group sharing the tiles (None: this process); every
             rank gets the whole kernel (or, with ``out=``, every rank writes its tiles into the one file).
         progress: a progress bar (None: when stderr is a terminal and the kernel is large).
         dtype: the stored kernel's dtype (float64 default; the computation is float64 either way).
+        on_tile: ``on_tile(index, rows, cols)`` after each tile (see :func:`natural_tangents.tiling.tiled`).
     """
     arch = resolve(arch, depth, activation, sigma_w2, sigma_b2)
     with intra_op_threads(1) as threads:  # tiles in parallel; the setup on one thread
@@ -282,6 +295,6 @@ def ntk(
             return _tiles.ntk_tile_generic(*args, method, order)
 
         return _run(
-            p, block, "NTK", lead=(), batch_size=batch_size, out=out,
-            process_group=process_group, progress=progress, dtype=dtype, threads=threads,
+            p, block, "NTK", lead=(), batch_size=batch_size, out=out, overwrite=overwrite,
+            process_group=process_group, progress=progress, dtype=dtype, threads=threads, on_tile=on_tile,
         )  # fmt: skip
