@@ -2,7 +2,7 @@
 
 Setting of the foundation issue: L = 3, M = 4096, M_0 = 784, N = 100, C = 1, float32 and float64.
 Prints, per dtype, the median time of (a) one forward + backward of the MSE loss through autograd
-and (b) ``net.factors(x)`` plus the L per-layer kernels J_l J_l^T, their ratio, and
+and (b) ``net.signals(x)`` plus the L per-layer kernels J_l J_l^T, their ratio, and
 the peak extra memory of each (an explicit float32 Jacobian would need N·P·4 bytes ≈ 8 GB).
 
     python benchmarks/factors.py [--width 4096] [--n 100] [--repeats 5]
@@ -40,7 +40,7 @@ def autograd_step(state) -> None:
 
 def factors_and_kernels(state) -> None:
     net, x, _ = state
-    fx = net.factors(x)
+    fx = net.signals(x)
     layer_kernels(fx)
 
 

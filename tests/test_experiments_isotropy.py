@@ -37,7 +37,7 @@ def test_unitwise_diagonal_counts_active_units():
     """The premise of the spread theory (S.137): Θ̄ = diag(C + number of active hidden units)."""
     x = nat.data.gaussian(12, 30, seed=1)
     net = nat.MLP([30, 64, 64, 1], "relu", sigma_w2=2.0, sigma_b2=0.5, seed=1, dtype=torch.float64)
-    fx = net.factors(x)
+    fx = net.signals(x)
     counts = 1 + sum((fx.backward[l][0] != 0).sum(1).double() for l in range(2))
     tb = nat.fisher.Unitwise().coefficient(net, x)  # ρ → 0: exact projectors
     torch.testing.assert_close(torch.diagonal(tb), counts, rtol=0, atol=1e-6)

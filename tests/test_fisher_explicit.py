@@ -10,6 +10,7 @@ import torch
 import natural_tangents as nat
 from _explicit import ce_metric, ce_residual, explicit_fisher_of, explicit_signals, flat, jacobian
 from natural_tangents import fisher as F
+from natural_tangents.linalg.tridiagonal import TridiagonalSystem
 
 TOL = 1e-8
 # (widths without C, N): a wide net (dual forms everywhere) and a narrow one (primal K-FAC factors,
@@ -138,15 +139,12 @@ def test_standard_and_ntk_parameterizations_give_the_same_function_space_step():
 @pytest.mark.parametrize("route", ["input_first", "output_first", "middle"])
 @pytest.mark.parametrize("c", [1, 2])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kfac_update_is_the_same_in_every_product_order(monkeypatch, route, c, shape):
+def test_kfac_update_is_the_same_in_every_product_order(route, c, shape):
     """The damped K-FAC update multiplies (B* + ρ)^{-1} Δ^T, R and a (A* + ρ)^{-1} in the cheapest
     order; every order (input side first, output side first, the N·C × N middle first) must give the
     explicit (G + ρI)^{-1} ∇L."""
-    from natural_tangents.fisher import kfac
-
-    monkeypatch.setattr(kfac, "_FORCE_ROUTE", route)
     widths, n = shape
-    fisher = F.KFAC(damping=1e-3)
+    fisher = F.KFAC(damping=1e-3, product_order=route)
     net = _net(widths, c, True)
     x, y = _data(n, widths[0], c)
     g = _explicit(fisher, net, x, None)
@@ -160,8 +158,6 @@ def test_block_tridiagonal_elimination_matches_the_whole_system(depth, ends):
     """The O(L K³) block elimination of a tri-diagonal Σ against the dense (L·K)³ solve, with
     non-symmetric blocks (Λ Θ_l) and a Σ with zero, negative and unequal entries; the end layers are
     eliminated first unless their diagonal entry is zero."""
-    from natural_tangents.fisher.layerwise import block_tridiagonal_solve
-
     g = torch.Generator().manual_seed(depth)
     k = 7
     s = torch.diag(1.0 + torch.rand(depth, generator=g, dtype=torch.float64))
@@ -177,46 +173,36 @@ def test_block_tridiagonal_elimination_matches_the_whole_system(depth, ends):
     big = (s[:, None, :, None] * left.permute(1, 0, 2)[None]).reshape(depth * k, depth * k)
     big = big + 1e-3 * torch.eye(depth * k, dtype=torch.float64)
     want = torch.linalg.solve(big, rhs.repeat(depth, 1))
-    got = torch.cat(block_tridiagonal_solve(s, left, 1e-3, rhs))
+    got = torch.cat(TridiagonalSystem(s, left, 1e-3, symmetric=False, options=F.SolverOptions()).solve(rhs))
     assert _rel(got, want) < 1e-10
     theta = j @ j.mT / k  # symmetric PSD blocks: the end layers by Cholesky
     big = (s[:, None, :, None] * theta.permute(1, 0, 2)[None]).reshape(depth * k, depth * k)
     want = torch.linalg.solve(big + 1e-3 * torch.eye(depth * k, dtype=torch.float64), rhs.repeat(depth, 1))
-    got = torch.cat(block_tridiagonal_solve(s, theta, 1e-3, rhs, symmetric=True))
+    got = torch.cat(TridiagonalSystem(s, theta, 1e-3, symmetric=True, options=F.SolverOptions()).solve(rhs))
     assert _rel(got, want) < 1e-10
 
 
 @pytest.mark.parametrize("depth", [2, 3, 4])
-def test_block_tridiagonal_mixed_precision_refinement(monkeypatch, depth):
+def test_block_tridiagonal_mixed_precision_refinement(depth):
     """Large float64 blocks are factored in float32 and refined: the solution agrees with the float64
     elimination to float64 rounding (certified backward error); a system too ill-conditioned for a
     float32 factorization (ρ = 1e-12 on rank-deficient blocks) is refused by the certificate and
     falls back to the float64 factorization."""
-    from natural_tangents.fisher import block_tridiagonal as bt
-
     g = torch.Generator().manual_seed(10 + depth)
     k = 40
     s = nat.fisher.tridiagonal_sigma(depth)
-    calls = {"low": 0, "high": 0}
-    real_factor = bt.factor
-
-    def counting_factor(s_, left_, *args, **kw):
-        calls["low" if left_.dtype == torch.float32 else "high"] += 1
-        return real_factor(s_, left_, *args, **kw)
-
-    monkeypatch.setattr(bt, "factor", counting_factor)
+    float64_only = F.SolverOptions(tridiagonal_refine_min_rows=10**9)
+    refined = F.SolverOptions(tridiagonal_refine_min_rows=0)
     for rank, damping, fallback in [(3 * k, 1e-3, False), (k // 2, 1e-12, True)]:
         j = torch.randn(depth, k, rank, generator=g, dtype=torch.float64)
         theta = j @ j.mT / rank
         rhs = torch.randn(k, 1, generator=g, dtype=torch.float64)
         big = (s[:, None, :, None] * theta.permute(1, 0, 2)[None]).reshape(depth * k, depth * k)
         want = torch.linalg.solve(big + damping * torch.eye(depth * k, dtype=torch.float64), rhs.repeat(depth, 1))
-        monkeypatch.setattr(bt, "_REFINE_MIN_ROWS", 10**9)  # float64 only
-        direct = torch.cat(bt.block_tridiagonal_solve(s, theta, damping, rhs, symmetric=True))
-        calls.update(low=0, high=0)
-        monkeypatch.setattr(bt, "_REFINE_MIN_ROWS", 0)
-        got = torch.cat(bt.block_tridiagonal_solve(s, theta, damping, rhs, symmetric=True))
-        assert calls == {"low": 1, "high": int(fallback)}
+        direct = torch.cat(TridiagonalSystem(s, theta, damping, symmetric=True, options=float64_only).solve(rhs))
+        system = TridiagonalSystem(s, theta, damping, symmetric=True, options=refined)
+        got = torch.cat(system.solve(rhs))
+        assert dict(system.routes) == ({"tridiagonal": 1} if fallback else {"tridiagonal refined": 1})
         if fallback:  # the float64 elimination itself
             assert torch.equal(got, direct)
         else:
@@ -225,50 +211,39 @@ def test_block_tridiagonal_mixed_precision_refinement(monkeypatch, depth):
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_block_tridiagonal_refined_update_matches_explicit(monkeypatch, loss):
+def test_block_tridiagonal_refined_update_matches_explicit(loss):
     """The tri-diagonal Fisher's update through the float32 factorization and float64 refinement
-    (forced at this small size) against the explicit P × P Fisher, MSE (symmetric blocks) and
-    cross-entropy (blocks Λ Θ_l)."""
-    from natural_tangents.fisher import block_tridiagonal as bt
-
-    monkeypatch.setattr(bt, "_REFINE_MIN_ROWS", 0)
-    dtypes, real_factor = [], bt.factor
-    monkeypatch.setattr(
-        bt, "factor", lambda s, left, *a, **kw: dtypes.append(left.dtype) or real_factor(s, left, *a, **kw)
-    )
+    (forced at this small size) against the explicit P × P Fisher, MSE and cross-entropy (the
+    whitened blocks Λ^½ Θ_l Λ^½)."""
     widths, n = SHAPES[0]
     c = 2
     lossf = nat.losses.CrossEntropy(output_damping=0.05) if loss == "ce" else nat.losses.MSE()
-    fisher = F.BlockTriDiagonal(damping=1e-3, loss=lossf)
+    fisher = F.BlockTriDiagonal(damping=1e-3, loss=lossf, options=F.SolverOptions(tridiagonal_refine_min_rows=0))
     net = _net(widths, c, True, activation="relu")
     x, y = _data(n, widths[0], c, loss=loss)
     f = net(x).detach()
     lam = ce_metric(f, 0.05) if loss == "ce" else None
     g = _explicit(fisher, net, x, lam)
     grad = jacobian(net, x).T @ (ce_residual(f, y) if loss == "ce" else f - y).reshape(-1) / n
-    assert _rel(flat(fisher.natural_gradient(net, x, y)), torch.linalg.solve(g, grad)) < TOL
-    assert dtypes == [torch.float32]  # certified without the float64 factorization
+    bound = fisher.at(net, x)
+    assert _rel(flat(bound.natural_gradient(y)), torch.linalg.solve(g, grad)) < TOL
+    assert dict(bound.routes) == {"tridiagonal refined": 1}  # certified without the float64 factorization
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("sigma_b2", [0.0, 0.5])
-def test_unitwise_cg_update_agrees_with_the_direct_one(monkeypatch, loss, sigma_b2):
+def test_unitwise_cg_update_agrees_with_the_direct_one(loss, sigma_b2):
     """solver="cg" (all units of a layer at once, one product per iteration) against the Cholesky
     route on a ReLU net with hundreds of units: agreement to about tol; the default "auto" (certified
     backward error) to rounding; with maxiter=1 every unit falls back to Cholesky and the update is
     the direct one."""
-    from natural_tangents.fisher import unitwise
-
     net = nat.MLP([20, 96, 80, 3], activation="relu", sigma_b2=sigma_b2, seed=3, dtype=torch.float64)
     x, y = _data(30, 20, 3, loss=loss)
     kw = {"damping": 1e-3, "loss": nat.losses.CrossEntropy(output_damping=0.05) if loss == "ce" else "mse"}
     direct = flat(F.Unitwise(solver="direct", **kw).natural_gradient(net, x, y))
-    fallbacks = []
-    solve = unitwise.Unitwise._solve_units
-    monkeypatch.setattr(unitwise.Unitwise, "_solve_units", lambda self, *a: fallbacks.append(1) or solve(self, *a))
-    cg = flat(F.Unitwise(solver="cg", tol=1e-12, **kw).natural_gradient(net, x, y))
-    auto = flat(F.Unitwise(**kw).natural_gradient(net, x, y))
-    assert not fallbacks  # converged (and certified) by conjugate gradients alone
+    cg_bound, auto_bound = F.Unitwise(solver="cg", tol=1e-12, **kw).at(net, x), F.Unitwise(**kw).at(net, x)
+    cg, auto = flat(cg_bound.natural_gradient(y)), flat(auto_bound.natural_gradient(y))
+    assert cg_bound.routes["cg fallback"] == auto_bound.routes["cg fallback"] == 0  # conjugate gradients alone
     assert _rel(cg, direct) < 1e-8
     assert _rel(auto, direct) < 1e-12
     loose = flat(F.Unitwise(solver="cg", tol=1e-4, **kw).natural_gradient(net, x, y))
@@ -276,26 +251,39 @@ def test_unitwise_cg_update_agrees_with_the_direct_one(monkeypatch, loss, sigma_
     for solver in ("cg", "auto"):
         one = flat(F.Unitwise(solver=solver, maxiter=1, **kw).natural_gradient(net, x, y))
         assert _rel(one, direct) < 1e-12
-    monkeypatch.setattr(unitwise, "_CG_ELEMENTS", 30 * 7)  # seven units per pass
-    assert _rel(flat(F.Unitwise(**kw).natural_gradient(net, x, y)), direct) < 1e-12
+    seven = F.SolverOptions(cg_elements=30 * 7)  # seven units per pass
+    assert _rel(flat(F.Unitwise(options=seven, **kw).natural_gradient(net, x, y)), direct) < 1e-12
 
 
-def test_unitwise_auto_solver_falls_back_where_it_cannot_certify(monkeypatch):
+def test_unitwise_auto_solver_falls_back_where_it_cannot_certify():
     """At a tiny damping some units' systems are too ill-conditioned for the backward-error
     certificate; those (and only those) go through Cholesky, and the update matches the direct one."""
-    from natural_tangents.fisher import unitwise
-
     net = nat.MLP([20, 96, 80, 3], activation="relu", sigma_b2=0.5, seed=3, dtype=torch.float64)
     x, y = _data(30, 20, 3)
     direct = flat(F.Unitwise(damping=1e-8, solver="direct").natural_gradient(net, x, y))
-    fallbacks = []
-    solve = unitwise.Unitwise._solve_units
-    monkeypatch.setattr(
-        unitwise.Unitwise, "_solve_units", lambda self, k, s, rhs: fallbacks.append(len(s)) or solve(self, k, s, rhs)
-    )
-    auto = flat(F.Unitwise(damping=1e-8).natural_gradient(net, x, y))
-    assert 0 < sum(fallbacks) < 96 + 80
+    bound = F.Unitwise(damping=1e-8).at(net, x)
+    auto = flat(bound.natural_gradient(y))
+    assert 0 < bound.routes["cg fallback"] < 96 + 80
     assert _rel(auto, direct) < 1e-9
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_unitwise_cg_units_converged_but_not_certified_take_the_direct_route(loss):
+    """A certificate stricter than the one float64 arithmetic can meet (``certify`` = 1e-3 of the
+    bound): conjugate gradients converge (their recursive residual keeps falling) but the true residual
+    of a unit stays above the bound, so every such unit is solved again directly, each under its own
+    id: the update equals the direct one and the reference route's."""
+    net = nat.MLP([20, 48, 40, 3], activation="relu", sigma_b2=0.5, seed=5, dtype=torch.float64)
+    x, y = _data(30, 20, 3, loss=loss)
+    kw = {"damping": 1e-3, "loss": nat.losses.CrossEntropy(output_damping=0.05) if loss == "ce" else "mse"}
+    reference = flat(F.Unitwise(solver="reference", **kw).natural_gradient(net, x, y))
+    direct = flat(F.Unitwise(solver="direct", **kw).natural_gradient(net, x, y))
+    assert _rel(direct, reference) < 1e-12
+    strict = F.SolverOptions(certify=1e-3, cg_elements=30 * 5)  # five units per pass: ids across passes
+    bound = F.Unitwise(options=strict, **kw).at(net, x)
+    got = flat(bound.natural_gradient(y))
+    assert bound.routes["cg fallback"] > 0
+    assert _rel(got, direct) < 1e-12
 
 
 @pytest.mark.parametrize(
@@ -317,34 +305,35 @@ def test_unitwise_solver_options_are_checked(kw, word):
 def test_zero_damping_inverse_is_the_pseudo_inverse_by_either_route(rank):
     """At ρ = 0 a kernel far from singular is inverted by Cholesky, a singular one by the
     eigendecomposition's pseudo-inverse; both equal the pseudo-inverse."""
-    from natural_tangents.fisher import base
+    from natural_tangents.linalg import psd
 
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(40, rank, generator=g, dtype=torch.float64)
     a = x @ x.T
-    got = base.inverse_psd(a, 0.0)
+    got = psd.inverse_psd(a, 0.0)
     want = torch.linalg.pinv(a, hermitian=True)
     assert _rel(got, want) < 1e-9
-    assert (base.cholesky_if_nonsingular(a) is not None) == (rank == 40)
+    assert (psd.cholesky_if_nonsingular(a) is not None) == (rank == 40)
     b = torch.randn(40, 3, generator=g, dtype=torch.float64)
-    assert _rel(base.solve_psd(a, b), want @ b) < 1e-9
+    assert _rel(psd.solve_psd(a, b), want @ b) < 1e-9
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("c", [1, 2])
-def test_kfac_zero_damping_update_by_factors_matches_the_pseudo_inverses(monkeypatch, shape, c):
+def test_kfac_zero_damping_update_by_factors_matches_the_pseudo_inverses(shape, c):
     """At ρ = 0 the K-FAC update through Cholesky factors (taken only when the factors are far from
-    singular) equals the update through the eigendecomposition pseudo-inverses of both factors."""
-    from natural_tangents.fisher import kfac
-
+    singular, the eigendecomposition's pseudo-inverse otherwise) equals the explicit pseudo-inverse of
+    B* ⊗ A*, in every product order."""
     widths, n = shape
     net = _net(widths, c, True)
     x, y = _data(n, widths[0], c)
     fisher = F.KFAC(damping=0.0, warn=False)
-    fast = flat(fisher.natural_gradient(net, x, y))
-    monkeypatch.setattr(kfac.KFAC, "_fast", lambda self, bound, layer: False)
-    slow = flat(fisher.natural_gradient(net, x, y))
-    assert _rel(fast, slow) < 1e-8
+    want = torch.linalg.pinv(_explicit(fisher, net, x, None), hermitian=True) @ (
+        jacobian(net, x).T @ (net(x) - y).reshape(-1) / n
+    )
+    for order in ("auto", "input_first", "output_first"):
+        got = flat(F.KFAC(damping=0.0, warn=False, product_order=order).natural_gradient(net, x, y))
+        assert _rel(got, want.detach()) < 1e-8, order
 
 
 def test_kfac_float32_network_factors_in_float32_with_a_float64_fallback():
@@ -352,8 +341,6 @@ def test_kfac_float32_network_factors_in_float32_with_a_float64_fallback():
     and the update agrees with the float64 network's to float32 accuracy; a kernel too singular for a
     float32 Cholesky (duplicated samples, ρ = 1e-10), or a float32 Gram with an overflowed entry, is
     formed and factored in float64 instead."""
-    from natural_tangents.fisher.kfac import _dual_cholesky
-
     net64 = nat.MLP([6, 40, 40, 1], activation="relu", sigma_b2=0.5, seed=2, dtype=torch.float64)
     net32 = nat.MLP([6, 40, 40, 1], activation="relu", sigma_b2=0.5, seed=2, dtype=torch.float32)
     x, y = _data(20, 6, 1)
@@ -362,13 +349,14 @@ def test_kfac_float32_network_factors_in_float32_with_a_float64_fallback():
     got = flat(fisher.natural_gradient(net32, x.float(), y.float())).double()
     assert _rel(got, want) < 1e-4
     a = torch.randn(12, 30, generator=torch.Generator().manual_seed(0))
-    assert _dual_cholesky(a, 1 / 12, 1e-3, torch.float64).dtype == torch.float32
+    batch = fisher.at(net32, x.float())
+    assert batch.factor_side(a, 1 / 12).dual.chol.dtype == torch.float32
     dup = torch.cat([a, a])  # a singular kernel
-    chol = _dual_cholesky(dup, 1 / 24, 1e-10, torch.float64)
+    chol = F.KFAC(damping=1e-10).at(net32, x.float()).factor_side(dup, 1 / 24).dual.chol
     assert chol.dtype == torch.float64
     k = (dup.double() @ dup.double().T) / 24 + 1e-10 * torch.eye(24, dtype=torch.float64)
     assert _rel(chol @ chol.T, k) < 1e-12
     big = a.clone()
     big[-1] *= 1e19  # only the last diagonal entry of the float32 Gram overflows: info = 0, L_NN = inf
-    chol = _dual_cholesky(big, 1 / 12, 1e-3, torch.float64)
+    chol = batch.factor_side(big, 1 / 12).dual.chol
     assert chol.dtype == torch.float64 and bool(torch.isfinite(chol).all())

@@ -65,7 +65,7 @@ def test_unitwise_alpha_counts_active_units(relu3):
     expected = 2 * M / 2 + 1
     assert iso.alpha == pytest.approx(expected, rel=0.02)
     assert float((tb - torch.diag(torch.diagonal(tb))).abs().max()) < 1e-8
-    fx = relu3.factors(x)
+    fx = relu3.signals(x)
     active = sum((fx.backward[l][0] != 0).sum(1) for l in range(2)) + 1
     assert torch.allclose(torch.diagonal(tb), active.to(tb.dtype), atol=1e-8)
     spread = 3.5 * math.sqrt(2 * M / 4) / expected

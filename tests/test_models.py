@@ -461,7 +461,7 @@ def test_modules_before_the_first_linear_transform_its_forward_signal():
     input, and f is model(x)."""
     model = _build(lambda: nn.Sequential(nn.Flatten(), nn.Tanh(), nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 2)))
     x, _ = _data(4, (2, 3), 2)
-    fx = nat.kernels.model_factors(model, x)
+    fx = nat.models.signals(model, x)
     assert torch.equal(fx.forward[0][:, :-1], torch.tanh(x.reshape(4, 6)))
     assert torch.allclose(fx.f, model(x), rtol=1e-14, atol=1e-15)
 

@@ -77,7 +77,7 @@ def test_unit_kernels_equal_explicit_row_jacobians(c):
 def test_factors_shapes_and_signals():
     net = nat.MLP([5, 7, 6, 3], activation="relu", sigma_b2=0.5, dtype=torch.float64)
     x = _x(4, 5, 0)
-    fx = net.factors(x)
+    fx = net.signals(x)
     assert fx.f.shape == (4, 3)
     assert [a.shape for a in fx.forward] == [(4, 6), (4, 8), (4, 7)]
     assert [d.shape for d in fx.backward] == [(3, 4, 7), (3, 4, 6), (3, 4, 3)]

@@ -1,7 +1,8 @@
-"""The unit-wise Fisher's batched support systems (fisher/support_systems.py): the float32 Cholesky
-with float64 refinement and the complement route through K^{-1}, each against float64 solves of the
-gathered systems, their refusal of systems they cannot certify, and the unit-wise update through
-them (forced at small sizes) against the explicit P × P Fisher and the float64 route."""
+"""The unit-wise Fisher's batched support systems (linalg/support.py, linalg/unit_systems.py): the
+float32 Cholesky with float64 refinement and the complement route through K^{-1}, each against float64
+solves of the gathered systems, their refusal of systems they cannot certify, and the unit-wise update
+through them (forced at small sizes by SolverOptions) against the explicit P × P Fisher and the
+float64 route; the routes taken are read from the bound Fisher's ``routes``."""
 
 import pytest
 import torch
@@ -9,8 +10,11 @@ import torch
 import natural_tangents as nat
 from _explicit import ce_metric, ce_residual, explicit_fisher_of, explicit_signals, flat, jacobian
 from natural_tangents import fisher as F
-from natural_tangents.fisher import support_systems as ss
-from natural_tangents.fisher import unitwise
+from natural_tangents.linalg import lapack
+from natural_tangents.linalg import support as ss
+from natural_tangents.linalg.lapack import Scratch, ScratchPool
+
+FORCED = F.SolverOptions(refine_min_size=0)  # every update system through the mixed routes
 
 
 def _rel(a, b):
@@ -59,7 +63,7 @@ def test_refined_support_solve_matches_float64_solves(damping, scaled):
     k_low = torch.block_diag(k, torch.eye(m, dtype=k.dtype)).float()
     t = (0.5 + torch.rand(idx.shape, generator=g, dtype=torch.float64)) / n**0.5 if scaled else None
     c = torch.randn(idx.shape, generator=g, dtype=torch.float64) * valid
-    z, ok = ss.refined_solve(k, k_low, idx, sub_idx, valid, t, damping, c, ss.Scratch())
+    z, ok = ss.refined_solve(k, k_low, idx, sub_idx, valid, t, damping, c, Scratch())
     want = _reference(k, idx, valid, t, damping, c)
     assert bool(ok.all())
     assert _rel(z, want) < 1e-11
@@ -85,7 +89,7 @@ def test_complement_route_matches_float64_solves():
     out_valid = torch.arange(q)[None, :] < (n - valid.sum(1))[:, None]
     p_ext = torch.block_diag(torch.linalg.inv(k), torch.eye(q, dtype=k.dtype))
     c = torch.randn(idx.shape, generator=g, dtype=torch.float64) * valid
-    z, ok = ss.complement_solve(k, p_ext, idx, valid, out_idx, out_valid, c, ss.Scratch())
+    z, ok = ss.complement_solve(k, p_ext, idx, valid, out_idx, out_valid, c, Scratch())
     assert bool(ok.all())
     assert _rel(z, _reference(k, idx, valid, None, 0.0, c)) < 1e-11
 
@@ -114,58 +118,41 @@ def test_systems_beyond_float32_are_not_certified():
 def test_principal_submatrices_gather():
     k = torch.arange(49.0).reshape(7, 7)
     idx = torch.tensor([[0, 3, 5], [6, 2, 1]])
-    got = ss.principal_submatrices(k, idx, ss.Scratch())
+    got = ss.principal_submatrices(k, idx, Scratch())
     assert torch.equal(got, torch.stack([k[i][:, i] for i in idx]))
 
 
-@pytest.fixture
-def forced(monkeypatch):
-    """Every update system through the mixed routes; counts of the units each route certified."""
-    monkeypatch.setattr(unitwise, "_REFINE_MIN_SIZE", 0)
-    seen = {"refined": 0, "complement": 0, "refused": 0}
-
-    def counting(name, fn):
-        def run(*args):
-            z, ok = fn(*args)
-            seen[name] += int(ok.sum())
-            seen["refused"] += int((~ok).sum())
-            return z, ok
-
-        return run
-
-    monkeypatch.setattr(unitwise, "refined_solve", counting("refined", ss.refined_solve))
-    monkeypatch.setattr(unitwise, "complement_solve", counting("complement", ss.complement_solve))
-    return seen
-
-
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_unitwise_update_through_the_mixed_routes_matches_explicit(forced, loss):
+def test_unitwise_update_through_the_mixed_routes_matches_explicit(loss):
     net = nat.MLP([6, 40, 36, 2], activation="relu", sigma_w2=1.7, sigma_b2=0.4, seed=0, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
     n = 12
     x = torch.randn(n, 6, generator=g, dtype=torch.float64)
     lossf = nat.losses.CrossEntropy(output_damping=0.05) if loss == "ce" else nat.losses.MSE()
     y = torch.nn.functional.one_hot(torch.arange(n) % 2, 2).double() if loss == "ce" else torch.randn(n, 2, generator=g)
-    fisher = F.Unitwise(damping=1e-3, loss=lossf, solver="direct")
+    fisher = F.Unitwise(damping=1e-3, loss=lossf, solver="direct", options=FORCED)
     f = net(x).detach()
     lam = ce_metric(f, 0.05) if loss == "ce" else None
     gmat = explicit_fisher_of(fisher, net, x, net.depth, explicit_signals, lam=lam)
     grad = jacobian(net, x).T @ (ce_residual(f, y) if loss == "ce" else f - y).reshape(-1) / n
-    got = flat(fisher.natural_gradient(net, x, y))
+    bound = fisher.at(net, x)
+    got = flat(bound.natural_gradient(y))
     assert _rel(got, torch.linalg.solve(gmat, grad)) < 1e-8
-    assert forced["refined"] > 0 and forced["refused"] == 0
+    assert bound.routes["refined"] > 0 and bound.routes["direct"] == 0  # every unit certified
 
 
-def test_unitwise_zero_damping_through_the_complement_route(forced, monkeypatch):
+def test_unitwise_zero_damping_through_the_complement_route():
     """At ρ = 0, supports above the threshold go through K^{-1}; the update equals the float64 one."""
     net = nat.MLP([30, 64, 64, 1], activation="relu", sigma_b2=0.0, seed=4, dtype=torch.float64)
     x = torch.randn(24, 30, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     y = torch.randn(24, 1, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    monkeypatch.setattr(unitwise, "_REFINE_MIN_SIZE", 10**9)
-    want = flat(F.Unitwise(damping=0.0).natural_gradient(net, x, y))
-    monkeypatch.setattr(unitwise, "_REFINE_MIN_SIZE", 0)
-    got = flat(F.Unitwise(damping=0.0).natural_gradient(net, x, y))
-    assert forced["complement"] > 0 and forced["refined"] > 0
+    direct = F.SolverOptions(refine_min_size=10**9, complement_fraction=1.0)  # float64 Cholesky only
+    float64 = F.Unitwise(damping=0.0, options=direct).at(net, x)
+    want = flat(float64.natural_gradient(y))
+    assert set(float64.routes) & {"refined", "complement"} == set()
+    bound = F.Unitwise(damping=0.0, options=FORCED).at(net, x)
+    got = flat(bound.natural_gradient(y))
+    assert bound.routes["complement"] > 0 and bound.routes["refined"] > 0 and bound.routes["direct"] == 0
     assert _rel(got, want) < 1e-10
 
 
@@ -174,7 +161,7 @@ def test_scratch_buffers_are_reused_and_never_shared():
     call); the pool hands concurrent jobs different sets and sequential ones the same."""
     n = 30
     k, g = _shared(n, 90, seed=8)
-    scratch = ss.Scratch()
+    scratch = Scratch()
     results = []
     for sizes in ([10, 12], [14, 15, 15], [8]):
         idx, valid = _supports(n, sizes, g)
@@ -187,7 +174,7 @@ def test_scratch_buffers_are_reused_and_never_shared():
         results.append((z, _reference(k, idx, valid, None, 0.0, c)))
     for z, want in results:
         assert _rel(z, want) < 1e-11
-    pool = ss.ScratchPool()
+    pool = ScratchPool()
     with pool.take() as one, pool.take() as two:
         assert one is not two
     with pool.take() as again:
@@ -213,7 +200,7 @@ def test_primal_solve_matches_float64_solves(refine):
     t = (0.2 + torch.rand(idx.shape, generator=g, dtype=torch.float64)) * valid
     t[3, r - 2 :] = 0.0  # unit 3: only r − 2 samples carry weight, a singular Gram
     rhs = torch.randn(len(idx), r, 1, generator=g, dtype=torch.float64)
-    phi, ok = ss.primal_solve(x, x.float() if refine else None, idx, t, rhs, ss.Scratch())
+    phi, ok = ss.primal_solve(x, x.float() if refine else None, idx, t, rhs, Scratch())
     assert ok.tolist() == [True, True, True, False]
     for i in range(3):
         rows = x[idx[i]] * t[i][:, None]
@@ -252,31 +239,22 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("refuse", [False, True])
-def test_unitwise_zero_damping_with_more_samples_than_inputs(monkeypatch, case, refuse):
+def test_unitwise_zero_damping_with_more_samples_than_inputs(case, refuse):
     """N > M_{l−1} + 1: K_SS is singular for supports larger than rank a, and the ρ = 0 limit is the
     weighted least-squares step pinv(D a_S) (not a^T K_SS^+). Update, Θ̄ (training and test inputs)
-    and α̂ against the explicit P × P pseudo-inverse; with every primal factorization refused, the
-    eigh fallback gives the same."""
+    and α̂ against the explicit P × P pseudo-inverse; with no refined primal solve certified
+    (``certify=0``), the eigh fallback gives the same."""
     net, x, x_test, y, lossf = _tiny(case)
-    seen = {"certified": 0, "refused": 0}
-
-    def counting(*args):
-        phi, ok = ss.primal_solve(*args)
-        ok = ok & (not refuse)
-        seen["certified"] += int(ok.sum())
-        seen["refused"] += int((~ok).sum())
-        return phi, ok
-
-    monkeypatch.setattr(unitwise, "primal_solve", counting)
-    fisher = F.Unitwise(damping=0.0, loss=lossf)
+    fisher = F.Unitwise(damping=0.0, loss=lossf, options=F.SolverOptions(certify=0.0 if refuse else 1.0))
     f = net(x).detach()
     lam = ce_metric(f, 0.05) if case[3] == "ce" else None
     pinv = torch.linalg.pinv(explicit_fisher_of(fisher, net, x, net.depth, explicit_signals, lam=lam), hermitian=True)
     j, jt = jacobian(net, x), jacobian(net, x_test)
     grad = j.T @ (ce_residual(f, y) if case[3] == "ce" else f - y).reshape(-1) / 12
-    assert _rel(flat(fisher.natural_gradient(net, x, y)), pinv @ grad) < 1e-8
-    assert seen["certified" if not refuse else "refused"] > 0
-    assert seen["refused" if not refuse else "certified"] == 0
+    bound = fisher.at(net, x)
+    assert _rel(flat(bound.natural_gradient(y)), pinv @ grad) < 1e-8
+    assert bound.routes["primal"] > 0
+    assert (bound.routes["primal pinv"] == bound.routes["primal"]) if refuse else bound.routes["primal pinv"] == 0
     assert _rel(F.flatten_coefficient(fisher.coefficient(net, x, x_test)), jt @ pinv @ j.T / 12) < 1e-8
     tb = j @ pinv @ j.T / 12
     want_alpha = torch.diagonal(tb if lam is None else tb @ torch.block_diag(*lam)).mean()
@@ -299,25 +277,25 @@ def test_unitwise_zero_damping_with_duplicate_samples():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cholesky_through_lapack_matches_torch(monkeypatch, dtype):
+def test_cholesky_through_lapack_matches_torch(dtype):
     """The in-place LAPACK factorization (lower triangle of the returned view) against torch's, in
     a batch with one matrix that is not positive definite (info > 0 there only), from a scratch
     buffer and in place; an empty batch."""
-    if not ss._POTRF:
+    if not lapack.has_lapack():
         pytest.skip("SciPy's LAPACK is not available to worker threads here")
     g = torch.Generator().manual_seed(11)
     a = torch.randn(4, 30, 40, generator=g, dtype=dtype)
     a = a @ a.mT
     a[2, 5, 5] = -1.0
-    chol, info = ss.cholesky(a, ss.Scratch())
+    chol, info = lapack.cholesky(a, Scratch())
     want, want_info = torch.linalg.cholesky_ex(a)
     assert info.tolist() == want_info.tolist() and info[2] > 0
     ok = info == 0
     tol = 1e-4 if dtype == torch.float32 else 1e-12
     assert _rel(chol[ok].tril(), want[ok]) < tol
     b = torch.randn(4, 30, 1, generator=g, dtype=dtype)
-    assert _rel(ss.cholesky_solve(chol[ok], b[ok]), torch.linalg.solve(a[ok], b[ok])) < 100 * tol
+    assert _rel(lapack.cholesky_solve(chol[ok], b[ok]), torch.linalg.solve(a[ok], b[ok])) < 100 * tol
     inplace = a[ok].contiguous()
-    chol2, _ = ss.cholesky(inplace, overwrite=True)
+    chol2, _ = lapack.cholesky(inplace, overwrite=True)
     assert chol2.data_ptr() == inplace.data_ptr() and torch.equal(chol2.tril(), chol[ok].tril())
-    assert ss.cholesky(a[:0])[0].shape == (0, 30, 30)
+    assert lapack.cholesky(a[:0])[0].shape == (0, 30, 30)

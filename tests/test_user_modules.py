@@ -210,19 +210,28 @@ def test_generic_modules_match_explicit(name):
     _check(make(damping=1e-2), kind, sigma, model, x, y, x_test)
 
 
-def test_ngd_on_the_cnn_computes_signals_once_per_step(monkeypatch):
+def test_ngd_on_the_cnn_computes_signals_once_per_step():
+    """One forward pass (the signals' hooks) and one factorization per step, also for the first
+    lr="optimal" step, which measures α̂ and takes the update from the same factorization."""
     model = _cnn(2)
     x, y = _data(8, 2)
     calls = []
-    real = nat.models.signals
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(F.base, "_signals", counting)
-    opt = nat.NGD(model, F.Exact(damping=1e-3), lr="optimal")
-    opt.step(x, y)  # α̂ and the update from one binding
-    assert len(calls) == 1 and opt.param_groups[0]["alpha"] > 0
-    opt.step(x, y)
-    assert len(calls) == 2
+    model.register_forward_hook(lambda *a: calls.append(1))
+    for fisher in (F.Exact(damping=1e-3), F.BlockDiagonal(damping=1e-3), F.KFAC(damping=1e-3)):
+        calls.clear()
+        opt = nat.NGD(model, fisher, lr="optimal")
+        opt.step(x, y)  # α̂ and the update from one binding
+        assert len(calls) == 1 and opt.param_groups[0]["alpha"] > 0
+        factorizations = sum(v for k, v in opt.last_routes.items() if k in ("cholesky", "eigh", "lu"))
+        assert factorizations == opt.last_routes.total(), opt.last_routes
+        first = dict(opt.last_routes)
+        opt.step(x, y)
+        assert len(calls) == 2 and dict(opt.last_routes) == first  # α̂ measured once: the same work
+    bound = F.Exact(damping=1e-3).at(model, x)
+    bound.natural_gradient(y)
+    bound.alpha_hat()
+    assert dict(bound.routes) == {"cholesky": 1}  # update first, then α̂: one factorization
+    bound = F.Exact(damping=1e-3).at(model, x)
+    bound.alpha_hat()
+    bound.natural_gradient(y)
+    assert dict(bound.routes) == {"cholesky": 1}  # α̂ first, then the update

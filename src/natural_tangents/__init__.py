@@ -10,7 +10,7 @@ from . import activations, data, distributed, dynamics, fisher, layers, losses, 
 from .kernels import empirical_ntk, empirical_unit_ntk
 from .network import MLP
 from .optim import GD, NGD, History, optimal_lr, train
-from .signals import Factors, Signals
+from .signals import Signals
 
 __version__ = "0.1.0"
 
@@ -18,7 +18,6 @@ __all__ = [
     "GD",
     "MLP",
     "NGD",
-    "Factors",
     "Signals",
     "layers",
     "distributed",

@@ -28,7 +28,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["agree", "all_reduce_sum", "check_group", "gather_rows", "gather_signals", "rank_and_size"]
+__all__ = [
+    "agree",
+    "all_reduce_sum",
+    "all_reduce_tensors",
+    "check_group",
+    "gather_batch",
+    "gather_rows",
+    "gather_signals",
+    "rank_and_size",
+]
 
 
 def check_group(process_group) -> None:
@@ -69,6 +78,16 @@ def all_reduce_sum(t: Tensor, group) -> Tensor:
     out = t.contiguous().clone()
     dist.all_reduce(out, group=group)
     return out
+
+
+def all_reduce_tensors(tensors: list[Tensor], group) -> list[Tensor]:
+    """The sums over the ranks of several tensors of one dtype, by one all-reduce of their entries
+    flattened into one buffer (the P update entries of a step travel together)."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def _gather_sizes(n: int, device, group) -> list[int]:
@@ -152,3 +171,18 @@ def gather_signals(local, model, group):
         tensors = [gather_rows(t, group, sizes) for t in layer.tensors()]
         layers.append(layer.with_tensors(tensors))
     return Signals(f=f, layers=tuple(layers), frozen_output=local.frozen_output), sum(sizes[:rank])
+
+
+def gather_batch(model, x, group, read):
+    """This rank's signals of its shard ``x`` (``read(model, x)``), the whole batch's on every rank,
+    and this rank's offset in it. The ranks first agree (:func:`agree`): a rank whose shard cannot be
+    read re-raises its error and the others name it, so that no collective is left hanging."""
+    check_group(group)
+    local, error = None, None
+    try:
+        local = read(model, x)
+    except (ValueError, TypeError, NotImplementedError, RuntimeError, FloatingPointError) as err:
+        error = err
+    agree(model, x, group, error)
+    full, offset = gather_signals(local, model, group)
+    return local, full, offset

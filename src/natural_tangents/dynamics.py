@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import as_tensor, check_finite, check_lr
+from .validation import as_tensor, check_finite, check_lr
 
 __all__ = ["LinearizedDynamics", "ngd", "gd", "linearized", "MinNormSolution", "min_norm"]
 

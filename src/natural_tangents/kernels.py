@@ -1,4 +1,4 @@
-"""Empirical neural tangent kernels from Jacobian factors (the paper's (S.66)–(S.68), (S.131)).
+"""Empirical neural tangent kernels from the layers' signals (the paper's (S.66)–(S.68), (S.131)).
 
 Convention (the neural-tangents one): these functions return J(x1) J(x2)^T *without* the 1/N of
 the paper's Θ = J J^T / N. Shapes: (N1, N2) for a single output, (N1, N2, C, C) for C > 1, where
@@ -14,41 +14,17 @@ import torch
 from torch import Tensor
 
 from .models import signals
-from .signals import Signals
+from .signals import Signals, public_shape
 from .tiling import fingerprint, tiled
 
-__all__ = ["empirical_ntk", "empirical_unit_ntk", "layer_kernels", "unit_kernels", "model_factors"]
-
-
-def model_factors(model, x, name: str = "x") -> Signals:
-    """Validated signals of ``x`` for any supported model (:class:`~natural_tangents.MLP` or an
-    ``nn.Module``, see :mod:`natural_tangents.models`)."""
-    return signals(model, x, name)
-
-
-def layer_kernels(f1: Signals, f2: Signals | None = None, dtype: torch.dtype | None = None) -> Tensor:
-    """Per-layer J_l(x1) J_l(x2)^T in flat function-space form, shape (L, N1·C, N2·C).
-
-    Rows and columns are sample-major: index n·C + k. No 1/N. ``dtype`` (default: the signals')
-    is the precision of the products, e.g. float64 for diagnostics of a float32 network.
-    """
-    return f1.layer_kernels(f2, dtype)
-
-
-def _public_shape(k: Tensor, n1: int, n2: int, c: int) -> Tensor:
-    """(…, N1·C, N2·C) sample-major → (…, N1, N2) for C = 1 or (…, N1, N2, C, C)."""
-    lead = k.shape[:-2]
-    if c == 1:
-        return k.reshape(*lead, n1, n2)
-    k = k.reshape(*lead, n1, c, n2, c)
-    return k.movedim(-3, -2)
+__all__ = ["empirical_ntk", "empirical_unit_ntk", "unit_grams"]
 
 
 def _chunked_signals(model, x, name: str, chunk: int) -> Signals:
     """Signals of ``x`` computed ``chunk`` samples at a time (bounds the forward pass's memory)."""
     if len(x) <= chunk:
-        return model_factors(model, x, name)
-    return Signals.cat([model_factors(model, x[i : i + chunk], name) for i in range(0, len(x), chunk)])
+        return signals(model, x, name)
+    return Signals.cat([signals(model, x[i : i + chunk], name) for i in range(0, len(x), chunk)])
 
 
 def empirical_ntk(
@@ -89,12 +65,12 @@ def empirical_ntk(
         layout of ``out``).
     """
     if batch_size is None and out is None and process_group is None and on_tile is None:
-        f1 = model_factors(model, x1, "x1")
-        f2 = f1 if x2 is None else model_factors(model, x2, "x2")
-        k = layer_kernels(f1, f2, dtype)
+        f1 = signals(model, x1, "x1")
+        f2 = f1 if x2 is None else signals(model, x2, "x2")
+        k = f1.grams(f2, dtype)
         if not per_layer:
             k = k.sum(0)
-        return _public_shape(k, f1.n, f2.n, f1.c)
+        return public_shape(k, f1.n, f2.n, f1.c)
     tiling = {"out": out, "overwrite": overwrite, "process_group": process_group, "progress": progress}
     return _tiled_ntk(model, x1, x2, per_layer, dtype, batch_size, on_tile=on_tile, **tiling)
 
@@ -108,7 +84,7 @@ def _tiled_ntk(model, x1, x2, per_layer, dtype, batch_size, **tiling) -> Tensor:
 
     def block(rows: slice, cols: slice) -> Tensor:
         n, m = rows.stop - rows.start, cols.stop - cols.start
-        k = f1.rows(rows).layer_kernels(f2.rows(cols), dtype).reshape(depth, n, c, m, c).permute(0, 2, 4, 1, 3)
+        k = f1.rows(rows).grams(f2.rows(cols), dtype).reshape(depth, n, c, m, c).permute(0, 2, 4, 1, 3)
         k = k if per_layer else k.sum(0)  # ([L,] C, C, n, m)
         return k[..., 0, 0, :, :] if c == 1 else k
 
@@ -134,7 +110,7 @@ def _tiled_ntk(model, x1, x2, per_layer, dtype, batch_size, **tiling) -> Tensor:
     return k.movedim((-4, -3), (-2, -1)) if c > 1 else k
 
 
-def unit_kernels(f1: Signals, f2: Signals | None, layer: int, dtype: torch.dtype | None = None) -> Tensor:
+def unit_grams(f1: Signals, f2: Signals | None, layer: int, dtype: torch.dtype | None = None) -> Tensor:
     """Per-unit J_{l,i}(x1) J_{l,i}(x2)^T of layer ``layer`` (0-based here), shape (U, N1·C, N2·C).
 
     For an affine layer unit i owns row i of [W_l | b_l] (an output feature or channel); for an MLP its
@@ -143,7 +119,7 @@ def unit_kernels(f1: Signals, f2: Signals | None, layer: int, dtype: torch.dtype
     f2 = f1 if f2 is None else f2
     s1, s2 = f1.layers[layer], f2.layers[layer]
     dtype = dtype or s1.dtype
-    if getattr(s1, "positions", 0) == 1 and getattr(s2, "positions", 0) == 1:
+    if s1.rank_one and s2.rank_one:
         a = s1.a[:, 0].to(dtype) @ s2.a[:, 0].to(dtype).T  # (N1, N2)
         b = torch.einsum("knm,jpm->mnkpj", s1.d[:, :, 0].to(dtype), s2.d[:, :, 0].to(dtype))  # (M, N1, C, N2, C)
         k = b * a[None, :, None, :, None]
@@ -158,9 +134,9 @@ def empirical_unit_ntk(model, x1, x2=None, *, layer: int, dtype: torch.dtype | N
 
     Returns (M_l, N1, N2) for C = 1 and (M_l, N1, N2, C, C) for C > 1 (no 1/N).
     """
-    f1 = model_factors(model, x1, "x1")
-    f2 = f1 if x2 is None else model_factors(model, x2, "x2")
+    f1 = signals(model, x1, "x1")
+    f2 = f1 if x2 is None else signals(model, x2, "x2")
     if not 1 <= int(layer) <= f1.depth:
         raise ValueError(f"layer: expected a layer number from 1 to L = {f1.depth}, got {layer}")
-    k = unit_kernels(f1, f2, int(layer) - 1, dtype)
-    return _public_shape(k, f1.n, f2.n, f1.c)
+    k = unit_grams(f1, f2, int(layer) - 1, dtype)
+    return public_shape(k, f1.n, f2.n, f1.c)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._checks import as_tensor, check_finite
+from .validation import as_tensor, check_finite
 
 __all__ = ["MSE", "CrossEntropy", "Loss", "get"]
 

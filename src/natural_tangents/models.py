@@ -36,9 +36,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import as_tensor, check_finite, check_outputs
 from .layers import kind_of
 from .signals import Signals
+from .validation import as_tensor, check_finite, check_outputs
 
 __all__ = ["signals", "parameterized_modules", "check_model", "supports"]
 

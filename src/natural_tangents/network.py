@@ -1,4 +1,4 @@
-"""Wide MLPs in the NTK parameterization and their Jacobian factors (the paper's (S.64)–(S.68)).
+"""Wide MLPs in the NTK parameterization and their Jacobian's signals (the paper's (S.64)–(S.68)).
 
 The network (docs/conventions.md), with widths M_0 (input), M_1 … M_{L−1} (hidden), M_L = C (outputs):
 
@@ -24,12 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from . import activations as _act
-from ._checks import check_batch, check_widths
 from .layers.affine import affine_signals
 from .signals import Signals
 from .theory.architecture import Architecture
+from .validation import check_batch, check_widths
 
-__all__ = ["MLP", "AffineLayer", "factors"]
+__all__ = ["MLP", "AffineLayer", "mlp_signals"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class AffineLayer:
         return u if self.activation is None else self.activation(u)
 
 
-def factors(layers: list[AffineLayer], x: Tensor) -> Signals:
+def mlp_signals(layers: list[AffineLayer], x: Tensor) -> Signals:
     """Forward and backward signals of ``x`` (N, M_0) through ``layers``.
 
     One batched forward pass and one backward pass vectorized over all C outputs at once:
@@ -240,14 +240,10 @@ class MLP(nn.Module):
             h = layer.output(layer.preactivation(h))
         return h
 
-    def factors(self, x: Tensor) -> Signals:
-        """Jacobian factors of the batch ``x`` (N, M_0): forward and backward signals per layer, see
-        :class:`~natural_tangents.signals.Signals`."""
-        return factors(self.layers(), self.check_input(x))
-
     def signals(self, x: Tensor, name: str = "x") -> Signals:
-        """As :meth:`factors`, with errors naming the argument ``name``."""
-        return factors(self.layers(), self.check_input(x, name))
+        """The signals of the batch ``x`` (N, M_0): forward and backward signals per layer, see
+        :class:`~natural_tangents.signals.Signals`; errors name the argument ``name``."""
+        return mlp_signals(self.layers(), self.check_input(x, name))
 
     def extra_repr(self) -> str:
         return (

@@ -18,6 +18,7 @@ the batch and the model's replicated parameters receive the whole batch's update
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,10 +28,10 @@ from torch import Tensor, nn
 
 from . import fisher as _fisher
 from . import losses as _losses
-from ._checks import check_lr, check_update, warn
 from .distributed import check_group
 from .fisher.base import BoundFisher, Fisher
 from .models import check_model
+from .validation import check_lr, check_update, warn
 
 __all__ = ["NGD", "GD", "History", "train", "optimal_lr"]
 
@@ -44,7 +45,7 @@ def optimal_lr(method: Fisher | str, model: nn.Module, x: Tensor, *, process_gro
     residual contracts monotonically (1 − ηλ ∈ [0, 1)). Rates up to 2/λ_max are stable for the
     linear model only; at finite width they diverge once λ_max moves."""
     if isinstance(method, str) and method.lower() == "gd":
-        theta = _fisher.Exact().at(model, x, process_group=process_group).layer_kernels().sum(0)
+        theta = _fisher.Exact().at(model, x, process_group=process_group).layer_kernels.sum(0)
         return 1.0 / float(torch.linalg.eigvalsh(theta)[-1])
     return 1.0 / _fisher.get(method).alpha_hat(model, x, process_group=process_group)
 
@@ -101,6 +102,8 @@ class NGD(torch.optim.Optimizer):
         self.fisher = _fisher.get(fisher)
         self.process_group = process_group
         self.nonfinite = nonfinite
+        #: the solver routes of the last step (factorizations, refined or direct solves), a Counter
+        self.last_routes: Counter = Counter()
         groups = param_groups if param_groups is not None else [{"params": list(model.parameters())}]
         super().__init__(groups, {"lr": lr, "lr_unit": lr_unit})
 
@@ -156,6 +159,7 @@ class NGD(torch.optim.Optimizer):
             bound = self.bind(x)
             grads = bound.natural_gradient(y)
             lrs = self.learning_rates(bound)
+            self.last_routes = bound.routes
             check_update(self.model, grads)
         except FloatingPointError as err:
             if self.nonfinite == "raise":

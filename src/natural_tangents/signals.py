@@ -13,7 +13,16 @@ from torch import Tensor
 from .layers.affine import AffineSignals
 from .layers.base import LayerSignals
 
-__all__ = ["Signals", "Factors"]
+__all__ = ["Signals", "public_shape"]
+
+
+def public_shape(k: Tensor, n1: int, n2: int, c: int) -> Tensor:
+    """A flat sample-major kernel (…, N1·C, N2·C) in the public shape: (…, N1, N2) for C = 1,
+    (…, N1, N2, C, C) for C > 1 (entry [n, m, k, j] pairs output k of sample n with output j of m)."""
+    lead = k.shape[:-2]
+    if c == 1:
+        return k.reshape(*lead, n1, n2)
+    return k.reshape(*lead, n1, c, n2, c).movedim(-3, -2)
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,7 @@ class Signals:
         return len(self.layers)
 
     def _affine(self) -> tuple[AffineSignals, ...]:
-        if not all(isinstance(s, AffineSignals) and s.positions == 1 for s in self.layers):
+        if not all(isinstance(s, AffineSignals) and s.rank_one for s in self.layers):
             raise TypeError("forward/backward signals exist only when every layer is a Linear layer (an MLP)")
         return self.layers  # type: ignore[return-value]
 
@@ -72,10 +81,6 @@ class Signals:
         return tuple(s.d[:, :, 0] for s in self._affine())
 
     @property
-    def has_bias(self) -> tuple[bool, ...]:
-        return tuple(bool(getattr(s, "has_bias", False)) for s in self.layers)
-
-    @property
     def widths(self) -> tuple[int, ...]:
         """Output widths (M_1, …, M_L) of the layers (MLPs only)."""
         return tuple(s.out_width for s in self._affine())
@@ -84,14 +89,11 @@ class Signals:
         """The same signals cast to ``dtype`` (e.g. float64 for kernels and diagnostics)."""
         return replace(self, f=self.f.to(dtype), layers=tuple(s.to(dtype) for s in self.layers))
 
-    def layer_kernels(self, other: Signals | None = None, dtype: torch.dtype | None = None) -> Tensor:
-        """Per-layer J_l(x) J_l(x′)^T, (L, N·C, N′·C) sample-major, no 1/N (S.68)."""
+    def grams(self, other: Signals | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """Per-layer J_l(x) J_l(x′)^T, (L, N·C, N′·C) sample-major, *no* 1/N (S.68); the paper's
+        Θ_l = J_l J_l^T / N of a batch is :meth:`~natural_tangents.fisher.BoundFisher.layer_kernels`."""
         o = self if other is None else other
         return torch.stack([s.gram(t if o is not self else None, dtype) for s, t in zip(self.layers, o.layers)])
-
-    def gradient(self, weights: Tensor, layer: int) -> list[Tensor]:
-        """J_l^T w for a function-space vector ``weights`` (N, C): the parameter tensors of layer ``layer``."""
-        return self.layers[layer].transpose(weights)
 
     def rows(self, rows: slice) -> Signals:
         """The signals of the samples ``rows`` (a slice of the batch)."""
@@ -103,7 +105,3 @@ class Signals:
         """The signals of the concatenated batch (parts in order)."""
         layers = tuple(type(ls[0]).cat(list(ls)) for ls in zip(*(p.layers for p in parts)))
         return replace(parts[0], f=torch.cat([p.f for p in parts], 0), layers=layers)
-
-
-#: The name of :class:`Signals` in natural-tangents 0.1 (an MLP's Jacobian factors).
-Factors = Signals

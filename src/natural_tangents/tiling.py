@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from ._outfile import Journal, Layout, Lock, fingerprint, finish, partial_path, prepare, recorded, warn
-from ._parallel import ordered_map
+from .linalg.threads import ordered_map
 
 __all__ = ["tiled", "tiles", "default_batch_size", "intra_op_threads", "fingerprint", "finished_tiles"]
 

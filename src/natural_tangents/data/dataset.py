@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import check_batch
+from ..validation import check_batch
 
 __all__ = ["Dataset", "normalize"]
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import as_tensor, check_batch, check_finite
+from ..validation import as_tensor, check_batch, check_finite
 from ._validate import _check_int
 from .dataset import _unit_rows, normalize
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import check_batch
+from ..validation import check_batch
 from ._validate import _check_dtype, _check_int, _torch_seed
 from .dataset import Dataset, _unit_rows
 

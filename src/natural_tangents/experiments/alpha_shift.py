@@ -73,7 +73,7 @@ def measure(settings: Settings, sizes: Sizes) -> list[dict]:
         net = settings.network([m0, m, m, 1], ShiftedReLU(s), SIGMA_W2, SIGMA_B2)
         diag = torch.diagonal(fisher.coefficient(net, x)).double()
         c = net.out_features
-        fx = net.factors(x)
+        fx = net.signals(x)
         active = [float((fx.backward[l] != 0).any(0).double().mean()) for l in range(DEPTH - 1)]
         th, gammas = predict(s, m0, m)
         rows.append(

@@ -99,7 +99,7 @@ def unitwise_spread(x: torch.Tensor, widths: np.ndarray, *, draws: int, seed: in
 def _kfac_rank(net: MLP, x: torch.Tensor) -> int:
     """Smallest rank over the hidden layers of the backward signal Δ_l (N × M_l): K-FAC's B_l must be
     of rank N for Θ̄ = α I (S.105)."""
-    fx = net.factors(x)
+    fx = net.signals(x)
     return min(int(torch.linalg.matrix_rank(fx.backward[l][0].double())) for l in range(DEPTH - 1))
 
 

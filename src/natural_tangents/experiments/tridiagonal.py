@@ -31,7 +31,7 @@ from .. import fisher as F
 from .. import theory
 from ..data import mnist_binary
 from ..fisher import tridiagonal_sigma
-from ..kernels import model_factors
+from ..models import signals as model_signals
 from ..network import MLP
 from .common import Check, Result, Settings, mse, progress
 from .plotting import EXPERIMENT, THEORY, finish, legend_theory_experiment, method_style, note, width_axis
@@ -78,8 +78,9 @@ def predict(depth: int) -> tuple[float | None, float]:
 def one_step(net: MLP, fx, fisher: F.Fisher, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
     """(α̂, cond Θ̄(x, x), loss after one NGD step at η = 1/α̂ over the initial loss); the network is
     restored afterwards."""
-    iso = F.isotropy(fisher.coefficient_from_factors(fx))
-    step = fisher.natural_gradient_from_factors(fx, y)
+    bound = fisher.bind(fx)
+    iso = bound.isotropy()
+    step = bound.natural_gradient(y)
     eta = 1.0 / iso.alpha
     params = list(net.parameters())
     for p, g in zip(params, step, strict=True):
@@ -110,7 +111,7 @@ def _depth_rows(settings: Settings, sizes: Sizes, depth: int, data, raised: list
     x64, y64, x, y = data
     a_inv, a_pinv = predict(depth)
     net = settings.network([x.shape[1]] + [sizes.width] * (depth - 1) + [1], "relu", SIGMA_W2, SIGMA_B2)
-    fx = model_factors(net, x)
+    fx = model_signals(net, x)
     base = {
         "sweep": "depth",
         "depth": depth,
@@ -125,7 +126,7 @@ def _depth_rows(settings: Settings, sizes: Sizes, depth: int, data, raised: list
         tri = one_step(net, fx, F.BlockTriDiagonal(), x, y)
         return [*rows, {**base, **_measured("block_tridiagonal", 0.0, tri), "alpha_theory": a_inv, **theory0}]
     try:  # the library refuses ρ = 0 for a singular Σ
-        F.BlockTriDiagonal().coefficient_from_factors(fx)
+        F.BlockTriDiagonal().bind(fx).coefficient()
     except ValueError:
         raised.append(depth)
     r = (fx.f.double() - y64.to(fx.f.device)).reshape(-1).cpu()
@@ -144,7 +145,7 @@ def _width_rows(settings: Settings, sizes: Sizes, x: torch.Tensor, y: torch.Tens
     for m, depth, k in progress(grid, settings, "tridiagonal widths"):
         seed = settings.seed + k
         net = settings.network([x.shape[1]] + [m] * (depth - 1) + [1], "relu", SIGMA_W2, SIGMA_B2, seed=seed)
-        fx = model_factors(net, x)
+        fx = model_signals(net, x)
         singular = predict(depth)[0] is None
         rho = min(sizes.dampings) if singular else 0.0
         for name, fisher in (("exact", F.Exact()), ("block_tridiagonal", F.BlockTriDiagonal(damping=rho))):

@@ -58,7 +58,7 @@ def active_units(net, x) -> float:
     """The number of units active per sample, Σ_{l,i} 1[δ_{l,i}(x_n) ≠ 0] averaged over x (with the
     C output units): α̂ by (S.137) when every Θ_{l,i} has the rank of its support."""
     layers = net.signals(x).layers
-    return sum(float((layer.kron.d != 0).any(0).sum()) for layer in layers) / x.shape[0]
+    return sum(float((layer.kronecker.d != 0).any(0).sum()) for layer in layers) / x.shape[0]
 
 
 def measure(settings: Settings, sizes: Sizes, act: A.Activation, alpha: float) -> tuple[float, float, History]:

@@ -3,7 +3,8 @@
 Every class shares one interface (see :class:`~natural_tangents.fisher.base.Fisher`):
 ``natural_gradient(model, x, y)``, ``coefficient(model, x, x_test=None)``, ``alpha_hat(model, x)`` and
 ``isotropy(model, x)``; ``fisher.at(model, x)`` binds it to a batch and answers the same questions
-without recomputing anything (:class:`~natural_tangents.fisher.base.BoundFisher`).
+without recomputing anything (a :class:`~natural_tangents.fisher.base.BoundFisher`: ``ExactBatch``,
+``LayerwiseBatch``, ``KFACBatch``, ``UnitwiseBatch``, each holding its factorizations as typed state).
 
 =====================  =====================================  ==========================
 class                  Fisher                                 α (isotropic Θ̄ = α I)
@@ -17,15 +18,21 @@ class                  Fisher                                 α (isotropic Θ̄
 =====================  =====================================  ==========================
 """
 
+from ..linalg.options import SolverOptions
 from .base import BoundFisher, Fisher, Isotropy, flatten_coefficient, isotropy
-from .exact import Exact
-from .kfac import KFAC
-from .layerwise import BlockDiagonal, BlockTriDiagonal, Layerwise, tridiagonal_sigma
-from .unitwise import Unitwise
+from .exact import Exact, ExactBatch
+from .kfac import KFAC, KFACBatch
+from .layerwise import BlockDiagonal, BlockTriDiagonal, Layerwise, LayerwiseBatch, tridiagonal_sigma
+from .unitwise import Unitwise, UnitwiseBatch
 
 __all__ = [
     "Fisher",
     "BoundFisher",
+    "ExactBatch",
+    "LayerwiseBatch",
+    "KFACBatch",
+    "UnitwiseBatch",
+    "SolverOptions",
     "Isotropy",
     "Exact",
     "Layerwise",

@@ -2,12 +2,15 @@
 
     G = S^T (Σ ⊗ Λ) S / N + ρ I,   S = blockdiag(J_1, …, J_L)   (S.72)
 
-The push-through identity turns the P × P inverse into one L·N·C × L·N·C system (S.73):
+The push-through identity turns the P × P inverse into one L·N·C × L·N·C system (S.73), written on
+the rows Ĵ = Λ^{1/2} J (:mod:`.rows`; Θ_l below is Λ^{1/2} Θ_l Λ^{1/2} with an output metric):
 
-    ((Σ ⊗ Λ) blockdiag(Θ_l) + ρ I) v = 1_L ⊗ r,   Δθ_l = J_l^T v_l / N
+    ((Σ ⊗ I) blockdiag(Θ_l) + ρ I) v = 1_L ⊗ r̃,   Δθ_l = Ĵ_l^T v_l / N
 
-At ρ = 0 it decouples (S.74), (S.89): v_l = (Σ^{-1} 1)_l Θ_l^+ Λ^{-1} r, so that on the training set
-Θ̄ = Σ_l (Σ^{-1} 1)_l Θ_l Θ_l^+ = (1^T Σ^{-1} 1) I (S.71). A singular Σ (the tri-diagonal one at
+At ρ = 0 it decouples (S.74), (S.89): v_l = (Σ^{-1} 1)_l Θ_l^+ r̃, so that on the training set
+Θ̄ = Σ_l (Σ^{-1} 1)_l Θ_l Θ_l^+ = (1^T Σ^{-1} 1) I (S.71). The system is solved by one of three
+routes (:class:`LayerwiseRoute`): decoupled per layer (ρ = 0 or a diagonal Σ), block elimination
+(tri-diagonal Σ), or the whole system. A singular Σ (the tri-diagonal one at
 depth L = 3s + 2, (S.92)) has no ρ → 0 limit and raises; the exact Fisher Σ = 1 1^T goes through
 :class:`~natural_tangents.fisher.Exact` instead (S.91).
 """
@@ -16,16 +19,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
+from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .base import BoundFisher, DualFisher, Whitening, inverse_psd, solve_psd
-from .block_tridiagonal import block_tridiagonal_solve
+from ..linalg.psd import PSDInverse
+from ..linalg.tridiagonal import TridiagonalSystem
+from .base import DualBatch, Fisher
 
-__all__ = ["Layerwise", "BlockDiagonal", "BlockTriDiagonal", "tridiagonal_sigma", "check_invertible_sigma"]
+__all__ = [
+    "Layerwise",
+    "LayerwiseBatch",
+    "LayerwiseRoute",
+    "BlockDiagonal",
+    "BlockTriDiagonal",
+    "tridiagonal_sigma",
+    "check_invertible_sigma",
+]
 
 
 def tridiagonal_sigma(depth: int) -> Tensor:
@@ -57,8 +71,99 @@ def _bandwidth(s: Tensor) -> int:
     return int((nz[:, 0] - nz[:, 1]).abs().max()) if len(nz) else 0
 
 
+class LayerwiseRoute(Enum):
+    """How the layer-wise dual system is solved."""
+
+    #: ρ = 0 (S.74) or a diagonal Σ: one N·R × N·R system per layer
+    DECOUPLED = "decoupled"
+    #: a tri-diagonal Σ: block elimination, O(L (N·R)³) (:mod:`natural_tangents.linalg.tridiagonal`)
+    TRIDIAGONAL = "tridiagonal"
+    #: any other Σ (or a singular pivot block): the whole (L·N·R)² system by LU
+    DENSE = "dense"
+
+
+class LayerwiseBatch(DualBatch):
+    """A layer-wise Fisher bound to a batch: the :attr:`route` and its factorizations, computed once
+    for the update, Θ̄ and α̂."""
+
+    @cached_property
+    def sigma(self) -> Tensor:
+        """Σ for this batch's depth, (L, L) float64, validated."""
+        return self.fisher.sigma_matrix(self.depth)
+
+    @cached_property
+    def route(self) -> LayerwiseRoute:
+        s = self.sigma
+        if self.fisher.damping == 0 or bool((s == torch.diag(torch.diagonal(s))).all()):
+            return LayerwiseRoute.DECOUPLED
+        if _bandwidth(s) == 1 and self.tridiagonal is not None:
+            return LayerwiseRoute.TRIDIAGONAL
+        return LayerwiseRoute.DENSE
+
+    @cached_property
+    def layer_inverses(self) -> list[tuple[float, PSDInverse]]:
+        """DECOUPLED: per layer, its weight c_l and (Σ_ll Θ_l + ρ)^{-1}; at ρ = 0, c_l = (Σ^{-1} 1)_l and Θ_l^+."""
+        thetas, rho = self.layer_kernels, self.fisher.damping
+        if rho == 0:
+            c = self.fisher.sigma_weights(self.depth).tolist()
+            return [(c[l], PSDInverse.of(thetas[l], 0.0, routes=self.routes)) for l in range(self.depth)]
+        diag = torch.diagonal(self.sigma).tolist()
+        scaled = [thetas[l] if diag[l] == 1.0 else diag[l] * thetas[l] for l in range(self.depth)]
+        return [(1.0, PSDInverse.of(t, rho, routes=self.routes)) for t in scaled]
+
+    @cached_property
+    def tridiagonal(self) -> TridiagonalSystem | None:
+        """TRIDIAGONAL: the block elimination (None when it meets a singular pivot block)."""
+        thetas = self.layer_kernels
+        system = TridiagonalSystem(
+            self.sigma.to(dtype=thetas.dtype, device=thetas.device),
+            thetas,
+            self.fisher.damping,
+            symmetric=True,
+            options=self.options,
+            routes=self.routes,
+        )
+        return system if system.factored else None
+
+    @cached_property
+    def dense(self) -> tuple[Tensor, Tensor]:
+        """DENSE: the LU factors of the whole system (Σ ⊗ I) blockdiag(Θ_l) + ρ I."""
+        thetas = self.layer_kernels
+        depth, nf = thetas.shape[0], thetas.shape[1]
+        s = self.sigma.to(dtype=thetas.dtype, device=thetas.device)
+        big = (s[:, None, :, None] * thetas.permute(1, 0, 2)[None]).reshape(depth * nf, depth * nf)
+        big.diagonal().add_(self.fisher.damping)
+        lu, piv = torch.linalg.lu_factor(big)
+        self.routes["lu"] += 1
+        return lu, piv
+
+    def _dual_vectors(self, r: Tensor) -> list[Tensor]:
+        rf = r[:, None]
+        if self.route is LayerwiseRoute.DECOUPLED:
+            return [c * inv.solve(rf)[:, 0] for c, inv in self.layer_inverses]
+        if self.route is LayerwiseRoute.TRIDIAGONAL:
+            v = self.tridiagonal.solve(rf)
+            if v is not None:
+                return [x[:, 0] for x in v]
+        return list(self._dense_solve(rf.repeat(self.depth, 1))[:, 0].reshape(self.depth, -1))
+
+    def _dense_solve(self, rhs: Tensor) -> Tensor:
+        return torch.linalg.lu_solve(*self.dense, rhs)
+
+    def _make_dual_matrices(self) -> list[Tensor]:
+        if self.route is LayerwiseRoute.DECOUPLED:
+            return [c * inv.matrix() for c, inv in self.layer_inverses]
+        nf = self.layer_kernels.shape[1]
+        eye = torch.eye(nf, dtype=self.layer_kernels.dtype, device=self.layer_kernels.device)
+        if self.route is LayerwiseRoute.TRIDIAGONAL:
+            v = self.tridiagonal.solve(eye)
+            if v is not None:
+                return v
+        return list(self._dense_solve(eye.repeat(self.depth, 1)).reshape(self.depth, nf, nf))
+
+
 @dataclass(frozen=True, kw_only=True)
-class Layerwise(DualFisher):
+class Layerwise(Fisher):
     """Layer-wise Fisher with pattern Σ (the paper's (S.72)); the blocks are the model's parameterized
     layers (for a user model: the modules holding parameters, in ``model.parameters()`` order).
 
@@ -71,6 +176,7 @@ class Layerwise(DualFisher):
 
     name: ClassVar[str] = "layerwise"
     label: ClassVar[str] = "Layer-wise"
+    batch_type: ClassVar[type] = LayerwiseBatch
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,57 +199,6 @@ class Layerwise(DualFisher):
         s = self.sigma_matrix(depth)
         check_invertible_sigma(s)
         return torch.linalg.solve(s, torch.ones(depth, dtype=torch.float64))
-
-    def _dual_vectors(self, bound: BoundFisher, r: Tensor) -> list[Tensor]:
-        """v_l from one solve per layer (diagonal Σ, or ρ = 0), by block elimination (tri-diagonal Σ)
-        or by the (L·N·C)² system. With an output metric Λ the system is solved for the whitened
-        kernels Λ^{1/2} Θ_l Λ^{1/2} and right-hand side (Λ^{1/2})^+ r, then v_l = Λ^{1/2} ṽ_l
-        (:class:`~natural_tangents.fisher.base.Whitening`): the same vectors for invertible Λ, and the
-        ρ → 0⁺ limit for singular Θ_l or Λ."""
-        if "dual" in bound.cache:
-            return super()._dual_vectors(bound, r)
-        thetas, lam, rf = bound.layer_kernels(), bound.metric, r.reshape(-1, 1)
-        white = None if lam is None else Whitening.of(lam)
-        if white is not None:
-            thetas, rf = white.kernel(thetas), white.rhs(rf)
-        vs = self._whitened_vectors(thetas, rf)
-        return vs if white is None else [white.out(v[:, None])[:, 0] for v in vs]
-
-    def _whitened_vectors(self, thetas: Tensor, rf: Tensor) -> list[Tensor]:
-        depth, nf = thetas.shape[0], thetas.shape[1]
-        if self.damping == 0:  # v_l = (Σ^{-1} 1)_l Θ_l^+ r (S.74)
-            c = self.sigma_weights(depth)
-            return [float(c[l]) * solve_psd(thetas[l], rf, 0.0)[:, 0] for l in range(depth)]
-        s = self.sigma_matrix(depth)
-        if bool((s == torch.diag(torch.diagonal(s))).all()):  # diagonal Σ: L decoupled N·C × N·C solves
-            scaled = [thetas[l] if float(s[l, l]) == 1.0 else float(s[l, l]) * thetas[l] for l in range(depth)]
-            return [solve_psd(t, rf, self.damping)[:, 0] for t in scaled]
-        s = s.to(dtype=thetas.dtype, device=thetas.device)
-        if _bandwidth(s) == 1:  # block tri-diagonal: O(L N³) elimination instead of the (L·N)³ system
-            v = block_tridiagonal_solve(s, thetas, self.damping, rf, symmetric=True)
-            if v is not None:
-                return [x[:, 0] for x in v]
-        big = (s[:, None, :, None] * thetas.permute(1, 0, 2)[None]).reshape(depth * nf, depth * nf)
-        big.diagonal().add_(self.damping)
-        return list(torch.linalg.solve(big, rf.repeat(depth, 1))[:, 0].reshape(depth, nf))
-
-    def _dual(self, bound: BoundFisher) -> list[Tensor]:
-        thetas, lam = bound.layer_kernels(), bound.metric
-        white = None if lam is None else Whitening.of(lam)
-        if white is not None:
-            thetas = white.kernel(thetas)
-        depth, nf = thetas.shape[0], thetas.shape[1]
-        opts = {"dtype": thetas.dtype, "device": thetas.device}
-        if self.damping == 0:
-            c = self.sigma_weights(depth).to(**opts)
-            xs = [inverse_psd(thetas[l], 0.0) * c[l] for l in range(depth)]
-        else:
-            s = self.sigma_matrix(depth).to(**opts)
-            big = (s[:, None, :, None] * thetas.permute(1, 0, 2)[None]).reshape(depth * nf, depth * nf)
-            big = big + self.damping * torch.eye(depth * nf, **opts)
-            rhs = torch.eye(nf, **opts).repeat(depth, 1)
-            xs = list(torch.linalg.solve(big, rhs).reshape(depth, nf, nf))
-        return xs if white is None else [white.dual(x) for x in xs]
 
 
 @dataclass(frozen=True, kw_only=True)

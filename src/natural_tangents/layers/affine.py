@@ -88,8 +88,12 @@ class AffineSignals(LayerSignals):
         return self.a.dtype
 
     @property
-    def kron(self) -> AffineSignals:
+    def kronecker(self) -> AffineSignals:
         return self
+
+    @property
+    def rank_one(self) -> bool:
+        return self.positions == 1
 
     @property
     def a2(self) -> Tensor:
@@ -105,25 +109,25 @@ class AffineSignals(LayerSignals):
     def gram(self, other: LayerSignals | None = None, dtype: torch.dtype | None = None) -> Tensor:
         o = self if other is None else other
         dtype = dtype or self.dtype
-        n1, n2, c = self.n, o.n, self.c
+        n1, n2, c1, c2 = self.n, o.n, self.c, o.c
         if self.positions == 1 and o.positions == 1:
             same = o is self  # then both Grams as lower triangles, the product mirrored once
             a = outer_gram(self.a[:, 0].to(dtype), None if same else o.a[:, 0].to(dtype), mirror=False)  # (N1, N2)
-            d1 = self.flat_delta(dtype)  # (N1·C, M)
-            b = outer_gram(d1, None if same else o.flat_delta(dtype), mirror=False)  # (N1·C, N2·C)
-            if c == 1:
+            d1 = self.flat_delta(dtype)  # (N1·C1, M)
+            b = outer_gram(d1, None if same else o.flat_delta(dtype), mirror=False)  # (N1·C1, N2·C2)
+            if c1 == 1 and c2 == 1:
                 out = b.mul_(a)
             else:
-                out = (b.reshape(n1, c, n2, c) * a[:, None, :, None]).reshape(n1 * c, n2 * c)
+                out = (b.reshape(n1, c1, n2, c2) * a[:, None, :, None]).reshape(n1 * c1, n2 * c2)
             return mirror_lower(out) if same else out
         t1, t2 = self.positions, o.positions
-        if (n1 + n2) * self.out_width * self.in_width <= n1 * n2 * t1 * t2 * c:  # per-sample Jacobians are smaller
-            g1 = self._per_sample(dtype).reshape(n1 * c, -1)
-            g2 = g1 if o is self else o._per_sample(dtype).reshape(n2 * c, -1)
+        if (n1 + n2) * self.out_width * self.in_width <= n1 * n2 * t1 * t2 * max(c1, c2):  # per-sample Jacobians
+            g1 = self._per_sample(dtype).reshape(n1 * c1, -1)
+            g2 = g1 if o is self else o._per_sample(dtype).reshape(n2 * c2, -1)
             return g1 @ g2.T
         aa = torch.einsum("ntp,msp->nmts", self.a.to(dtype), o.a.to(dtype))  # (N1, N2, T1, T2)
         dd = torch.einsum("kntq,jmsq->nkmjts", self.d.to(dtype), o.d.to(dtype))
-        return (dd * aa[:, None, :, None]).sum((-2, -1)).reshape(n1 * c, n2 * c)
+        return (dd * aa[:, None, :, None]).sum((-2, -1)).reshape(n1 * c1, n2 * c2)
 
     def matrix_update(self, v: Tensor) -> Tensor:
         """Σ_{n,k} v[n, k] G_n^{(k)} (M, p) for v (N, C), in the model's dtype (J_l^T v as a matrix)."""
@@ -161,11 +165,15 @@ class AffineSignals(LayerSignals):
         jac = g.permute(2, 0, 1, 3).reshape(self.out_width, self.n * self.c, self.in_width)
         return Units(jac=jac, to_params=self.to_params)
 
+    def mix(self, m: Tensor) -> AffineSignals:
+        """Output rows m_n δ_n: m (N, R, C); the forward signal is shared."""
+        return replace(self, d=torch.einsum("nrc,cntm->rntm", m.to(self.dtype), self.d))
+
     def to(self, dtype: torch.dtype) -> AffineSignals:
         return replace(self, a=self.a.to(dtype), d=self.d.to(dtype))
 
-    @staticmethod
-    def cat(parts: list[AffineSignals]) -> AffineSignals:
+    @classmethod
+    def cat(cls, parts: list[AffineSignals]) -> AffineSignals:
         first = parts[0]
         return replace(first, a=torch.cat([p.a for p in parts], 0), d=torch.cat([p.d for p in parts], 1))
 

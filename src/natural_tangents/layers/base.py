@@ -1,24 +1,36 @@
-"""The layer-kind interface: what one parameterized module of a batch offers every Fisher.
+"""The layer-kind contract: what one parameterized module of a batch offers every Fisher.
 
 A Fisher never looks at a concrete layer. It asks each :class:`LayerSignals` of a batch for
 
-* ``gram(other)``: the per-layer kernel J_l(x) J_l(x′)^T, flat sample-major (N·C, N′·C), no 1/N
+* ``gram(other)``: the per-layer kernel J_l(x) J_l(x′)^T, flat sample-major (N·C, N′·C′), no 1/N
   (the paper's (S.68); divide by N for its Θ_l);
 * ``transpose(v)``: J_l^T v for a function-space vector v (N, C): the layer's parameter update, one
   tensor per parameter of the module (a weighted backward pass);
 * ``jacobian()``: the per-sample Jacobian (N·C, P_l), for the routes that need it explicitly;
 * ``units()``: the unit-wise view (which rows of the parameters form one unit);
-* ``kron``: the Kronecker (K-FAC) signals when the layer has them (affine kinds), else ``None``.
+* ``mix(m)``: the same layer with its output rows mixed per sample, J_n ↦ m_n J_n (the rows of a
+  Fisher: Λ^{1/2} J for the expectation over the outputs, sampled or observed gradients);
+
+and for two capabilities, which the Fishers read instead of inspecting the kind:
+
+* ``kronecker``: the Kronecker (K-FAC) view, an :class:`~natural_tangents.layers.affine.AffineSignals`
+  (forward signal a, backward signal δ), or ``None`` for a layer without that structure;
+* ``rank_one``: whether each per-sample Jacobian is one outer product δ a^T (an affine layer at one
+  position, as in an MLP), which opens the N × N dual routes of K-FAC and the unit-wise Fisher.
 
 Three kinds implement it: :mod:`~natural_tangents.layers.linear` (rank-one factors, the paper's
 MLP), :mod:`~natural_tangents.layers.conv` (patches and per-position output derivatives) and
-:mod:`~natural_tangents.layers.generic` (any other module, through per-sample gradients).
+:mod:`~natural_tangents.layers.generic` (any other module, through per-sample gradients). Adding a
+kind is one subclass of :class:`LayerSignals` (Python names the abstract methods it still lacks) and
+one :func:`natural_tangents.layers.register` call; docs/user_models.md has a worked example.
 Distribution (``process_group``) only ever concatenates signals along the sample axis (:meth:`cat`).
 """
 
 from __future__ import annotations
 
 import itertools
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,71 +46,87 @@ class Units:
     the module's parameter tensors."""
 
     jac: Tensor
-    to_params: object  # Callable[[Tensor], list[Tensor]]
+    to_params: Callable[[Tensor], list[Tensor]]
 
 
-class LayerSignals:
-    """Signals of one parameterized module for a batch of N inputs with C outputs (abstract).
+class LayerSignals(ABC):
+    """Signals of one parameterized module for a batch of N inputs with C output rows (abstract).
 
-    Attributes every kind has: ``name`` (the module's path in the model), ``params`` (its parameters,
-    in ``model.parameters()`` order), ``n`` and ``c``.
+    Attributes every kind has: ``name`` (the module's path in the model) and ``params`` (its
+    trainable parameters, in ``model.parameters()`` order). Subclasses are frozen dataclasses.
     """
 
     name: str
     params: tuple[Tensor, ...]
 
+    # ---------------------------------------------------------------- shape
     @property
+    @abstractmethod
     def n(self) -> int:
-        raise NotImplementedError
+        """The number of samples N."""
 
     @property
+    @abstractmethod
     def c(self) -> int:
-        raise NotImplementedError
+        """Output rows per sample: C, or R after :meth:`mix`."""
 
     @property
+    @abstractmethod
     def dtype(self) -> torch.dtype:
-        raise NotImplementedError
-
-    @property
-    def kron(self):
-        """Kronecker signals (:class:`~natural_tangents.layers.affine.AffineSignals`) or ``None``."""
-        return None
+        """The precision of the signals (the model's)."""
 
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params)
 
-    def gram(self, other: LayerSignals | None = None, dtype: torch.dtype | None = None) -> Tensor:
-        """J_l(x) J_l(x′)^T, (N·C, N′·C) sample-major, no 1/N; ``other`` defaults to ``self``."""
-        raise NotImplementedError
+    # ---------------------------------------------------------------- capabilities
+    @property
+    def kronecker(self):
+        """The Kronecker view (:class:`~natural_tangents.layers.affine.AffineSignals`), or ``None``."""
+        return None
 
+    @property
+    def rank_one(self) -> bool:
+        """Whether every per-sample Jacobian is one outer product δ a^T (the N × N dual routes)."""
+        return False
+
+    # ---------------------------------------------------------------- the contract
+    @abstractmethod
+    def gram(self, other: LayerSignals | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """J_l(x) J_l(x′)^T, (N·C, N′·C′) sample-major, no 1/N; ``other`` defaults to ``self``."""
+
+    @abstractmethod
     def transpose(self, v: Tensor) -> list[Tensor]:
         """J_l^T v for v (N, C): the update of each parameter of the module, in the model's dtype."""
-        raise NotImplementedError
 
+    @abstractmethod
     def jacobian(self, dtype: torch.dtype | None = None) -> Tensor:
         """The per-sample Jacobian (N·C, P_l), rows sample-major, columns the flattened parameters."""
-        raise NotImplementedError
 
+    @abstractmethod
     def units(self, dtype: torch.dtype | None = None) -> Units:
         """The unit-wise view (see :class:`Units`)."""
-        raise NotImplementedError
 
+    @abstractmethod
+    def mix(self, m: Tensor) -> LayerSignals:
+        """The same layer with output rows m_n J_n for per-sample matrices m (N, R, C)."""
+
+    @abstractmethod
     def to(self, dtype: torch.dtype) -> LayerSignals:
-        raise NotImplementedError
+        """The same signals cast to ``dtype``."""
 
-    @staticmethod
-    def cat(parts: list[LayerSignals]) -> LayerSignals:
+    @classmethod
+    @abstractmethod
+    def cat(cls, parts: list[LayerSignals]) -> LayerSignals:
         """The signals of the concatenated batch (parts in order)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def tensors(self) -> list[Tensor]:
-        """The per-sample tensors (sample axis first after any output axis), for gathering."""
-        raise NotImplementedError
+        """The per-sample tensors (sample axis first), for gathering across processes."""
 
+    @abstractmethod
     def with_tensors(self, tensors: list[Tensor]) -> LayerSignals:
         """The same kind of signals holding ``tensors`` (as returned by :meth:`tensors`)."""
-        raise NotImplementedError
 
 
 def split_flat(flat: Tensor, params: tuple[Tensor, ...]) -> list[Tensor]:

@@ -57,11 +57,15 @@ class GenericSignals(LayerSignals):
     def units(self, dtype: torch.dtype | None = None) -> Units:
         return Units(jac=self.jacobian(dtype)[None], to_params=lambda w: split_flat(w[0], self.params))
 
+    def mix(self, m: Tensor) -> GenericSignals:
+        """Output rows m_n G_n: m (N, R, C)."""
+        return replace(self, g=torch.einsum("nrc,ncp->nrp", m.to(self.dtype), self.g))
+
     def to(self, dtype: torch.dtype) -> GenericSignals:
         return replace(self, g=self.g.to(dtype))
 
-    @staticmethod
-    def cat(parts: list[GenericSignals]) -> GenericSignals:
+    @classmethod
+    def cat(cls, parts: list[GenericSignals]) -> GenericSignals:
         return replace(parts[0], g=torch.cat([p.g for p in parts], 0))
 
     def tensors(self) -> list[Tensor]:

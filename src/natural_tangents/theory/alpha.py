@@ -31,8 +31,8 @@ from torch import Tensor
 
 from .. import activations as _act
 from .. import fisher as _fisher
-from .._checks import check_widths
 from ..fisher.kfac import warn_narrow_input
+from ..validation import check_widths
 from .architecture import Architecture
 from .gaussian import second_moment
 from .kernels import check_variances

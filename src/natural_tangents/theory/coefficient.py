@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .. import activations as _act
 from .. import fisher as _fisher
-from .._checks import check_widths
+from ..validation import check_widths
 from .alpha import _resolve_fisher, alpha
 from .architecture import Architecture, resolve
 from .kernels import AnalyticKernels, check_pair, kernels

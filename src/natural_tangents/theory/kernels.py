@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 
 from .. import activations as _act
-from .._checks import as_tensor, check_batch
 from ..tiling import default_batch_size, fingerprint, intra_op_threads, tiled
+from ..validation import as_tensor, check_batch
 from . import tiles as _tiles
 from .architecture import Architecture, check_depth, check_variances, resolve
 

@@ -102,13 +102,15 @@ def check_lr(lr, allow_optimal: bool = True):
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+_STDLIB = os.path.dirname(os.path.abspath(os.__file__))
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` attributed to the user's line: the first frame outside natural_tangents
-    (and outside torch's decorators, such as ``torch.no_grad`` around an optimizer's step)."""
+    (and outside torch's decorators, such as ``torch.no_grad`` around an optimizer's step, and the
+    standard library's, such as ``functools.cached_property``)."""
     level, frame = 2, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE, _TORCH)):
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE, _TORCH, _STDLIB)):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
 

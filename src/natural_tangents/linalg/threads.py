@@ -37,17 +37,17 @@ def _scipy_blas_threads() -> Callable[[int], int] | None:
     return setter
 
 
-_SCIPY_BLAS_THREADS = _scipy_blas_threads()
-#: whether worker threads can call SciPy's LAPACK single-threaded (see ``fisher.support_systems``)
-SCIPY_BLAS_PER_THREAD = _SCIPY_BLAS_THREADS is not None
+_BLAS_THREADS = _scipy_blas_threads()
+#: whether worker threads can call SciPy's LAPACK single-threaded (see :mod:`.lapack`)
+SCIPY_BLAS_PER_THREAD = _BLAS_THREADS is not None
 
 
 def single_thread() -> None:
     """Worker-thread initializer: one intra-op thread for torch and for SciPy's OpenBLAS (both
     settings are per thread), so that concurrent jobs do not oversubscribe the cores."""
     torch.set_num_threads(1)
-    if _SCIPY_BLAS_THREADS is not None:
-        _SCIPY_BLAS_THREADS(1)
+    if _BLAS_THREADS is not None:
+        _BLAS_THREADS(1)
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int | None = None) -> Iterator[R]:

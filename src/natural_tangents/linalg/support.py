@@ -1,5 +1,5 @@
 """Batched positive-definite systems on index subsets of one shared N × N matrix: the unit-wise
-Fisher's support systems (``fisher/unitwise.py``).
+Fisher's support systems (:mod:`natural_tangents.fisher.unitwise`).
 
 Unit i of a layer solves, on its support S_i (the slots of ``idx[i]``),
 
@@ -13,14 +13,10 @@ one (u, m, m) tensor.
 of two-dimensional advanced indexing, which builds an index tensor per dimension).
 
 :func:`refined_solve` is the mixed-precision route for one right-hand side per unit: the batched
-Cholesky factorization in float32 (two to three times the rate of float64 for systems of a few
-hundred rows on a CPU, where LAPACK's small factorizations run far below matrix-product speed),
-then iterative refinement with float64 residuals A_i z_i computed through K itself — all units'
-products in one (u, N) × (N, N) matrix product — until each unit's normwise backward error
-‖c_i − A_i z_i‖ / (‖A_i‖ ‖z_i‖ + ‖c_i‖) is at most m·eps of float64, the bound a float64 Cholesky
-solve guarantees (‖A_i‖ replaced by its largest diagonal entry, a lower bound, so the check errs
-towards rejecting). Units that are not certified (float32 breakdown, condition number near
-1 / eps of float32) are reported, for the caller to solve in float64.
+Cholesky factorization in float32 (:mod:`.lapack`), refined by :func:`~.refine.refine` with float64
+residuals A_i z_i computed through K itself — all units' products in one (u, N) × (N, N) matrix
+product — to a certified float64 backward error (‖A_i‖ bounded below by its largest diagonal entry).
+Units that are not certified are reported, for the caller to solve in float64.
 
 :func:`complement_solve` serves supports of more than half of the samples at ρ = 0: through
 P = K^{-1} each unit factors only the block of P outside its support (the inverse of a Schur
@@ -32,89 +28,23 @@ weighted r × r normal equations on a basis of K's range, refined and certified 
 :func:`cg_solve` is the damped update's shared-K route: conjugate gradients for all units of a
 layer at once, with the same certificate.
 
-:func:`cholesky` factors the batches with LAPACK from SciPy, called without the GIL so that worker
-threads factor concurrently; :func:`factored` refuses factors with rounding-level pivots.
-:class:`ScratchPool` lends the batches reusable buffers for their (u, m, m) systems and factors.
+The batches are factored by :func:`.lapack.cholesky` in the buffers of a :class:`.lapack.ScratchPool`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import math
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .._parallel import SCIPY_BLAS_PER_THREAD
+from .lapack import Scratch, buffer, cholesky, cholesky_solve, factored
+from .options import SolverOptions
+from .refine import refine
 
-__all__ = [
-    "Scratch",
-    "ScratchPool",
-    "cg_solve",
-    "cholesky",
-    "cholesky_solve",
-    "complement_solve",
-    "factored",
-    "primal_solve",
-    "principal_submatrices",
-    "refined_solve",
-]
+__all__ = ["cg_solve", "complement_solve", "primal_solve", "principal_submatrices", "refined_solve"]
 
-_REFINE_STEPS = 6
-_LAPACK_MAX = 2048  # SciPy's LAPACK factors the CPU systems up to this size (torch beyond)
-
-
-class Scratch:
-    """One set of reusable buffers, for one thread at a time (see :class:`ScratchPool`)."""
-
-    def __init__(self) -> None:
-        self._buffers: dict = {}
-
-    def get(self, key: str, shape: tuple[int, ...], like: Tensor, *, column_major: bool = False) -> Tensor:
-        """An uninitialized tensor of ``shape`` with ``like``'s dtype and device, in buffer ``key``
-        (valid until the next ``get`` of the same key); ``column_major``: batched column-major
-        strides (what LAPACK writes in place)."""
-        numel = math.prod(shape)
-        buf = self._buffers.get((key, like.dtype, like.device))
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel + numel // 4, dtype=like.dtype, device=like.device)  # room to grow
-            self._buffers[(key, like.dtype, like.device)] = buf
-        if column_major:
-            return buf[:numel].view(*shape[:-2], shape[-1], shape[-2]).mT
-        return buf[:numel].view(shape)
-
-
-def _buffer(work: Scratch | None, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """``work``'s buffer ``key`` of ``shape`` (see :meth:`Scratch.get`), or a new tensor without one;
-    either with ``like``'s dtype and device."""
-    return work.get(key, shape, like) if work is not None else like.new_empty(shape)
-
-
-class ScratchPool:
-    """Scratch buffers shared by the batched systems of one step, one set per concurrent job.
-
-    A fresh tensor of tens of MiB per batch costs more in page faults (the allocator hands such
-    blocks back to the system on every free) than the gather or the factorization that fills it, and
-    the faults of two threads serialize in the kernel; a reused buffer costs nothing. Jobs take a set
-    with :meth:`take` (at most one per worker thread is in use at a time), so the buffers outlive the
-    worker threads of one layer and serve the next layer's."""
-
-    def __init__(self) -> None:
-        self._free: list[Scratch] = []
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def take(self) -> Iterator[Scratch]:
-        with self._lock:
-            scratch = self._free.pop() if self._free else Scratch()
-        try:
-            yield scratch
-        finally:
-            with self._lock:
-                self._free.append(scratch)
+DEFAULT = SolverOptions()
 
 
 def principal_submatrices(k: Tensor, idx: Tensor, work: Scratch | None = None, key: str = "sub") -> Tensor:
@@ -132,73 +62,6 @@ def principal_submatrices(k: Tensor, idx: Tensor, work: Scratch | None = None, k
     return out
 
 
-def cholesky(
-    a: Tensor, work: Scratch | None = None, key: str = "chol", *, overwrite: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Cholesky factors L of a batch of symmetric matrices (..., m, m), and info (...,) (0: success).
-
-    Only L's lower triangle is meaningful: the upper one may hold what was there before (the
-    triangular solves never read it). On the CPU each matrix is factored by LAPACK's ``potrf``
-    from SciPy, in place in ``work``'s buffer ``key`` (or in ``a`` itself with ``overwrite``),
-    called through ctypes so that the worker threads factor concurrently (no GIL): for systems of
-    a few hundred rows this runs at two to three times the rate of torch's batched factorization,
-    which also copies every matrix into and out of LAPACK's layout. A row-major symmetric matrix is
-    its own column-major transpose, so LAPACK works on the buffer as it is and leaves L^T in its
-    upper triangle, returned as a transposed view. Elsewhere: ``torch.linalg.cholesky_ex``."""
-    m = a.shape[-1]
-    potrf = _POTRF.get(a.dtype) if a.device.type == "cpu" and 0 < m <= _LAPACK_MAX else None
-    if potrf is None or a.requires_grad:
-        return torch.linalg.cholesky_ex(a.mT)
-    if overwrite and a.is_contiguous():
-        buf = a
-    else:
-        buf = _buffer(work, key, tuple(a.shape), a)
-        buf.copy_(a)
-    size, status = ctypes.c_int(m), ctypes.c_int(0)
-    base, stride = buf.data_ptr(), m * m * buf.element_size()
-    info = []  # a Python list: a tensor item assignment per matrix costs more than a small factorization
-    for i in range(buf.numel() // (m * m)):
-        potrf(b"L", ctypes.byref(size), ctypes.c_void_p(base + i * stride), ctypes.byref(size), ctypes.byref(status))
-        info.append(status.value)
-    return buf.mT, torch.tensor(info, dtype=torch.int32).reshape(a.shape[:-2])
-
-
-def _lapack_potrf() -> dict:
-    """{dtype: potrf} from SciPy's Cython LAPACK as ctypes functions (which release the GIL while
-    they run); empty where SciPy does not expose them (then torch factors)."""
-    try:
-        from scipy.linalg import cython_lapack
-
-        capsule_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
-        capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
-            ("PyCapsule_GetPointer", ctypes.pythonapi)
-        )
-        ref = ctypes.POINTER(ctypes.c_int)
-        signature = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ref, ctypes.c_void_p, ref, ref)
-        out = {}
-        for dtype, name in ((torch.float32, "spotrf"), (torch.float64, "dpotrf")):
-            capsule = cython_lapack.__pyx_capi__[name]
-            out[dtype] = signature(capsule_pointer(capsule, capsule_name(capsule)))
-        return out
-    except Exception:  # any failure leaves the factorization to torch
-        return {}
-
-
-def factored(chol: Tensor, info: Tensor) -> Tensor:
-    """(batch,) bool: the factorization succeeded and no pivot is negligible, L_jj² > m·eps·max_k L_kk².
-
-    A singular matrix (duplicate samples, a support larger than the rank) can factor in floating
-    point with pivots at rounding level, and its "solution" is then noise of size 1/eps; since
-    L_jj² ≥ λ_min, such a pivot shows that λ_min lies below the pseudo-inverse's cut-off."""
-    d = torch.diagonal(chol, dim1=-2, dim2=-1).square()
-    return (info == 0) & (d.amin(-1) > d.shape[-1] * torch.finfo(d.dtype).eps * d.amax(-1))
-
-
-def cholesky_solve(chol: Tensor, b: Tensor) -> Tensor:
-    """(L L^T)^{-1} b by two triangular solves (no copy of the batch of factors)."""
-    return torch.linalg.solve_triangular(chol.mT, torch.linalg.solve_triangular(chol, b, upper=False), upper=True)
-
-
 def refined_solve(
     k: Tensor,
     k_low: Tensor,
@@ -209,6 +72,7 @@ def refined_solve(
     damping: float,
     c: Tensor,
     work: Scratch | None = None,
+    options: SolverOptions = DEFAULT,
 ) -> tuple[Tensor, Tensor]:
     """The support systems A_i z_i = c_i, factored in ``k_low``'s precision and refined in ``k``'s.
 
@@ -242,7 +106,7 @@ def refined_solve(
         return cholesky_solve(chol, r.to(chol.dtype)[:, :, None])[:, :, 0].to(c.dtype) * mask
 
     apply, a_norm = _support_product(k, idx, valid, t, damping)
-    return _refine(apply, approx, c, a_norm, info == 0 if damping else factored(chol, info), idx.shape[1])
+    return refine(apply, approx, c, a_norm, info == 0 if damping else factored(chol, info), idx.shape[1], options)
 
 
 def complement_solve(
@@ -254,6 +118,7 @@ def complement_solve(
     out_valid: Tensor,
     c: Tensor,
     work: Scratch | None = None,
+    options: SolverOptions = DEFAULT,
 ) -> tuple[Tensor, Tensor]:
     """K[S_i, S_i]^{-1} c_i for supports S_i larger than half of the N samples, through P = K^{-1}
     (N × N, shared): with S̄_i the samples outside the support,
@@ -290,7 +155,7 @@ def complement_solve(
         return torch.gather(g, 1, idx) * mask
 
     apply, a_norm = _support_product(k, idx, valid, None, 0.0)
-    return _refine(apply, approx, c, a_norm, info == 0, idx.shape[1])
+    return refine(apply, approx, c, a_norm, info == 0, idx.shape[1], options)
 
 
 def primal_solve(
@@ -300,6 +165,7 @@ def primal_solve(
     scale: Tensor,
     g: Tensor,
     work: Scratch | None = None,
+    options: SolverOptions = DEFAULT,
 ) -> tuple[Tensor, Tensor]:
     """Weighted normal equations on row subsets of one shared basis, G_i φ_i = g_i with
 
@@ -326,10 +192,10 @@ def primal_solve(
     low = x if x_low is None else x_low
     u, m = idx.shape
     r = x.shape[1]
-    rows = _buffer(work, "rows", (u, m, r), low)
+    rows = buffer(work, "rows", (u, m, r), low)
     torch.index_select(low, 0, idx.reshape(-1), out=rows.view(u * m, r))
     rows.mul_(scale.to(low.dtype)[:, :, None])
-    gram = _buffer(work, "gram", (u, r, r), low)
+    gram = buffer(work, "gram", (u, r, r), low)
     torch.bmm(rows.mT, rows, out=gram)
     del rows
     chol, info = cholesky(gram, work, overwrite=True)
@@ -345,7 +211,7 @@ def primal_solve(
         return cholesky_solve(chol, res.to(chol.dtype)[:, :, None])[:, :, 0].to(x.dtype)
 
     a_norm = (weight @ (x * x)).amax(1)  # the largest diagonal entry of G_i
-    phi, ok = _refine(apply, approx, g[:, :, 0], a_norm, ok, r)
+    phi, ok = refine(apply, approx, g[:, :, 0], a_norm, ok, r, options)
     return phi[:, :, None], ok
 
 
@@ -369,24 +235,6 @@ def _support_product(k: Tensor, idx: Tensor, valid: Tensor, t: Tensor | None, da
     return apply, (a_diag * mask).amax(1) + damping  # and the largest diagonal entries, ≤ ‖A_i‖
 
 
-def _refine(apply, approx, c: Tensor, a_norm: Tensor, factored: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """Iterative refinement of ``approx`` (an approximate inverse of every A_i, applied to (u, m))
-    with residuals c − ``apply``(z) in c's precision, until each unit's normwise backward error
-    ‖c_i − A_i z_i‖ / (‖A_i‖ ‖z_i‖ + ‖c_i‖) is at most size·eps (``a_norm`` ≤ ‖A_i‖)."""
-    c_norm = c.norm(dim=1)
-    bound = size * torch.finfo(c.dtype).eps
-    z = approx(c)
-    for step in range(_REFINE_STEPS + 1):
-        res = c - apply(z)
-        res_norm = res.norm(dim=1)
-        eta = torch.where(res_norm == 0, 0.0, res_norm / (a_norm * z.norm(dim=1) + c_norm))
-        certified = factored & (eta <= bound)
-        if step == _REFINE_STEPS or bool((certified | ~factored).all()):
-            break
-        z = torch.where(certified[:, None], z, z + approx(res))
-    return z, certified
-
-
 def cg_solve(
     k: Tensor,
     s: Tensor,
@@ -397,6 +245,7 @@ def cg_solve(
     maxiter: int,
     certify: bool,
     fallback: Callable[[Tensor, Tensor], Tensor],
+    options: SolverOptions = DEFAULT,
 ) -> Tensor:
     """The unit-wise update's systems by conjugate gradients, all units of a layer at once.
 
@@ -406,9 +255,10 @@ def cg_solve(
     Without ``certify`` a unit stops at residual ≤ ``tol`` ‖c_i‖; with it, it stops at a tenth of
     the backward-error bound N·eps (‖A_i‖ ‖z_i‖ + ‖c_i‖), and is kept only if its true residual,
     recomputed at the end, meets the bound. The units left (not converged in ``maxiter``
-    iterations, or not certified) go to ``fallback(s, b)``. s, b: (M, N). Returns w (M, N)."""
+    iterations, or not certified) go to ``fallback(s, b)``. s, b: (M, N). Returns w (M, N).
+    ``options.certify`` scales the bound (0: no unit is kept, all take the fallback)."""
     n, rho = k.shape[0], damping
-    bound = n * torch.finfo(k.dtype).eps
+    bound = options.certify * n * torch.finfo(k.dtype).eps
     kn = k / n
 
     def apply(scale: Tensor, v: Tensor) -> Tensor:  # A_i v_i for every row
@@ -465,8 +315,3 @@ def cg_solve(
     if len(rows):  # not converged or not certified: the direct route
         w[rows] = fallback(s[rows], b[rows])
     return w
-
-
-# SciPy's LAPACK only where the worker threads can run it single-threaded: concurrent calls that
-# each start OpenBLAS's own threads run slower than torch
-_POTRF = _lapack_potrf() if SCIPY_BLAS_PER_THREAD else {}

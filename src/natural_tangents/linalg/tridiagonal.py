@@ -7,27 +7,25 @@ The system, for blocks ``left`` (L, K, K) and right-hand sides rhs_l (K, R):
     Σ_{l′} Σ_{ll′} left_{l′} v_{l′} + ρ v_l = rhs_l        (every layer l)
 
 :func:`factor` does the O(K³) work once and returns a solve for any right-hand sides, O(L K² R).
-:func:`block_tridiagonal_solve` adds mixed precision for large blocks: the factorization in float32
-(half the time of float64 on a CPU, the O(K³) work being most of a step at large N), then iterative
-refinement with float64 residuals until the normwise backward error
-‖b − A v‖ / (‖A‖ ‖v‖ + ‖b‖) is at most (L K)·eps of float64 — the bound a direct float64 solve
-guarantees; ‖A‖ is replaced by its largest column norm, a lower bound, so the check errs towards
-rejecting. A system that does not get there in a few steps (condition number near 1 / eps of
-float32) is factored again in float64. This is LAPACK's dsgesv strategy with a backward-error
-certificate in place of its convergence test.
+:class:`TridiagonalSystem` holds the factorizations of one system for any number of solves, with
+mixed precision for large blocks: the factorization in float32 (half the time of float64 on a CPU,
+the O(K³) work being most of a step at large N), refined to a certified float64 backward error by
+:func:`~natural_tangents.linalg.refine.refine` (‖A‖ bounded below by its largest column norm); a
+system that is not certified is factored again in float64.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["block_tridiagonal_solve", "factor"]
+from .options import SolverOptions
+from .refine import refine
 
-_REFINE_MIN_ROWS = 512  # blocks at least this large are factored in float32 and refined in float64
-_REFINE_STEPS = 8
+__all__ = ["TridiagonalSystem", "factor"]
 
 
 def factor(s: Tensor, left: Tensor, damping: float, *, symmetric: bool = False) -> Callable | None:
@@ -130,70 +128,102 @@ def _thomas_solve(thomas: tuple[list, list], lower: list, rhs: list[Tensor]) -> 
     return v
 
 
-def block_tridiagonal_solve(
-    s: Tensor, left: Tensor, damping: float, rhs: Tensor | list[Tensor], *, symmetric: bool = False
-) -> list[Tensor] | None:
-    """v (L blocks (K, R)) with Σ_{l′} Σ_{ll′} left_{l′} v_{l′} + ρ v_l = rhs_l for a tri-diagonal Σ
-    (L, L) and blocks ``left`` (L, K, K); ``rhs`` one (K, R) for every layer or a list of L. None when
-    a pivot block is numerically singular. float64 blocks of K ≥ 512 rows are factored in float32 and
-    refined to a certified float64 backward error (see the module docstring)."""
-    depth = left.shape[0]
-    rhs = [rhs] * depth if isinstance(rhs, Tensor) else list(rhs)
-    if left.dtype == torch.float64 and left.shape[1] >= _REFINE_MIN_ROWS:
-        low = factor(s.float(), left.float(), damping, symmetric=symmetric)
-        if low is not None:
-            v = _refine(s, left, damping, rhs, low)
+class TridiagonalSystem:
+    """The system Σ_{l′} Σ_{ll′} left_{l′} v_{l′} + ρ v_l = rhs_l for a tri-diagonal Σ (L, L) and
+    blocks ``left`` (L, K, K), factored once for any number of solves (``symmetric``: each block
+    symmetric PSD). float64 blocks of at least ``options.tridiagonal_refine_min_rows`` rows are
+    factored in float32 and refined; the float64 factorization is made only when needed.
+    ``routes`` (a Counter) records "tridiagonal refined" or "tridiagonal" per solve."""
+
+    def __init__(
+        self,
+        s: Tensor,
+        left: Tensor,
+        damping: float,
+        *,
+        symmetric: bool,
+        options: SolverOptions,
+        routes: Counter | None = None,
+    ) -> None:
+        self.s, self.left, self.damping, self.symmetric = s, left, damping, symmetric
+        self.options, self.routes = options, routes if routes is not None else Counter()
+        refine_here = left.dtype == torch.float64 and left.shape[1] >= options.tridiagonal_refine_min_rows
+        self._low = factor(s.float(), left.float(), damping, symmetric=symmetric) if refine_here else None
+        self._full: Callable | None = None
+        self._full_tried = False
+        if self._low is None:
+            self._factor_full()
+
+    @property
+    def factored(self) -> bool:
+        """Whether the elimination went through (no numerically singular pivot block)."""
+        return self._low is not None or self._full is not None
+
+    def _factor_full(self) -> None:
+        if not self._full_tried:
+            self._full = factor(self.s, self.left, self.damping, symmetric=self.symmetric)
+            self._full_tried = True
+
+    def solve(self, rhs: Tensor | list[Tensor]) -> list[Tensor] | None:
+        """v as L blocks (K, R) for ``rhs`` (one (K, R) for every layer, or a list of L); None when
+        a pivot block is numerically singular (the caller then solves the whole L·K system)."""
+        depth = self.left.shape[0]
+        rhs = [rhs] * depth if isinstance(rhs, Tensor) else list(rhs)
+        if self._low is not None:
+            v = self._refined(rhs)
             if v is not None:
+                self.routes["tridiagonal refined"] += 1
                 return v
-    solve = factor(s, left, damping, symmetric=symmetric)
-    if solve is None:
-        return None
-    v = solve(rhs)
-    return v if all(bool(torch.isfinite(x).all()) for x in v) else None
-
-
-def _refine(s: Tensor, left: Tensor, damping: float, rhs: list[Tensor], low: Callable) -> list[Tensor] | None:
-    """Iterative refinement of the float32 solve ``low`` with float64 residuals; the solution once
-    its backward error is certified (≤ L·K·eps per right-hand side), else None."""
-    depth, k = left.shape[0], left.shape[1]
-    sv = s.tolist()
-    eps = torch.finfo(left.dtype).eps
-
-    def apply(v: list[Tensor]) -> list[Tensor]:
-        u = [left[m] @ v[m] for m in range(depth)]
-        out = []
-        for l in range(depth):
-            acc = damping * v[l]
-            for m in range(max(0, l - 1), min(depth, l + 2)):
-                if sv[l][m] != 0.0:
-                    acc = acc.add_(u[m], alpha=sv[l][m])
-            out.append(acc)
-        return out
-
-    # ‖A‖₂ ≥ the largest column norm: column j of block column m holds Σ_lm left_m[:, j] in block l
-    # and ρ on the diagonal
-    col = torch.stack(
-        [
-            sum(sv[l][m] ** 2 for l in range(depth)) * (left[m] ** 2).sum(0)
-            + 2 * damping * sv[m][m] * torch.diagonal(left[m])
-            + damping**2
-            for m in range(depth)
-        ]
-    )
-    a_norm = float(col.clamp_min(0).amax().sqrt())
-    bound = depth * k * eps
-    b_norm = torch.linalg.vector_norm(torch.stack(rhs), dim=(0, 1))  # (R,)
-    v = [x.double() for x in low([b.float() for b in rhs])]
-    last = float("inf")
-    for _ in range(_REFINE_STEPS):
-        res = [b - a for b, a in zip(rhs, apply(v))]
-        res_norm = torch.linalg.vector_norm(torch.stack(res), dim=(0, 1))
-        v_norm = torch.linalg.vector_norm(torch.stack(v), dim=(0, 1))
-        eta = float((res_norm / (a_norm * v_norm + b_norm)).amax())
-        if eta <= bound:
-            return v
-        if not eta < 0.5 * last:  # stalled or diverging: leave it to the float64 factorization
+        self._factor_full()
+        if self._full is None:
             return None
-        last = eta
-        v = [x + c.double() for x, c in zip(v, low([r.float() for r in res]))]
-    return None
+        v = self._full(rhs)
+        if not all(bool(torch.isfinite(x).all()) for x in v):
+            return None
+        self.routes["tridiagonal"] += 1
+        return v
+
+    def _refined(self, rhs: list[Tensor]) -> list[Tensor] | None:
+        """The float32 solve refined with float64 residuals, once every right-hand side's backward
+        error is certified (≤ L·K·eps); else None."""
+        s, left, damping = self.s, self.left, self.damping
+        depth, k = left.shape[0], left.shape[1]
+        sv = s.tolist()
+        width = rhs[0].shape[1]
+
+        def blocks(z: Tensor) -> list[Tensor]:  # (R, L·K) → L blocks (K, R)
+            return list(z.T.reshape(depth, k, width))
+
+        def packed(v: list[Tensor]) -> Tensor:
+            return torch.cat(v, 0).T
+
+        def apply(z: Tensor) -> Tensor:
+            v = blocks(z)
+            u = [left[m] @ v[m] for m in range(depth)]
+            out = []
+            for l in range(depth):
+                acc = damping * v[l]
+                for m in range(max(0, l - 1), min(depth, l + 2)):
+                    if sv[l][m] != 0.0:
+                        acc = acc + sv[l][m] * u[m]
+                out.append(acc)
+            return packed(out)
+
+        def approx(r: Tensor) -> Tensor:
+            return packed([x.double() for x in self._low([b.float() for b in blocks(r)])])
+
+        # ‖A‖₂ ≥ the largest column norm: column j of block column m holds Σ_lm left_m[:, j] in block l
+        # and ρ on the diagonal
+        col = torch.stack(
+            [
+                sum(sv[l][m] ** 2 for l in range(depth)) * (left[m] ** 2).sum(0)
+                + 2 * damping * sv[m][m] * torch.diagonal(left[m])
+                + damping**2
+                for m in range(depth)
+            ]
+        )
+        a_norm = float(col.clamp_min(0).amax().sqrt())
+        c = packed(rhs)
+        ok = torch.ones(width, dtype=torch.bool, device=c.device)
+        z, certified = refine(apply, approx, c, a_norm, ok, depth * k, self.options)
+        return blocks(z) if bool(certified.all()) else None
