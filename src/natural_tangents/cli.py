@@ -130,7 +130,10 @@ def _reproduce(args: argparse.Namespace) -> int:
     results = []
     for name in names:
         print(f"[{name}] running ({'quick' if args.quick else 'full'}) …", file=sys.stderr, flush=True)
-        result = timed(REGISTRY[name].run, settings)
+        try:
+            result = timed(REGISTRY[name].run, settings)
+        except FileNotFoundError as err:  # the packaged MNIST subset (the optional data extra) is missing
+            raise UsageError(f"{name}: {_one_line(err)}") from None
         try:
             results.append(write(result, out))
         except OSError as err:
