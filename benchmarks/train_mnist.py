@@ -69,22 +69,13 @@ SWEEP = {  # (loss, lr, damping) grids; smaller for the costlier Fishers (a step
 
 
 def load_data(seed: int = 0) -> dict[str, Tensor]:
-    """Train/test split of the packaged subset: images (N, 1, 28, 28) float32 standardized by the
-    training mean and std, labels (N,) int64; also the two statistics."""
-    images, labels = nat.data.load_mnist_subset(dtype=torch.float32)
-    images = images / 255.0
-    gen = torch.Generator().manual_seed(seed)
-    train_idx, test_idx = [], []
-    for digit in range(10):
-        idx = torch.nonzero(labels == digit).flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        train_idx.append(idx[:N_TRAIN_PER_DIGIT])
-        test_idx.append(idx[N_TRAIN_PER_DIGIT : N_TRAIN_PER_DIGIT + N_TEST_PER_DIGIT])
-    tr, te = torch.cat(train_idx), torch.cat(test_idx)
-    mean, std = images[tr].mean(), images[tr].std()
-    norm = lambda i: ((images[i] - mean) / std).reshape(-1, 1, 28, 28)  # noqa: E731
-    return {"x_train": norm(tr), "y_train": labels[tr], "x_test": norm(te), "y_test": labels[te],
-            "mean": mean, "std": std}  # fmt: skip
+    """Train/test split of the packaged subset (``nat.data.mnist``): images (N, 1, 28, 28) float32
+    standardized by the training mean and std, labels (N,) int64, grouped by digit (the DataLoader
+    shuffles); also the two statistics."""
+    n_train, n_test = 10 * N_TRAIN_PER_DIGIT, 10 * N_TEST_PER_DIGIT
+    ds = nat.data.mnist(n_train, n_test, seed=seed, dtype=torch.float32, shuffle=False)
+    stats = {"mean": torch.tensor(ds.mean, dtype=torch.float32), "std": torch.tensor(ds.std, dtype=torch.float32)}
+    return {"x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test, "y_test": ds.y_test, **stats}
 
 
 def lenet() -> nn.Module:

