@@ -59,7 +59,7 @@ autoclass_content = "both"
 
 nitpicky = True
 # Bases that are internal by design (not in their module's __all__), shown in "Bases:" lines.
-nitpick_ignore = [("py:class", "natural_tangents.fisher.base.DualFisher")]
+nitpick_ignore = [("py:class", "natural_tangents.fisher.base.DualBatch")]
 
 html_theme = "alabaster"
 html_title = "natural-tangents"

@@ -83,8 +83,8 @@ class LayerwiseRoute(Enum):
 
 
 class LayerwiseBatch(DualBatch):
-    """A layer-wise Fisher bound to a batch: the :attr:`route` and its factorizations, computed once
-    for the update, Θ̄ and α̂."""
+    """A layer-wise Fisher bound to a batch: its route (a :class:`LayerwiseRoute`) and the route's
+    factorizations, computed once for the update, Θ̄ and α̂."""
 
     @cached_property
     def sigma(self) -> Tensor:

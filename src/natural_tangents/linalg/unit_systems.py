@@ -85,10 +85,13 @@ class UnitSystems:
     """The support systems of one layer's units (see the module docstring).
 
     Args:
-        k: K = a a^T (N, N) in the solve dtype. damping: ρ ≥ 0. rcond: at ρ = 0 the pseudo-inverse's
-        relative cut-off on a unit's diagonal s_n² K_nn / N. options: sizes and routes. pool:
-        scratch buffers shared by the layers of a step. basis: at ρ = 0 when rank a < N, a's column
-        basis (:class:`ColumnBasis`). routes: a Counter of units per route.
+        k: K = a a^T (N, N) in the solve dtype.
+        damping: ρ ≥ 0.
+        rcond: at ρ = 0, the pseudo-inverse's relative cut-off on a unit's diagonal s_n² K_nn / N.
+        options: sizes and routes.
+        pool: scratch buffers shared by the layers of a step.
+        basis: at ρ = 0 when rank a < N, a's column basis (:class:`ColumnBasis`).
+        routes: a Counter of units per route.
     """
 
     def __init__(
