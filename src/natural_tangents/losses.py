@@ -5,7 +5,10 @@ A loss supplies three things to the natural gradient:
 * ``residual(f, y)`` (N, C): the vector r with ∇_θ L = J^T r / N (MSE: f − y; cross-entropy: σ(f) − y);
 * ``output_fisher(f)`` (N, C, C) or ``None``: the per-sample output metric Λ_n of the Fisher
   G = J^T Λ J / N + ρ I (``None`` means Λ = I, the MSE case);
-* ``value(f, y)`` and ``accuracy(f, y)`` for reporting.
+* ``value(f, y)`` and ``accuracy(f, y)`` for reporting;
+* ``sample_residuals(f, k, generator)`` (N, k, C): the residuals r̂ = ∂ℓ(f, ŷ)/∂f of k labels ŷ drawn
+  from the model's predictive distribution p(y | f) per sample, for Monte-Carlo Fishers
+  (E_ŷ r̂ r̂^T = Λ, the output metric, without output damping).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class Loss:
         raise NotImplementedError
 
     def output_fisher(self, f: Tensor) -> Tensor | None:
+        raise NotImplementedError
+
+    def sample_residuals(self, f: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError
 
     def accuracy(self, f: Tensor, y: Tensor) -> float:
@@ -78,6 +84,11 @@ class MSE(Loss):
 
     def output_fisher(self, f: Tensor) -> Tensor | None:
         return None
+
+    def sample_residuals(self, f: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """ŷ = f + ε, ε ~ N(0, I) (the unit-variance Gaussian model): r̂ = f − ŷ = −ε."""
+        n, c = f.shape
+        return -torch.randn(n, k, c, generator=generator, dtype=f.dtype, device=f.device)
 
 
 @dataclass(frozen=True)
@@ -136,6 +147,16 @@ class CrossEntropy(Loss):
         else:
             lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
         return lam + self.output_damping * torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
+
+    def sample_residuals(self, f: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """ŷ ~ categorical(softmax f) (Bernoulli(sigmoid f) for one output): r̂ = σ(f) − e_ŷ."""
+        p = self._probs(f)
+        n, c = f.shape
+        if c == 1:
+            draw = torch.rand(n, k, 1, generator=generator, dtype=f.dtype, device=f.device)
+            return p[:, None, :] - (draw < p[:, None, :]).to(f.dtype)
+        labels = torch.multinomial(p.double(), k, replacement=True, generator=generator)  # (N, k)
+        return p[:, None, :] - torch.nn.functional.one_hot(labels, c).to(f.dtype)
 
 
 def get(loss: str | Loss) -> Loss:

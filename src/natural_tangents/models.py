@@ -33,6 +33,8 @@ Refused before anything is computed, naming the module and the fix:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -40,7 +42,7 @@ from .layers import kind_of
 from .signals import Signals
 from .validation import as_tensor, check_finite, check_outputs
 
-__all__ = ["signals", "parameterized_modules", "check_model", "supports"]
+__all__ = ["signals", "output_gradients", "parameterized_modules", "check_model"]
 
 
 def _describe(module: nn.Module) -> str:
@@ -125,15 +127,6 @@ def check_model(model) -> None:
             )
 
 
-def supports(model) -> bool:
-    """Whether the library can read ``model`` (see :func:`check_model` for the reason when it cannot)."""
-    try:
-        check_model(model)
-    except (TypeError, NotImplementedError, ValueError):
-        return False
-    return True
-
-
 def _input(model: nn.Module, x, name: str):
     """``x`` in the dtype and device of the model's parameters (integer inputs keep their dtype)."""
     p = next(model.parameters())
@@ -147,30 +140,38 @@ def _input(model: nn.Module, x, name: str):
     return x
 
 
-def _output_gradients(f: Tensor, outputs: list[Tensor]) -> list[Tensor]:
-    """∂f_k/∂out for every recorded output, stacked over k: each (C, *out.shape)."""
-    c = f.shape[1]
-    basis = torch.eye(c, dtype=f.dtype, device=f.device)[:, None, :].expand(c, f.shape[0], c)
+def output_gradients(f: Tensor, outputs: list[Tensor], cotangents: Tensor | None = None) -> list[Tensor]:
+    """Σ_c m_{n,r,c} ∂f_{n,c}/∂out for every recorded output and every row r, stacked over the rows:
+    each (R, *out.shape). ``cotangents`` m (N, R, C); None is the identity (R = C: ∂f_k/∂out).
+    One backward pass batched over the R rows."""
+    n, c = f.shape
+    if cotangents is None:
+        rows = torch.eye(c, dtype=f.dtype, device=f.device)[:, None, :].expand(c, n, c)
+    else:
+        rows = cotangents.to(f.dtype).permute(1, 0, 2)  # (R, N, C)
+    r = rows.shape[0]
     try:
-        grads = torch.autograd.grad(f, outputs, grad_outputs=basis, is_grads_batched=True, allow_unused=True)
-    except RuntimeError:  # an op without a batching rule: one backward pass per output
-        per_k = [torch.autograd.grad(f, outputs, basis[k], retain_graph=True, allow_unused=True) for k in range(c)]
+        grads = torch.autograd.grad(f, outputs, grad_outputs=rows, is_grads_batched=True, allow_unused=True)
+    except RuntimeError:  # an op without a batching rule: one backward pass per row
+        per_k = [torch.autograd.grad(f, outputs, rows[k], retain_graph=True, allow_unused=True) for k in range(r)]
         grads = [None if g[0] is None else torch.stack(g) for g in zip(*per_k)]
     return [
-        torch.zeros(c, *o.shape, dtype=o.dtype, device=o.device) if g is None else g for g, o in zip(grads, outputs)
+        torch.zeros(r, *o.shape, dtype=o.dtype, device=o.device) if g is None else g for g, o in zip(grads, outputs)
     ]
 
 
-def signals(model: nn.Module, x, name: str = "x") -> Signals:
+def signals(model: nn.Module, x, name: str = "x", *, cotangents: Callable[[Tensor], Tensor] | None = None) -> Signals:
     """The :class:`~natural_tangents.signals.Signals` of the batch ``x`` (sample axis first) for any
-    supported model: one forward pass with hooks, one backward pass batched over the C outputs.
+    supported model: one forward pass with hooks, one backward pass batched over the output rows.
 
     Returns signals whose layers follow ``model.parameters()``; f is (N, C) (a model returning (N,)
-    has C = 1).
+    has C = 1). By default the rows are the C outputs (J_n). ``cotangents(f)`` (N, R, C), computed
+    from the outputs, gives the rows m_n J_n instead — the rows of a Fisher, e.g. sampled or observed
+    gradients of the loss (:mod:`natural_tangents.fisher.rows`) — without forming J.
     """
     if hasattr(model, "signals") and callable(model.signals):  # natural_tangents.MLP: closed-form signals
         check_model(model)
-        out = model.signals(x, name)
+        out = model.signals(x, name, cotangents=cotangents)
         check_outputs(model, out.f)
         return out
     modules = parameterized_modules(model)
@@ -206,7 +207,7 @@ def signals(model: nn.Module, x, name: str = "x") -> Signals:
         if not isinstance(calls[0][1], Tensor):
             raise NotImplementedError(f"{where} returns {type(calls[0][1]).__name__}, not one tensor; not supported")
     outs = [records[id(m)][0][1] for _, m in modules]
-    grads = _output_gradients(f, outs)
+    grads = output_gradients(f, outs, None if cotangents is None else cotangents(f.detach()))
     layers = []
     for (mname, m), g in zip(modules, grads):
         args = tuple(a.detach() if isinstance(a, Tensor) else a for a in records[id(m)][0][0])

@@ -18,6 +18,7 @@ Fisher of the library is built from them in O(N² M) memory instead of O(N P).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,11 +77,12 @@ class AffineLayer:
         return u if self.activation is None else self.activation(u)
 
 
-def mlp_signals(layers: list[AffineLayer], x: Tensor) -> Signals:
+def mlp_signals(layers: list[AffineLayer], x: Tensor, cotangents: Callable[[Tensor], Tensor] | None = None) -> Signals:
     """Forward and backward signals of ``x`` (N, M_0) through ``layers``.
 
     One batched forward pass and one backward pass vectorized over all C outputs at once:
     δ_l = φ′(u_l) ⊙ (δ_{l+1} · weight_scale_{l+1} W_{l+1}) (S.65). No sample loop, no Jacobian.
+    ``cotangents(f)`` (N, R, C): backward signals of the rows m_n J_n instead of the C outputs.
     """
     with torch.no_grad():
         h = x
@@ -93,7 +95,10 @@ def mlp_signals(layers: list[AffineLayer], x: Tensor) -> Signals:
         f = h
         n, c = f.shape
         last = layers[-1]
-        delta = torch.eye(c, dtype=f.dtype, device=f.device).unsqueeze(1).expand(c, n, c)
+        if cotangents is None:
+            delta = torch.eye(c, dtype=f.dtype, device=f.device).unsqueeze(1).expand(c, n, c)
+        else:
+            delta = cotangents(f).to(f.dtype).permute(1, 0, 2)  # (R, N, C)
         if last.activation is not None:
             delta = delta * last.activation.derivative(pre[-1]).unsqueeze(0)
         back = [delta]
@@ -240,10 +245,11 @@ class MLP(nn.Module):
             h = layer.output(layer.preactivation(h))
         return h
 
-    def signals(self, x: Tensor, name: str = "x") -> Signals:
+    def signals(self, x: Tensor, name: str = "x", cotangents: Callable[[Tensor], Tensor] | None = None) -> Signals:
         """The signals of the batch ``x`` (N, M_0): forward and backward signals per layer, see
-        :class:`~natural_tangents.signals.Signals`; errors name the argument ``name``."""
-        return mlp_signals(self.layers(), self.check_input(x, name))
+        :class:`~natural_tangents.signals.Signals`; errors name the argument ``name``; ``cotangents``
+        as in :func:`natural_tangents.models.signals`."""
+        return mlp_signals(self.layers(), self.check_input(x, name), cotangents)
 
     def extra_repr(self) -> str:
         return (

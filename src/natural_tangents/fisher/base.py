@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import ClassVar
 
@@ -42,7 +42,16 @@ from ..signals import Signals, public_shape
 from ..validation import check_damping
 from .rows import Rows
 
-__all__ = ["Fisher", "BoundFisher", "Isotropy", "isotropy", "flatten_coefficient"]
+__all__ = ["Fisher", "BoundFisher", "Isotropy", "isotropy", "flatten_coefficient", "FISHER_TYPES"]
+
+#: the Fisher types every Fisher offers (see :class:`Fisher`)
+FISHER_TYPES = ("expectation", "mc", "empirical")
+
+
+def _regroup(flat: list[Tensor], like: list[list[Tensor]]) -> list[list[Tensor]]:
+    """A flat list back into the per-layer lists of ``like``."""
+    it = iter(flat)
+    return [[next(it) for _ in group] for group in like]
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,7 @@ class BoundFisher(ABC):
         *,
         local: Signals | None = None,
         offset: int = 0,
+        inputs=None,
     ) -> None:
         self.fisher = fisher
         self.signals = signals
@@ -113,6 +123,7 @@ class BoundFisher(ABC):
         self.process_group = process_group
         self.local = signals if local is None else local
         self.offset = offset
+        self.inputs = inputs
         self.routes: Counter = Counter()
 
     # ---------------------------------------------------------------- the batch
@@ -136,23 +147,48 @@ class BoundFisher(ABC):
     def solve_dtype(self) -> torch.dtype:
         return self.fisher.solve_dtype
 
+    @property
+    def sampled(self) -> bool:
+        """Whether the rows are sampled or observed gradients (``fisher_type`` "mc" or "empirical")."""
+        return self.fisher.fisher_type != "expectation"
+
     @cached_property
     def rows(self) -> Rows:
-        """The per-sample row maps of this Fisher (Λ^{1/2} and its pseudo-inverse; identity for MSE)."""
+        """The per-sample row maps of the expectation (Λ^{1/2} and its pseudo-inverse; identity for MSE;
+        and for the sampled types, whose signals are their rows already)."""
+        if self.sampled:
+            return Rows()
         lam = self.fisher.loss.output_fisher(self.signals.f)
         return Rows.expectation(None if lam is None else lam.to(self.solve_dtype))
+
+    def _curvature_rows(self, layers: tuple[LayerSignals, ...], start: int = 0) -> tuple[LayerSignals, ...]:
+        if self.fisher.fisher_type == "mc":  # the k sampled rows, without the observed one
+            k = int(self.fisher.mc_samples)
+            keep = torch.eye(k, k + 1, dtype=self.signals.f.dtype, device=self.signals.f.device)
+            return tuple(layer.mix(keep.expand(layer.n, k, k + 1)) for layer in layers)
+        return self.rows.rows(layers, start)
 
     @cached_property
     def row_signals(self) -> tuple[LayerSignals, ...]:
         """Ĵ_l of the whole batch, per layer (the signals themselves for MSE)."""
-        return self.rows.rows(self.signals.layers)
+        return self._curvature_rows(self.signals.layers)
 
     @cached_property
     def local_rows(self) -> tuple[LayerSignals, ...]:
         """Ĵ_l of this rank's samples."""
         if self.process_group is None:
             return self.row_signals
-        return self.rows.rows(self.local.layers, self.offset)
+        return self._curvature_rows(self.local.layers, self.offset)
+
+    @cached_property
+    def gradient(self) -> list[list[Tensor]]:
+        """∇L = J^T r / N per layer (one tensor per parameter), of a Monte-Carlo batch: the transpose
+        of its observed row (this rank's part when distributed; summed over the ranks by
+        :meth:`natural_gradient`)."""
+        k = int(self.fisher.mc_samples)
+        v = torch.zeros(self.local.n, k + 1, dtype=self.solve_dtype, device=self.signals.f.device)
+        v[:, k] = 1.0 / self.n
+        return [layer.transpose(v) for layer in self.local.layers]
 
     @property
     def r(self) -> int:
@@ -184,17 +220,29 @@ class BoundFisher(ABC):
         return loss.residual(f, y).to(self.solve_dtype)
 
     # ---------------------------------------------------------------- the questions
-    def natural_gradient(self, y) -> list[Tensor | None]:
+    def natural_gradient(self, y=None) -> list[Tensor | None]:
         """(G + ρI)^{-1} ∇L of the whole batch, aligned with ``model.parameters()``: ``None`` in the
         place of a frozen parameter (``requires_grad=False``, not a coordinate of the Fisher). Bound
         to signals without a model, the trainable parameters' updates in layer order.
 
-        y: targets of this rank's samples, (N_r, C) (MSE) or one-hot / class indices (cross-entropy).
+        y: targets of this rank's samples, (N_r, C) (MSE) or one-hot / class indices (cross-entropy);
+        the sampled Fisher types read them in :meth:`Fisher.at` and need none here.
         """
-        updates = self._updates(self.rows.rhs(self.residual(y)))
+        fisher_type = self.fisher.fisher_type
+        if fisher_type == "expectation":
+            if y is None:
+                raise ValueError("y: the targets of the batch are needed for its gradient")
+            updates = self._updates(self.rows.rhs(self.residual(y)))
+        elif fisher_type == "empirical":  # the gradient is Ĵ^T 1 / N: in the rows' span
+            updates = self._updates(torch.ones(self.n, 1, dtype=self.solve_dtype, device=self.signals.f.device))
+        else:
+            grads = self.gradient
+            if self.process_group is not None:
+                grads = _regroup(all_reduce_tensors([t for g in grads for t in g], self.process_group), grads)
+            updates = self._precondition(grads)
         params = [p for layer in self.signals.layers for p in layer.params]
         flat = [u.to(p.dtype) for upd, layer in zip(updates, self.signals.layers) for u, p in zip(upd, layer.params)]
-        if self.process_group is not None and self.partial_updates:
+        if self.process_group is not None and self.partial_updates and fisher_type != "mc":
             flat = all_reduce_tensors(flat, self.process_group)
         if self.model is None:
             return flat
@@ -214,6 +262,11 @@ class BoundFisher(ABC):
         test points on every rank (x is the sharded batch). With a singular output metric (no output
         damping) the columns are those of the range of Λ, where every residual lies.
         """
+        if self.sampled:
+            raise NotImplementedError(
+                f"coefficient: Θ̄ is the paper's, of the expectation Fisher; fisher_type={self.fisher.fisher_type!r} "
+                "estimates it. Bind the same Fisher with fisher_type='expectation' for Θ̄ and isotropy"
+            )
         st = self.signals
         if x_test is not None:
             st = x_test if isinstance(x_test, Signals) else self.test_signals(x_test)
@@ -222,11 +275,18 @@ class BoundFisher(ABC):
 
     def alpha_hat(self) -> float:
         """Empirical α̂ = tr(Θ̄(x, x) Λ) / (N·C) (Λ = I for MSE): the mean eigenvalue of Θ̄ for MSE,
-        and the α of (S.167) for cross-entropy. ``lr="optimal"`` steps use η = 1/α̂."""
+        and the α of (S.167) for cross-entropy. ``lr="optimal"`` steps use η = 1/α̂. A sampled Fisher
+        type estimates the expectation Fisher, whose scale it shares: its α̂ is the expectation's, on
+        the same batch (C backward passes, once)."""
         return self._alpha
 
     @cached_property
     def _alpha(self) -> float:
+        if self.sampled:
+            if self.model is None or self.inputs is None:
+                raise ValueError("alpha_hat: a sampled Fisher's α̂ needs its model and batch; bind with fisher.at")
+            expectation = replace(self.fisher, fisher_type="expectation", damping=self.fisher.damping)
+            return expectation.at(self.model, self.inputs, process_group=self.process_group).alpha_hat()
         return self._trace() / (self.n * self.r)
 
     def isotropy(self) -> Isotropy:
@@ -238,6 +298,11 @@ class BoundFisher(ABC):
     def _updates(self, r: Tensor) -> list[list[Tensor]]:
         """Per layer, the parameter updates for the rows' residual r̃ (N, R) (one tensor per parameter
         of the layer); with :attr:`partial_updates`, this rank's samples' part."""
+
+    @abstractmethod
+    def _precondition(self, grads: list[list[Tensor]]) -> list[list[Tensor]]:
+        """(G + ρ I)^{-1} g for any gradient g (per layer, one tensor per parameter), ρ > 0: what the
+        Monte-Carlo rows need, whose span does not hold the gradient (Woodbury's identity in dual form)."""
 
     @abstractmethod
     def _coefficient(self, test: tuple[LayerSignals, ...]) -> Tensor:
@@ -259,12 +324,23 @@ class Fisher(ABC):
             The O(N P) products stay in the model's dtype.
         options: the routes and sizes of the fast linear algebra
             (:class:`~natural_tangents.linalg.SolverOptions`); none changes the result beyond rounding.
+        fisher_type: which Fisher of the loss (docs/fisher_types.md). ``"expectation"`` (default):
+            the paper's, the expectation over the model's output distribution, G = J^T Λ J / N; its
+            theory (α, Θ̄, the closed-form dynamics) is the paper's. ``"mc"``: a Monte-Carlo estimate,
+            ``mc_samples`` labels drawn per input from the model's predictive distribution, rows
+            r̂^T J (k backward passes instead of C); needs damping > 0, since the gradient has a
+            component outside the sampled rows that (G + ρ I)^{-1} scales by 1/ρ. ``"empirical"``:
+            the observed labels' gradients, rows r^T J (no extra backward pass); it estimates G only
+            at a well-fitted model.
+        mc_samples: k, the labels drawn per input for ``fisher_type="mc"``.
     """
 
     damping: float = 0.0
     loss: _losses.Loss | str = field(default="mse")
     solve_dtype: torch.dtype = torch.float64
     options: SolverOptions = field(default_factory=SolverOptions, repr=False)
+    fisher_type: str = "expectation"
+    mc_samples: int = 1
 
     name: ClassVar[str] = "fisher"
     label: ClassVar[str] = "Fisher"
@@ -279,19 +355,52 @@ class Fisher(ABC):
             raise ValueError(f"solve_dtype: expected torch.float32 or torch.float64, got {self.solve_dtype}")
         if not isinstance(self.options, SolverOptions):
             raise ValueError(f"options: expected a nat.linalg.SolverOptions, got {type(self.options).__name__}")
+        if self.fisher_type not in FISHER_TYPES:
+            raise ValueError(f"fisher_type: expected one of {FISHER_TYPES}, got {self.fisher_type!r}")
+        if int(self.mc_samples) != self.mc_samples or self.mc_samples < 1:
+            raise ValueError(f"mc_samples: expected a positive integer, got {self.mc_samples!r}")
+        if self.fisher_type == "mc" and self.damping == 0:
+            raise ValueError(
+                "damping: fisher_type='mc' needs damping > 0: the gradient has a component outside the sampled "
+                "rows, which (G + ρI)^{-1} scales by 1/ρ (no zero-damping limit); use damping > 0 or "
+                "fisher_type='expectation'"
+            )
 
     # ----------------------------------------------------------------- binding
-    def at(self, model, x, *, process_group=None) -> BoundFisher:
+    def at(self, model, x, *, y=None, process_group=None, generator: torch.Generator | None = None) -> BoundFisher:
         """This Fisher bound to the batch ``x`` of ``model`` (signals computed once).
+
+        ``y``: the targets, needed here by the sampled Fisher types (``"mc"`` and ``"empirical"``, whose
+        rows and gradient are read in the same pass); the expectation takes them in
+        :meth:`BoundFisher.natural_gradient`. ``generator`` draws the Monte-Carlo labels.
 
         With ``process_group`` (torch.distributed), ``x`` is this rank's shard; the bound Fisher holds
         the whole batch (the shards concatenated in rank order) and every answer is the whole batch's,
         identical on every rank.
         """
+        read = model_signals if self.fisher_type == "expectation" else self._sampled_reader(y, generator)
         if process_group is None:
-            return self.batch_type(self, model_signals(model, x), model)
-        local, full, offset = gather_batch(model, x, process_group, model_signals)
-        return self.batch_type(self, full, model, process_group, local=local, offset=offset)
+            return self.batch_type(self, read(model, x), model, inputs=x)
+        local, full, offset = gather_batch(model, x, process_group, read)
+        return self.batch_type(self, full, model, process_group, local=local, offset=offset, inputs=x)
+
+    def _sampled_reader(self, y, generator):
+        """Reads the rows of a sampled Fisher type in one pass: for ``"empirical"`` the row r_n^T J_n
+        of the observed residual; for ``"mc"`` the k rows r̂_{n,s}^T J_n / √k of sampled labels and,
+        last, the observed row (which gives the gradient J^T r / N)."""
+        if y is None:
+            raise ValueError(
+                f"y: fisher_type={self.fisher_type!r} reads its rows with the targets; pass fisher.at(model, x, y=y)"
+            )
+        loss, k = self.loss, int(self.mc_samples)
+
+        def cotangents(f: Tensor) -> Tensor:
+            r = loss.residual(f, loss.check_targets(y, f))[:, None, :]  # (N, 1, C)
+            if self.fisher_type == "empirical":
+                return r
+            return torch.cat([loss.sample_residuals(f, k, generator) / k**0.5, r], 1)
+
+        return lambda model, x: model_signals(model, x, cotangents=cotangents)
 
     def bind(self, signals: Signals, model=None) -> BoundFisher:
         """This Fisher bound to precomputed signals of a batch."""
@@ -349,6 +458,20 @@ class DualBatch(BoundFisher):
             v = last[1] if v_l is last[0] else v_l.reshape(self.n, self.r)[rows] / self.n
             last = (v_l, v)
             out.append(layer.transpose(v))
+        return out
+
+    def _row_products(self, grads: list[list[Tensor]]) -> list[Tensor]:
+        """z_l = Ĵ_l g_l / N (N·R,) per layer."""
+        return [(layer.jvp(g).to(self.solve_dtype) / self.n).reshape(-1) for layer, g in zip(self.row_signals, grads)]
+
+    def _woodbury(self, grads: list[list[Tensor]], vs: list[Tensor]) -> list[list[Tensor]]:
+        """u_l = (g_l − Ĵ_l^T v_l) / ρ, the last step of Woodbury's identity
+        (ρ I + S^T W S / N)^{-1} g = (g − S^T v) / ρ with v = (W K + ρ I)^{-1} W S g / N."""
+        rho = self.fisher.damping
+        out = []
+        for layer, g, v in zip(self.row_signals, grads, vs):
+            back = layer.transpose(v.reshape(self.n, self.r))
+            out.append([(gi - bi.to(gi.dtype)) / rho for gi, bi in zip(g, back)])
         return out
 
     def _coefficient(self, test: tuple[LayerSignals, ...]) -> Tensor:

@@ -38,6 +38,11 @@ class ExactBatch(DualBatch):
     def _make_dual_matrices(self) -> list[Tensor]:
         return [self.factor.matrix()] * self.depth
 
+    def _precondition(self, grads: list[list[Tensor]]) -> list[list[Tensor]]:
+        """(Ĵ^T Ĵ / N + ρ I)^{-1} g = (g − Ĵ^T v) / ρ with v = (K + ρ I)^{-1} Ĵ g / N."""
+        v = self.factor.solve(sum(self._row_products(grads))[:, None])[:, 0]
+        return self._woodbury(grads, [v] * self.depth)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Exact(Fisher):

@@ -98,6 +98,14 @@ class FactorSide:
         """(scale · X X^T + ρ I)^{-1} y for y (K, …), in y's precision (dual sides only)."""
         return self.dual.solve(y).to(y.dtype)
 
+    def right(self, g: Tensor, damping: float) -> Tensor:
+        """g (F + ρ I)^{-1} for any g (…, w): primal, or by Woodbury's identity
+        (g − scale · (g X^T) X (F + ρ I)^{-1}) / ρ (dual; ρ > 0)."""
+        if self.primal is not None:
+            return g @ self.primal.to(g.dtype)
+        x = self.x.to(g.dtype)
+        return (g - self.scale * (g @ x.T) @ self.signals_times_inverse().to(g.dtype)) / damping
+
 
 @dataclass(frozen=True)
 class KronFactors:
@@ -266,6 +274,30 @@ class KFACBatch(BoundFisher):
         if m <= p:
             return padded_mm(d.T @ x, a)
         return padded_mm(d.T, x @ a)
+
+    def _precondition(self, grads: list[list[Tensor]]) -> list[list[Tensor]]:
+        """(B* + ρ)^{-1} G (A* + ρ)^{-1} per block for any gradient G (Woodbury's identity on dual
+        sides); an EXACT block (Θ_l + ρ)^{-1} through (g − Ĵ_l^T (Θ_l + ρ)^{-1} Ĵ_l g / N) / ρ."""
+        rho, n = self.fisher.damping, self.n
+        done: dict[int, list[Tensor]] = {}
+        mats: dict[int, list[Tensor]] = {}
+        for blk, fac in zip(self.blocks, self.factors):
+            layer, g = self.row_signals[blk.layer], grads[blk.layer]
+            if blk.route is KronRoute.EXACT:
+                z = layer.jvp(g).to(self.solve_dtype) / n
+                back = layer.transpose(fac.solve(z.reshape(-1, 1)).reshape(z.shape))
+                done[blk.layer] = [(gi - bi.to(gi.dtype)) / rho for gi, bi in zip(g, back)]
+                continue
+            kr = layer.kronecker
+            mat = kr.from_params(g).to(self.solve_dtype if blk.route is KronRoute.POSITIONS else fac.a.x.dtype)
+            if blk.route is KronRoute.POSITIONS:
+                done[blk.layer] = kr.to_params(fac.b.primal @ mat @ fac.a.primal)
+            else:
+                part = fac.a.right(mat[:, blk.cols], rho)
+                mats.setdefault(blk.layer, []).append(fac.b.right(part.T, rho).T)
+        for l, m in mats.items():
+            done[l] = self.row_signals[l].kronecker.to_params(torch.cat(m, dim=1) if len(m) > 1 else m[0])
+        return [done[l] for l in range(self.depth)]
 
     # ------------------------------------------------------------------ Θ̄
     def _coefficient(self, test: tuple[LayerSignals, ...]) -> Tensor:

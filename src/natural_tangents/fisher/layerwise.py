@@ -138,14 +138,24 @@ class LayerwiseBatch(DualBatch):
         return lu, piv
 
     def _dual_vectors(self, r: Tensor) -> list[Tensor]:
-        rf = r[:, None]
+        return self._solve_blocks([r] * self.depth)
+
+    def _solve_blocks(self, rhs: list[Tensor]) -> list[Tensor]:
+        """v with ((Σ ⊗ I) blockdiag(Θ_l) + ρ I) v = rhs (L blocks (N·R,)); at ρ = 0 (S.74)."""
         if self.route is LayerwiseRoute.DECOUPLED:
-            return [c * inv.solve(rf)[:, 0] for c, inv in self.layer_inverses]
+            return [c * inv.solve(b[:, None])[:, 0] for (c, inv), b in zip(self.layer_inverses, rhs)]
         if self.route is LayerwiseRoute.TRIDIAGONAL:
-            v = self.tridiagonal.solve(rf)
+            v = self.tridiagonal.solve([b[:, None] for b in rhs])
             if v is not None:
                 return [x[:, 0] for x in v]
-        return list(self._dense_solve(rf.repeat(self.depth, 1))[:, 0].reshape(self.depth, -1))
+        return list(self._dense_solve(torch.cat(rhs)[:, None])[:, 0].reshape(self.depth, -1))
+
+    def _precondition(self, grads: list[list[Tensor]]) -> list[list[Tensor]]:
+        """(S^T (Σ ⊗ I) S / N + ρ I)^{-1} g = (g − S^T v) / ρ, v = ((Σ ⊗ I) K + ρ I)^{-1} (Σ ⊗ I) S g / N."""
+        z = self._row_products(grads)
+        sigma = self.sigma.tolist()
+        rhs = [sum(sigma[l][m] * z[m] for m in range(self.depth) if sigma[l][m] != 0.0) for l in range(self.depth)]
+        return self._woodbury(grads, self._solve_blocks(rhs))
 
     def _dense_solve(self, rhs: Tensor) -> Tensor:
         return torch.linalg.lu_solve(*self.dense, rhs)

@@ -170,25 +170,44 @@ class UnitwiseBatch(BoundFisher):
         return systems.solve(s, rhs)
 
     # ------------------------------------------------------------------ RANK_ONE layers
-    def _rank_one_update(self, l: int, r: Tensor) -> list[Tensor]:
-        fisher, layer = self.fisher, self.row_signals[l]
-        a, n, m = layer.kronecker.a[:, 0], self.n, layer.kronecker.out_width
-        k = self.layer_grams[l]
+    def _unit_passes(self, l: int) -> list[slice]:
+        """The units of layer ``l`` in passes of bounded (U, N) arrays for the iterative route."""
+        fisher, m = self.fisher, self.row_signals[l].kronecker.out_width
         iterative = fisher.solver == "cg" or (fisher.solver == "auto" and fisher.damping > 0)
-        step = max(1, self.options.cg_elements // n) if iterative else m  # units per pass: bounded (U, N) arrays
-        w = torch.empty(m, n, dtype=a.dtype, device=a.device)
-        for lo in range(0, m, step):
-            units = slice(lo, lo + step)
+        step = max(1, self.options.cg_elements // self.n) if iterative else m
+        return [slice(lo, lo + step) for lo in range(0, m, step)]
+
+    def _rank_one_update(self, l: int, r: Tensor) -> list[Tensor]:
+        layer, n = self.row_signals[l], self.n
+        a = layer.kronecker.a[:, 0]
+        w = torch.empty(layer.kronecker.out_width, n, dtype=a.dtype, device=a.device)
+        for units in self._unit_passes(l):
             s, d = self.unit_scales(l, units)
-            b = torch.einsum("mnk,nk->mn", d, r)  # δ̃_n · r̃_n
-            if iterative:
-                w[units] = cg_solve(
-                    k, s, b, fisher.damping, tol=fisher.tol, maxiter=fisher.maxiter, certify=fisher.solver == "auto",
-                    fallback=lambda s_left, b_left: self._fallback(l, s_left, b_left), options=self.options,
-                )  # fmt: skip
-            else:
-                w[units] = self.solve_units(l, s, b[:, :, None])[:, :, 0]
+            w[units] = self._rank_one_solve(l, units, s, torch.einsum("mnk,nk->mn", d, r))  # b = δ̃_n · r̃_n
         return layer.kronecker.to_params(padded_mm(w.div_(n), a))
+
+    def _rank_one_precondition(self, l: int, g: list[Tensor]) -> list[Tensor]:
+        """(F_i + ρ)^{-1} g_i for every unit, F_i = a^T S_i² a / N: by Woodbury's identity
+        (g_i − a^T w_i / N) / ρ with w_i = (S_i² K / N + ρ)^{-1} (s_i² ⊙ a g_i)."""
+        kr, n, rho = self.row_signals[l].kronecker, self.n, self.fisher.damping
+        a = kr.a[:, 0].to(self.solve_dtype)
+        mat = kr.from_params(g).to(self.solve_dtype)  # (M, p): row i is g_i
+        w = torch.empty(kr.out_width, n, dtype=self.solve_dtype, device=a.device)
+        for units in self._unit_passes(l):
+            s, _ = self.unit_scales(l, units)
+            w[units] = self._rank_one_solve(l, units, s, s * s * (mat[units] @ a.T))
+        return kr.to_params(((mat - w @ a / n) / rho).to(kr.dtype))
+
+    def _rank_one_solve(self, l: int, units: slice, s: Tensor, b: Tensor) -> Tensor:
+        """w = (S² K / N + ρ)^{-1} b for the units ``units`` of layer ``l`` (b (u, N), 0 off the support),
+        by the route of ``solver``."""
+        fisher, k = self.fisher, self.layer_grams[l]
+        if fisher.solver == "cg" or (fisher.solver == "auto" and fisher.damping > 0):
+            return cg_solve(
+                k, s, b, fisher.damping, tol=fisher.tol, maxiter=fisher.maxiter, certify=fisher.solver == "auto",
+                fallback=lambda s_left, b_left: self._fallback(l, s_left, b_left), options=self.options,
+            )  # fmt: skip
+        return self.solve_units(l, s, b[:, :, None])[:, :, 0]
 
     def _fallback(self, l: int, s: Tensor, b: Tensor) -> Tensor:
         """The units that conjugate gradients did not certify, by the direct route."""
@@ -249,7 +268,27 @@ class UnitwiseBatch(BoundFisher):
             return (jt @ ju.inverse @ ju.units.jac.mT).sum(0) / self.n
         return ((jt @ ju.units.jac.mT / self.n) @ ju.inverse).sum(0)
 
+    def _jacobian_precondition(self, l: int, g: list[Tensor]) -> list[Tensor]:
+        ju, rho = self.jacobian_units[l], self.fisher.damping
+        layer = self.row_signals[l]
+        if layer.kronecker is not None:
+            gu = layer.kronecker.from_params(g).to(self.solve_dtype)  # (U, p): a unit per output channel
+        else:
+            gu = torch.cat([t.reshape(-1) for t in g]).to(self.solve_dtype)[None]  # the module is one unit
+        if ju.route is UnitRoute.PRIMAL:
+            w = (ju.inverse @ gu[:, :, None])[:, :, 0]
+        else:  # (g_u − J_u^T (K_u + ρ)^{-1} J_u g_u / N) / ρ
+            z = (ju.units.jac @ gu[:, :, None]) / self.n
+            w = (gu - (ju.units.jac.mT @ (ju.inverse @ z))[:, :, 0]) / rho
+        return [t.to(self.signals.f.dtype) for t in ju.units.to_params(w)]
+
     # ------------------------------------------------------------------ interface
+    def _precondition(self, grads: list[list[Tensor]]) -> list[list[Tensor]]:
+        return [
+            self._rank_one_precondition(l, g) if route is UnitRoute.RANK_ONE else self._jacobian_precondition(l, g)
+            for l, (route, g) in enumerate(zip(self.routes_by_layer, grads))
+        ]
+
     def _updates(self, r: Tensor) -> list[list[Tensor]]:
         return [
             self._rank_one_update(l, r) if route is UnitRoute.RANK_ONE else self._jacobian_update(l, r)

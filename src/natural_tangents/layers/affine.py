@@ -147,6 +147,21 @@ class AffineSignals(LayerSignals):
     def transpose(self, v: Tensor) -> list[Tensor]:
         return self.to_params(self.matrix_update(v))
 
+    def from_params(self, tensors: list[Tensor]) -> Tensor:
+        """The module's trainable parameter tensors (or tensors shaped like them) as one (M, p) [W | b]
+        matrix, the inverse of :meth:`to_params`."""
+        parts, it = [], iter(tensors)
+        if self.has_weight:
+            parts.append(next(it).reshape(self.out_width, -1))
+        if self.has_bias:
+            parts.append(next(it).reshape(self.out_width, 1))
+        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+    def jvp(self, update: list[Tensor]) -> Tensor:
+        u = self.from_params(update).to(self.dtype)  # (M, p)
+        out = (self.a2 @ u.T).reshape(self.n, self.positions, self.out_width)  # U a_{n,t}
+        return torch.einsum("kntm,ntm->nk", self.d, out)
+
     def _per_sample(self, dtype: torch.dtype) -> Tensor:
         """G (N, C, M, p): the per-sample Jacobians as [W | b] matrices."""
         if self.positions == 1:

@@ -6,6 +6,7 @@ A Fisher never looks at a concrete layer. It asks each :class:`LayerSignals` of 
   (the paper's (S.68); divide by N for its Θ_l);
 * ``transpose(v)``: J_l^T v for a function-space vector v (N, C): the layer's parameter update, one
   tensor per parameter of the module (a weighted backward pass);
+* ``jvp(u)``: J_l u for parameter tensors u (one per parameter): a function-space vector (N, C);
 * ``jacobian()``: the per-sample Jacobian (N·C, P_l), for the routes that need it explicitly;
 * ``units()``: the unit-wise view (which rows of the parameters form one unit);
 * ``mix(m)``: the same layer with its output rows mixed per sample, J_n ↦ m_n J_n (the rows of a
@@ -98,6 +99,10 @@ class LayerSignals(ABC):
     @abstractmethod
     def transpose(self, v: Tensor) -> list[Tensor]:
         """J_l^T v for v (N, C): the update of each parameter of the module, in the model's dtype."""
+
+    @abstractmethod
+    def jvp(self, update: list[Tensor]) -> Tensor:
+        """J_l u for tensors u shaped like :attr:`params`: (N, C) in the model's dtype."""
 
     @abstractmethod
     def jacobian(self, dtype: torch.dtype | None = None) -> Tensor:

@@ -54,6 +54,10 @@ class GenericSignals(LayerSignals):
         flat = v.to(self.dtype).reshape(-1) @ self.jacobian()
         return split_flat(flat, self.params)
 
+    def jvp(self, update: list[Tensor]) -> Tensor:
+        flat = torch.cat([u.reshape(-1) for u in update]).to(self.dtype)
+        return self.g @ flat
+
     def units(self, dtype: torch.dtype | None = None) -> Units:
         return Units(jac=self.jacobian(dtype)[None], to_params=lambda w: split_flat(w[0], self.params))
 
