@@ -6,11 +6,12 @@ theta = nat.empirical_ntk(net, x)                      # J J^T, no 1/N
 step = nat.fisher.BlockDiagonal().natural_gradient(net, x, y)
 """
 
-from . import activations, data, distributed, dynamics, fisher, layers, losses, models, theory
+from . import activations, data, distributed, dynamics, fisher, layers, linalg, losses, models, theory
 from .kernels import empirical_ntk, empirical_unit_ntk
 from .network import MLP
-from .optim import GD, NGD, History, optimal_lr, train
+from .optim import NGD
 from .signals import Signals
+from .training import GD, History, optimal_lr, train
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "NGD",
     "Signals",
     "layers",
+    "linalg",
     "distributed",
     "History",
     "fisher",

@@ -42,7 +42,7 @@ from .layers import kind_of
 from .signals import Signals
 from .validation import as_tensor, check_finite, check_outputs
 
-__all__ = ["signals", "output_gradients", "parameterized_modules", "check_model"]
+__all__ = ["signals", "output_gradients", "parameterized_modules", "check_model", "where"]
 
 
 def _describe(module: nn.Module) -> str:
@@ -50,7 +50,7 @@ def _describe(module: nn.Module) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _where(name: str) -> str:
+def where(name: str) -> str:
     """A module's path written as Python would reach it: ``model.features[0].conv``."""
     out = "model"
     for part in name.split(".") if name else []:
@@ -85,7 +85,7 @@ def check_model(model) -> None:
     for name, module in model.named_modules(remove_duplicate=False):
         if id(module) in seen_modules and any(p.requires_grad for p in module.parameters(recurse=False)):
             raise NotImplementedError(
-                f"{_where(name)} ({_describe(module)}) is the same module as {_where(seen_modules[id(module)])}: "
+                f"{where(name)} ({_describe(module)}) is the same module as {where(seen_modules[id(module)])}: "
                 "a parameterized module used twice shares its weights, which the Fisher's layer structure does "
                 "not allow; give each use its own module"
             )
@@ -102,7 +102,7 @@ def check_model(model) -> None:
     for name, p in params:
         if id(p) in first and p.requires_grad:
             raise NotImplementedError(
-                f"{_where(name)} is the same parameter as {_where(first[id(p)])} (tied weights): the Fisher's layer "
+                f"{where(name)} is the same parameter as {where(first[id(p)])} (tied weights): the Fisher's layer "
                 "structure needs each parameter used once; untie them (give each module its own parameter)"
             )
         first[id(p)] = name
@@ -111,18 +111,18 @@ def check_model(model) -> None:
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             raise NotImplementedError(
-                f"{_where(name)} ({_describe(module)}) is a BatchNorm in training mode: it couples the samples of "
+                f"{where(name)} ({_describe(module)}) is a BatchNorm in training mode: it couples the samples of "
                 "a batch, so there is no per-sample Jacobian; call model.eval() (running statistics) or use "
                 "GroupNorm/LayerNorm"
             )
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
             raise NotImplementedError(
-                f"{_where(name)} ({_describe(module)}) is an active dropout layer (p = {module.p} in training "
+                f"{where(name)} ({_describe(module)}) is an active dropout layer (p = {module.p} in training "
                 "mode): the Fisher of a random network is not defined here; call model.eval() or use p = 0"
             )
         if parametrize.is_parametrized(module):
             raise NotImplementedError(
-                f"{_where(name)} ({_describe(module)}) has parametrized weights (torch.nn.utils.parametrize, "
+                f"{where(name)} ({_describe(module)}) has parametrized weights (torch.nn.utils.parametrize, "
                 "weight_norm); remove the parametrization (e.g. parametrize.remove_parametrizations)"
             )
 
@@ -140,10 +140,13 @@ def _input(model: nn.Module, x, name: str):
     return x
 
 
-def output_gradients(f: Tensor, outputs: list[Tensor], cotangents: Tensor | None = None) -> list[Tensor]:
+def output_gradients(
+    f: Tensor, outputs: list[Tensor], cotangents: Tensor | None = None, *, retain_graph: bool = False
+) -> list[Tensor]:
     """Σ_c m_{n,r,c} ∂f_{n,c}/∂out for every recorded output and every row r, stacked over the rows:
     each (R, *out.shape). ``cotangents`` m (N, R, C); None is the identity (R = C: ∂f_k/∂out).
-    One backward pass batched over the R rows."""
+    One backward pass batched over the R rows (``retain_graph`` keeps the graph, as a backward pass
+    run inside another one must)."""
     n, c = f.shape
     if cotangents is None:
         rows = torch.eye(c, dtype=f.dtype, device=f.device)[:, None, :].expand(c, n, c)
@@ -151,7 +154,9 @@ def output_gradients(f: Tensor, outputs: list[Tensor], cotangents: Tensor | None
         rows = cotangents.to(f.dtype).permute(1, 0, 2)  # (R, N, C)
     r = rows.shape[0]
     try:
-        grads = torch.autograd.grad(f, outputs, grad_outputs=rows, is_grads_batched=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            f, outputs, grad_outputs=rows, is_grads_batched=True, allow_unused=True, retain_graph=retain_graph
+        )
     except RuntimeError:  # an op without a batching rule: one backward pass per row
         per_k = [torch.autograd.grad(f, outputs, rows[k], retain_graph=True, allow_unused=True) for k in range(r)]
         grads = [None if g[0] is None else torch.stack(g) for g in zip(*per_k)]
@@ -197,21 +202,21 @@ def signals(model: nn.Module, x, name: str = "x", *, cotangents: Callable[[Tenso
     check_outputs(model, f)
     for _, m in modules:
         calls = records[id(m)]
-        where = f"{_where(names[id(m)])} ({_describe(m)})"
+        place = f"{where(names[id(m)])} ({_describe(m)})"
         if len(calls) != 1:
             what = "is never called in the forward pass" if not calls else f"is called {len(calls)} times"
             raise NotImplementedError(
-                f"{where} {what}: each parameterized module must be used exactly once per forward pass "
+                f"{place} {what}: each parameterized module must be used exactly once per forward pass "
                 "(a module called twice shares its weights); give each use its own module"
             )
         if not isinstance(calls[0][1], Tensor):
-            raise NotImplementedError(f"{where} returns {type(calls[0][1]).__name__}, not one tensor; not supported")
+            raise NotImplementedError(f"{place} returns {type(calls[0][1]).__name__}, not one tensor; not supported")
     outs = [records[id(m)][0][1] for _, m in modules]
     grads = output_gradients(f, outs, None if cotangents is None else cotangents(f.detach()))
     layers = []
     for (mname, m), g in zip(modules, grads):
         args = tuple(a.detach() if isinstance(a, Tensor) else a for a in records[id(m)][0][0])
-        layers.append(kind_of(m)(m, args, g.detach(), _where(mname)))
+        layers.append(kind_of(m)(m, args, g.detach(), where(mname)))
     last = list(model.parameters())[-1]
     return Signals(f=f.detach(), layers=tuple(layers), frozen_output=not last.requires_grad)
 

@@ -1,57 +1,50 @@
-"""Full-batch training: natural gradient descent with any Fisher, plain gradient descent, and a
-``train`` loop that records what the paper's figures plot.
+"""Natural gradient descent as a ``torch.optim.Optimizer``: :class:`NGD`, with any Fisher, full-batch or
+on mini-batches, from the batch (``opt.step(x, y)``) or from the user's own ``loss.backward()``.
 
     opt = nat.NGD(net, nat.fisher.BlockDiagonal(), lr="optimal")   # η = 1/α
     for _ in range(5):
         opt.step(x, y)
 
-``NGD`` is a ``torch.optim.Optimizer``: ``zero_grad``, ``state_dict``/``load_state_dict`` and
-parameter groups with their own learning rate work as usual, and :meth:`NGD.precondition` writes
-the natural gradient into ``.grad`` so that any torch optimizer (SGD with momentum, Adam) can apply it.
-Each step binds the Fisher to the batch once (:meth:`natural_tangents.fisher.Fisher.at`): one
-computation of the signals and one factorization serve both α̂ (for ``lr="optimal"``) and the update.
-
-With ``process_group=`` (torch.distributed, e.g. under torchrun) every rank passes its own shard of
-the batch and the model's replicated parameters receive the whole batch's update on every rank.
+``NGD`` works as any torch optimizer: ``zero_grad``, ``state_dict``/``load_state_dict``, parameter
+groups with their own learning rate, schedulers; :meth:`NGD.precondition` writes the natural
+gradient into ``.grad`` so that any torch optimizer (SGD with momentum, Adam) can apply it. With
+``process_group=`` (torch.distributed, e.g. under torchrun) every rank passes its own shard of the
+batch and the model's replicated parameters receive the whole batch's update on every rank.
+Gradient descent and the full-batch ``train`` loop of the paper's experiments are in
+:mod:`natural_tangents.training`.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import replace
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import fisher as _fisher
-from . import losses as _losses
+from .capture import Capture
+from .curvature import ParamView, RunningCurvature
 from .distributed import check_group
 from .fisher.base import BoundFisher, Fisher
-from .models import check_model
+from .models import check_model, parameterized_modules
 from .validation import check_lr, check_update, warn
 
-__all__ = ["NGD", "GD", "History", "train", "optimal_lr"]
+__all__ = ["NGD", "OPTIMAL"]
 
-_OPTIMAL = "optimal"
-
-
-def optimal_lr(method: Fisher | str, model: nn.Module, x: Tensor, *, process_group=None) -> float:
-    """η for ``lr="optimal"``: 1/α̂ for a Fisher (α̂ measured on the batch at the current
-    parameters; one step then solves the linearized problem when Θ̄ = α I), and for ``"gd"``
-    1/λ_max of Θ = J J^T / N: the largest rate at which every eigen-direction of the linearized
-    residual contracts monotonically (1 − ηλ ∈ [0, 1)). Rates up to 2/λ_max are stable for the
-    linear model only; at finite width they diverge once λ_max moves."""
-    if isinstance(method, str) and method.lower() == "gd":
-        theta = _fisher.Exact().at(model, x, process_group=process_group).layer_kernels.sum(0)
-        return 1.0 / float(torch.linalg.eigvalsh(theta)[-1])
-    return 1.0 / _fisher.get(method).alpha_hat(model, x, process_group=process_group)
+#: ``lr="optimal"``: lr = 1 in units of 1/α̂ (see :class:`NGD`)
+OPTIMAL = "optimal"
 
 
 class NGD(torch.optim.Optimizer):
-    """Full-batch natural gradient descent θ ← θ − η (G + ρI)^{-1} ∇L.
+    """Natural gradient descent θ ← θ − η (G + ρI)^{-1} ∇L, full-batch or on mini-batches.
+
+    Two ways to use it::
+
+        opt.step(x, y)                                   # the optimizer reads the batch itself
+
+        loss = criterion(model(x), y); loss.backward()    # the usual PyTorch loop: the Fisher's rows are
+        opt.step()                                        # read by hooks on that forward and backward
 
     Args:
         model: a :class:`~natural_tangents.MLP` or any supported ``nn.Module``.
@@ -65,7 +58,7 @@ class NGD(torch.optim.Optimizer):
             own block of it with its own rate. Frozen parameters (``requires_grad=False``) are not
             coordinates and never move, even when a group lists them.
         process_group: a torch.distributed group for data parallelism (each rank passes its shard
-            of the batch; every rank applies the whole batch's update), or ``None`` (one process).
+            of the batch to ``step(x, y)``; every rank applies the whole batch's update), or ``None``.
         lr_unit: ``"absolute"`` (η = lr) or ``"alpha"``: η = lr / α̂ with α̂ this Fisher's isotropy
             constant measured once, at the first step (kept in the group as ``"alpha"`` and saved
             with ``state_dict``). The scale of the natural gradient differs between Fishers by α
@@ -76,6 +69,26 @@ class NGD(torch.optim.Optimizer):
             diverged run, a NaN parameter): ``"raise"`` (default, FloatingPointError naming the
             cause) or ``"skip"`` (the parameters stay as they are and a RuntimeWarning says so).
             A non-finite update is never applied.
+        curvature_every, inverse_every, ema: curvature kept across mini-batches
+            (:mod:`natural_tangents.curvature`; K-FAC, unit-wise and the block-diagonal Fisher of
+            small layers): the curvature is read every ``curvature_every`` steps into a running
+            average with decay ``ema`` and inverted every ``inverse_every`` steps (default:
+            ``curvature_every``); the steps between precondition the gradient with the inverses
+            kept. With the defaults (1, 1, 0) every step uses its own batch's Fisher, in dual form.
+        kl_clip: a trust region on the update: the step is scaled by
+            min(1, sqrt(kl_clip / Σ η² u·g)) (u the natural gradient, g the gradient: η² u·g is
+            the step's KL divergence to second order). None: no clipping.
+        warmup: the rate grows linearly over the first ``warmup`` steps.
+        loss_reduction: in the backward loop, how the loss sums its samples: ``"mean"`` (PyTorch's
+            default; the observed residuals are N ∂loss/∂f) or ``"sum"``.
+        seed: the seed of the Monte-Carlo labels (``fisher_type="mc"``); their generator's state is
+            saved with ``state_dict``.
+
+    In the backward loop the expectation and empirical Fishers precondition the loss's gradient
+    J^T r / N, read at the model's output, as ``opt.step(x, y)`` does; the Monte-Carlo Fisher and the
+    curvature kept across mini-batches precondition ``.grad``. A factorization that fails (a damped
+    system not positive definite in its precision) is retried with ten times the damping, with a
+    warning, up to five times.
 
     An unsupported model or layer is rejected here, before anything is computed (``TypeError`` or
     ``NotImplementedError`` naming the module; see :mod:`natural_tangents.models`).
@@ -91,10 +104,25 @@ class NGD(torch.optim.Optimizer):
         *,
         lr_unit: str = "absolute",
         nonfinite: str = "raise",
+        curvature_every: int = 1,
+        inverse_every: int | None = None,
+        ema: float = 0.0,
+        kl_clip: float | None = None,
+        warmup: int = 0,
+        loss_reduction: str = "mean",
+        seed: int | None = None,
     ) -> None:
         lr, lr_unit = _lr_and_unit(lr, lr_unit)
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite: expected 'raise' or 'skip', got {nonfinite!r}")
+        inverse_every = curvature_every if inverse_every is None else inverse_every
+        for name, value in (("curvature_every", curvature_every), ("inverse_every", inverse_every)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name}: expected a positive number of steps, got {value!r}")
+        if int(warmup) != warmup or warmup < 0:
+            raise ValueError(f"warmup: expected a number of steps >= 0, got {warmup!r}")
+        if kl_clip is not None and not kl_clip > 0:
+            raise ValueError(f"kl_clip: expected a positive number or None, got {kl_clip!r}")
         check_model(model)  # an unsupported model or layer fails here, before anything is computed
         if process_group is not None:
             check_group(process_group)
@@ -102,10 +130,26 @@ class NGD(torch.optim.Optimizer):
         self.fisher = _fisher.get(fisher)
         self.process_group = process_group
         self.nonfinite = nonfinite
+        self.curvature_every, self.inverse_every = int(curvature_every), int(inverse_every)
+        self.kl_clip, self.warmup = kl_clip, int(warmup)
+        self.amortized = self.curvature_every > 1 or self.inverse_every > 1 or ema > 0
+        split = getattr(self.fisher, "damping_split", "paper")
+        self.curvature = (
+            RunningCurvature(ema, self.fisher.damping, split, self.fisher.solve_dtype) if self.amortized else None
+        )
+        device = next(model.parameters()).device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,))))
         #: the solver routes of the last step (factorizations, refined or direct solves), a Counter
         self.last_routes: Counter = Counter()
         groups = param_groups if param_groups is not None else [{"params": list(model.parameters())}]
         super().__init__(groups, {"lr": lr, "lr_unit": lr_unit})
+        self.state["ngd"] = {"step": 0}
+        self._own_pass = False
+        linear = self.fisher.fisher_type == "empirical"
+        self.capture = Capture(model, self._cotangents, self._curvature_due, loss_reduction, linear_in_residual=linear)
+        if self.amortized:
+            self.fisher.check_amortizable(len(parameterized_modules(model)))
 
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; the parameters must belong to the model,
@@ -121,9 +165,29 @@ class NGD(torch.optim.Optimizer):
         last = self.param_groups[-1]
         _lr_and_unit(last["lr"], last["lr_unit"])
 
-    def bind(self, x) -> BoundFisher:
-        """The Fisher bound to the batch ``x`` (this rank's shard when distributed)."""
-        return self.fisher.at(self.model, x, process_group=self.process_group)
+    # ------------------------------------------------------------------ batches
+    @property
+    def steps(self) -> int:
+        """The number of steps taken (saved with ``state_dict``)."""
+        return int(self.state["ngd"]["step"])
+
+    def _curvature_due(self) -> bool:
+        """Whether the next backward pass is to be read: not during the optimizer's own passes, and
+        with curvature kept across mini-batches only on the steps that refresh it."""
+        return not self._own_pass and (not self.amortized or self.steps % self.curvature_every == 0)
+
+    def _cotangents(self, f: Tensor, r: Tensor) -> Tensor:
+        return self.fisher.cotangents(f, r, self.generator)
+
+    def bind(self, x, y=None) -> BoundFisher:
+        """The Fisher bound to the batch ``x`` (this rank's shard when distributed); the sampled Fisher
+        types read the targets ``y`` there too."""
+        self._own_pass = True
+        try:
+            kw = {} if self.fisher.fisher_type == "expectation" else {"y": y, "generator": self.generator}
+            return self.fisher.at(self.model, x, process_group=self.process_group, **kw)
+        finally:
+            self._own_pass = False
 
     def learning_rates(self, batch: BoundFisher | Tensor) -> list[float]:
         """Each group's η: ``lr``, or ``lr / α̂`` for ``lr_unit="alpha"``, with α̂ measured on
@@ -138,7 +202,7 @@ class NGD(torch.optim.Optimizer):
 
     def natural_gradient(self, x, y) -> list[Tensor]:
         """(G + ρI)^{-1} ∇L at (x, y), aligned with ``model.parameters()``."""
-        return self.bind(x).natural_gradient(y)
+        return self.bind(x, y).natural_gradient(y)
 
     @torch.no_grad()
     def precondition(self, x, y) -> None:
@@ -150,28 +214,177 @@ class NGD(torch.optim.Optimizer):
             if g is not None:
                 p.grad = g.to(p.dtype).clone()
 
-    @torch.no_grad()
-    def step(self, x, y) -> bool:  # type: ignore[override]
-        """One NGD step on the batch (x, y): signals and factorizations computed once. Frozen
-        parameters (``requires_grad=False``) never move. Returns whether the step was applied
-        (False only for a step skipped under ``nonfinite="skip"``)."""
+    # ------------------------------------------------------------------ steps
+    def step(self, x=None, y=None) -> bool:  # type: ignore[override]
+        """One NGD step: on the batch (x, y), or — without arguments — from the ``.grad`` and the
+        curvature read during the last ``loss.backward()``. Frozen parameters never move. Returns
+        whether the step was applied (False only for a step skipped under ``nonfinite="skip"``)."""
+        if x is not None and y is None:
+            raise ValueError("y: step(x, y) needs the targets of the batch (or call step() after loss.backward())")
         try:
-            bound = self.bind(x)
-            grads = bound.natural_gradient(y)
-            lrs = self.learning_rates(bound)
-            self.last_routes = bound.routes
-            check_update(self.model, grads)
+            if x is None:
+                batch, updates = self._from_backward()
+            elif self.amortized:
+                batch, updates = self._amortized_batch(x, y)
+            else:
+                batch, updates = self._retrying(lambda damping: self._on_batch(x, y, damping))
+            lrs = self.learning_rates(batch) if batch is not None else self._known_rates()
+            check_update(self.model, updates)
+            grads = None
+            if self.kl_clip is not None:
+                grads = self._gradients() if x is None or self.amortized else batch.loss_gradient()
         except FloatingPointError as err:
             if self.nonfinite == "raise":
                 raise
             warn(f"NGD step skipped, the parameters are unchanged: {err}", RuntimeWarning)
             return False
-        ng = {id(p): g for p, g in zip(self.model.parameters(), grads, strict=True)}
+        self._apply(updates, lrs, grads)
+        return True
+
+    def _with_damping(self, damping: float) -> Fisher:
+        """The Fisher with another damping (a factorization retried), kept for the following steps."""
+        if damping != self.fisher.damping:
+            self.fisher = replace(self.fisher, damping=damping)
+        return self.fisher
+
+    def _on_batch(self, x, y, damping: float) -> tuple[BoundFisher, list[Tensor | None]]:
+        """The batch bound and its natural gradient (its factorizations made here, where a failure is
+        caught by :meth:`_retrying`)."""
+        self._with_damping(damping)
+        bound = self.bind(x, y)
+        self.last_routes = bound.routes
+        return bound, bound.natural_gradient(y)
+
+    def _retrying(self, attempt):
+        """``attempt(damping)``, retried with ten times the damping (five times at most, with a warning)
+        when a damped system is not positive definite in its precision."""
+        damping = self.fisher.damping
+        for tries in range(6):
+            try:
+                return attempt(damping)
+            except (ValueError, torch.linalg.LinAlgError) as err:
+                if "positive definite" not in str(err) and not isinstance(err, torch.linalg.LinAlgError):
+                    raise
+                if tries == 5 or damping == 0:
+                    raise
+                new = damping * 10.0
+                warn(
+                    f"NGD: a factorization failed ({err}); retrying with damping {new:g} (was {damping:g})",
+                    RuntimeWarning,
+                )
+                damping = new
+        raise AssertionError  # unreachable
+
+    def _gradients(self) -> list[Tensor | None]:
+        grads = [p.grad if p.requires_grad else None for p in self.model.parameters()]
+        missing = [name for (name, p), g in zip(self.model.named_parameters(), grads) if p.requires_grad and g is None]
+        if missing:
+            raise ValueError(
+                f"{missing[0]}: no gradient; call loss.backward() before opt.step() (or pass the batch: opt.step(x, y))"
+            )
+        return grads
+
+    def _from_backward(self) -> tuple[BoundFisher | None, list[Tensor | None]]:
+        """The update from ``.grad`` and the rows read during the last backward pass."""
+        captured = self.capture.take()
+        grads = self._gradients()
+        if self.amortized:
+            return self._amortized_step(captured, grads)
+        if captured is None:
+            raise ValueError(
+                "loss: no backward pass through the model was read since the last step; run "
+                "loss = criterion(model(x), y); loss.backward() (with grad enabled) before opt.step()"
+            )
+
+        def attempt(damping: float):
+            fisher = self._with_damping(damping)
+            batch = fisher.bind(captured.signals, self.model, observed=captured.residual)
+            self.last_routes = batch.routes
+            if fisher.fisher_type == "mc":
+                return batch, batch.precondition(grads)
+            return batch, batch.natural_gradient()
+
+        return self._retrying(attempt)
+
+    def _amortized_batch(self, x, y) -> tuple[BoundFisher | None, list[Tensor | None]]:
+        """``step(x, y)`` with curvature kept across batches: an ordinary forward and backward of the
+        Fisher's loss (read by the hooks when the curvature is due), then the backward loop's step."""
+        with torch.enable_grad():
+            self.model.zero_grad(set_to_none=True)
+            f = self.model(x)
+            f = f if f.ndim == 2 else f[:, None]
+            self.fisher.loss.value(f, self.fisher.loss.check_targets(y, f.detach())).backward()
+        return self._from_backward()
+
+    def _amortized_step(self, captured, grads) -> tuple[BoundFisher | None, list[Tensor | None]]:
+        batch = None
+        if self.steps % self.curvature_every == 0:
+            if captured is None:
+                raise ValueError(
+                    "loss: this step refreshes the curvature, but no backward pass through the model was read since "
+                    "the last step; run loss.backward() (with grad enabled) before opt.step()"
+                )
+            batch = self.fisher.bind(captured.signals, self.model, observed=captured.residual)
+            self.curvature.update(batch.curvature_blocks(), batch.signals.layers)
+        if self.steps % self.inverse_every == 0 or not self.curvature.ready:
+            self._retrying(lambda damping: self.curvature.invert(damping))
+        by_id = self.curvature.precondition({id(p): g for p, g in zip(self.model.parameters(), grads) if g is not None})
+        return batch, [by_id.get(id(p)) for p in self.model.parameters()]
+
+    def _known_rates(self) -> list[float]:
+        if any(g["lr_unit"] == "alpha" and g.get("alpha") is None for g in self.param_groups):
+            raise ValueError("lr_unit: α̂ is measured on a step that reads the curvature; the first step must")
+        return [float(g["lr"]) / (g["alpha"] if g["lr_unit"] == "alpha" else 1.0) for g in self.param_groups]
+
+    @torch.no_grad()
+    def _apply(self, updates: list[Tensor | None], lrs: list[float], grads: list[Tensor | None] | None) -> None:
+        """θ ← θ − η s u per group, s the warm-up and KL-clipping scale (``grads``: the gradient for the latter)."""
+        t = self.steps
+        scale = min(1.0, (t + 1) / self.warmup) if self.warmup else 1.0
+        params = list(self.model.parameters())
+        ng = {id(p): u for p, u in zip(params, updates, strict=True)}
+        if self.kl_clip is not None:
+            gs = {id(p): g for p, g in zip(params, grads, strict=True)}
+            vg = 0.0
+            for group, lr in zip(self.param_groups, lrs):
+                for p in group["params"]:
+                    u, g = ng[id(p)], gs[id(p)]
+                    if u is not None and g is not None:
+                        vg += (lr * scale) ** 2 * float((u.double() * g.double()).sum())
+            if vg > 0:
+                scale *= min(1.0, (self.kl_clip / vg) ** 0.5)
         for group, lr in zip(self.param_groups, lrs):
             for p in group["params"]:
                 if ng[id(p)] is not None:
-                    p.add_(ng[id(p)].to(p.dtype), alpha=-lr)
-        return True
+                    p.add_(ng[id(p)].to(p.dtype), alpha=-lr * scale)
+        self.state["ngd"]["step"] = t + 1
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """As torch's, with the step count, the Monte-Carlo generator's state and the curvature kept
+        across mini-batches (running averages and inverses)."""
+        self.state["ngd"]["generator"] = self.generator.get_state()
+        if self.curvature is not None and self.curvature.stats:
+            index = {id(p): i for i, p in enumerate(self.model.parameters())}
+            self.state["ngd"]["curvature"] = {
+                **self.curvature.state(),
+                "views": [
+                    ([index[id(p)] for p in v.params], v.rows, v.affine, v.has_weight, v.has_bias)
+                    for v in self.curvature.views
+                ],
+            }
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        ngd = self.state["ngd"]
+        if "generator" in ngd:
+            self.generator.set_state(ngd["generator"])
+        if "curvature" in ngd and self.curvature is not None:
+            params = list(self.model.parameters())
+            saved = ngd["curvature"]
+            views = [ParamView(tuple(params[i] for i in idx), *rest) for idx, *rest in saved["views"]]
+            self.curvature.load(saved, views)
 
 
 def _lr_and_unit(lr, unit: str) -> tuple[float, str]:
@@ -179,150 +392,12 @@ def _lr_and_unit(lr, unit: str) -> tuple[float, str]:
     if unit not in ("absolute", "alpha"):
         raise ValueError(f"lr_unit: expected 'absolute' (η = lr) or 'alpha' (η = lr / α̂), got {unit!r}")
     lr = check_lr(lr)
-    return (1.0, "alpha") if lr == _OPTIMAL else (lr, unit)
+    return (1.0, "alpha") if lr == OPTIMAL else (lr, unit)
 
 
-class GD:
-    """Full-batch gradient descent θ ← θ − η ∇L through autograd (the baseline).
-
-    ``lr="optimal"``: 1/λ_max of Θ = J J^T / N at the first step (see :func:`optimal_lr`). With
-    ``process_group=`` each rank passes its shard and the gradients of the whole batch are summed
-    over the ranks (all-reduce), as in data-parallel training.
-    """
-
-    def __init__(
-        self, model: nn.Module, lr: float | str = 1.0, loss: _losses.Loss | str = "mse", process_group=None
-    ) -> None:
-        check_lr(lr)
-        if process_group is not None:
-            check_group(process_group)
-        self.model, self.lr, self.loss = model, lr, _losses.get(loss)
-        self.process_group = process_group
-
-    def step(self, x, y) -> None:
-        if self.lr == _OPTIMAL:
-            self.lr = optimal_lr("gd", self.model, x, process_group=self.process_group)
-        params = list(self.model.parameters())
-        f = self.model(x)
-        value = self.loss.value(f, self.loss.check_targets(y, f.detach()))
-        if self.process_group is None:
-            grads = torch.autograd.grad(value, params)
-        else:  # one all-reduce: the shards' summed gradients N_r ∇L_r and sizes N_r, then ÷ N
-            grads = torch.autograd.grad(value * f.shape[0], params)
-            flat = torch.cat([*(g.reshape(-1) for g in grads), grads[0].new_tensor([float(f.shape[0])])])
-            dist.all_reduce(flat, group=self.process_group)
-            parts = flat[:-1].div_(flat[-1]).split([g.numel() for g in grads])
-            grads = [v.view_as(g) for v, g in zip(parts, grads)]
-        check_update(self.model, list(grads))  # a diverged loss is never applied
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p.add_(g.to(p.dtype), alpha=-float(self.lr))
-
-
-def _whole_batch_mean(value: float, n_local: int, group) -> float:
-    if group is None:
-        return value
-    buf = torch.tensor([value * n_local, float(n_local)], dtype=torch.float64)
-    dist.all_reduce(buf, group=group)
-    return float(buf[0] / buf[1])
-
-
-@dataclass
-class History:
-    """What :func:`train` records at steps t = 0 … T (t = 0 is the initialization).
-
-    Losses use the training loss ((1/2N) Σ ||f − y||² for MSE); ``distance`` is ||θ_t − θ_0||₂;
-    ``seconds`` is the wall time of each step (length T); ``f_train``/``f_test`` are the outputs
-    (T+1, N, C) for comparing with closed-form dynamics.
-    """
-
-    method: str
-    lr: float
-    steps: list[int] = field(default_factory=list)
-    train_loss: list[float] = field(default_factory=list)
-    test_loss: list[float] = field(default_factory=list)
-    train_accuracy: list[float] = field(default_factory=list)
-    test_accuracy: list[float] = field(default_factory=list)
-    distance: list[float] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-    f_train: list[np.ndarray] = field(default_factory=list)
-    f_test: list[np.ndarray] = field(default_factory=list)
-
-
-def train(
-    model: nn.Module,
-    x,
-    y,
-    method: Fisher | str = "exact",
-    lr: float | str = "optimal",
-    steps: int = 10,
-    x_test=None,
-    y_test=None,
-    loss: _losses.Loss | str | None = None,
-    process_group=None,
-) -> History:
-    """Train ``model`` full-batch for ``steps`` steps and record a :class:`History`.
-
-    Args:
-        method: ``"gd"`` for gradient descent, or a Fisher (instance or name) for NGD.
-        lr: a number or ``"optimal"`` (1/α̂ for NGD, 1/λ_max of Θ for GD).
-        loss: the loss for GD (default MSE); NGD uses its Fisher's loss.
-        process_group: data parallelism (x, y, x_test, y_test are this rank's shards); the recorded
-            losses and accuracies are the whole batch's, the outputs this rank's.
-    """
-    if int(steps) < 0:
-        raise ValueError(f"steps: must be >= 0, got {steps}")
-    is_gd = isinstance(method, str) and method.lower() == "gd"
-    if is_gd:
-        loss_fn = _losses.get(loss or "mse")
-        opt = GD(model, lr, loss_fn, process_group=process_group)
-        name = "gd"
-    else:
-        fisher = _fisher.get(method)
-        if loss is not None:
-            raise ValueError("loss: set the loss on the Fisher for NGD, e.g. nat.fisher.Exact(loss='cross_entropy')")
-        loss_fn = fisher.loss
-        opt = NGD(model, fisher, lr, process_group=process_group)
-        name = fisher.name
-    if x_test is not None and y_test is None:
-        raise ValueError("y_test: required when x_test is given")
-    targets: dict[str, Tensor] = {}
-    hist = History(method=name, lr=float("nan"))
-    theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
-
-    def measure(xs, ys, key: str) -> tuple[float, float, np.ndarray]:
-        f = model(xs)
-        if key not in targets:  # checked once, against the first outputs
-            targets[key] = loss_fn.check_targets(ys, f)
-        yt = targets[key]
-        n = f.shape[0]
-        value = _whole_batch_mean(float(loss_fn.value(f, yt)), n, process_group)
-        acc = _whole_batch_mean(loss_fn.accuracy(f, yt), n, process_group)
-        return value, acc, f.detach().cpu().numpy()
-
-    def record(t: int) -> None:
-        with torch.no_grad():
-            value, acc, f = measure(x, y, "train")
-            hist.steps.append(t)
-            hist.train_loss.append(value)
-            hist.train_accuracy.append(acc)
-            hist.f_train.append(f)
-            theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-            hist.distance.append(float((theta - theta0).norm()))
-            if x_test is not None:
-                value, acc, f = measure(x_test, y_test, "test")
-                hist.test_loss.append(value)
-                hist.test_accuracy.append(acc)
-                hist.f_test.append(f)
-
-    record(0)
-    for t in range(1, int(steps) + 1):
-        start = time.perf_counter()
-        opt.step(x, targets["train"])
-        hist.seconds.append(time.perf_counter() - start)
-        record(t)
-    if is_gd:
-        hist.lr = float(opt.lr) if opt.lr != _OPTIMAL else optimal_lr("gd", model, x, process_group=process_group)
-    else:
-        hist.lr = opt.learning_rates(x)[0]
-    return hist
+def _lr_and_unit(lr, unit: str) -> tuple[float, str]:
+    """``lr`` as a number and its unit; ``"optimal"`` is lr 1 in units of 1/α̂."""
+    if unit not in ("absolute", "alpha"):
+        raise ValueError(f"lr_unit: expected 'absolute' (η = lr) or 'alpha' (η = lr / α̂), got {unit!r}")
+    lr = check_lr(lr)
+    return (1.0, "alpha") if lr == OPTIMAL else (lr, unit)

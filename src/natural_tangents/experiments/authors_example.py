@@ -28,7 +28,7 @@ import torch
 from .. import dynamics, theory
 from .. import fisher as F
 from ..data import mnist_binary
-from ..optim import train
+from ..training import train
 from .common import Check, Result, Settings, progress
 from .plotting import EXPERIMENT, THEORY, log_axis
 

@@ -13,7 +13,7 @@ import torch
 from .. import fisher as F
 from ..data import mnist_binary
 from ..losses import CrossEntropy
-from ..optim import History, train
+from ..training import History, train
 from .common import Check, Result, Settings, progress
 from .plotting import DOTTED, EXPERIMENT, THEORY, finish, legend_theory_experiment, log_axis, method_style
 

@@ -13,7 +13,7 @@ import torch
 from .. import dynamics, theory
 from .. import fisher as F
 from ..data import mnist_binary
-from ..optim import History, train
+from ..training import History, train
 from .common import Check, Result, Settings, mse_path, progress
 from .convergence import methods
 from .plotting import EXPERIMENT, THEORY, finish, legend_theory_experiment, log_axis, method_style

@@ -30,7 +30,7 @@ import torch
 from .. import dynamics, theory
 from .. import fisher as F
 from ..data import forster, synthetic
-from ..optim import History, train
+from ..training import History, train
 from .common import Check, Result, Settings, progress
 from .plotting import EXPERIMENT, THEORY, finish, legend_theory_experiment, log_axis, note
 

@@ -12,7 +12,7 @@ from .. import activations as A
 from .. import fisher as F
 from .. import theory
 from ..data import mnist_binary
-from ..optim import History, train
+from ..training import History, train
 from .common import Check, Result, Settings, progress
 from .plotting import finish, legend_theory_experiment, log_axis, theory_and_experiment
 

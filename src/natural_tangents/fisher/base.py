@@ -116,6 +116,7 @@ class BoundFisher(ABC):
         local: Signals | None = None,
         offset: int = 0,
         inputs=None,
+        observed: Tensor | None = None,
     ) -> None:
         self.fisher = fisher
         self.signals = signals
@@ -124,6 +125,9 @@ class BoundFisher(ABC):
         self.local = signals if local is None else local
         self.offset = offset
         self.inputs = inputs
+        #: rows read elsewhere (the backward loop): ``signals`` are the rows already, and ``observed``
+        #: the observed residuals r (N, C)
+        self.observed = observed
         self.routes: Counter = Counter()
 
     # ---------------------------------------------------------------- the batch
@@ -158,10 +162,15 @@ class BoundFisher(ABC):
         and for the sampled types, whose signals are their rows already)."""
         if self.sampled:
             return Rows()
+        if self.observed is not None:  # the rows are Λ^{1/2} J already: only the coordinates are needed
+            lam = self.fisher.loss.output_fisher(self.signals.f)
+            return Rows(coords=None if lam is None else Rows.expectation(lam.to(self.solve_dtype)).coords)
         lam = self.fisher.loss.output_fisher(self.signals.f)
         return Rows.expectation(None if lam is None else lam.to(self.solve_dtype))
 
     def _curvature_rows(self, layers: tuple[LayerSignals, ...], start: int = 0) -> tuple[LayerSignals, ...]:
+        if self.observed is not None:  # read as rows already
+            return layers
         if self.fisher.fisher_type == "mc":  # the k sampled rows, without the observed one
             k = int(self.fisher.mc_samples)
             keep = torch.eye(k, k + 1, dtype=self.signals.f.dtype, device=self.signals.f.device)
@@ -230,9 +239,11 @@ class BoundFisher(ABC):
         """
         fisher_type = self.fisher.fisher_type
         if fisher_type == "expectation":
-            if y is None:
+            if y is None and self.observed is None:
                 raise ValueError("y: the targets of the batch are needed for its gradient")
-            updates = self._updates(self.rows.rhs(self.residual(y)))
+            r = self.observed.to(self.solve_dtype) if y is None else self.residual(y)
+            self._last_residual = r
+            updates = self._updates(self.rows.rhs(r))
         elif fisher_type == "empirical":  # the gradient is Ĵ^T 1 / N: in the rows' span
             updates = self._updates(torch.ones(self.n, 1, dtype=self.solve_dtype, device=self.signals.f.device))
         else:
@@ -248,6 +259,52 @@ class BoundFisher(ABC):
             return flat
         by_param = {id(p): u for p, u in zip(params, flat, strict=True)}
         return [by_param.get(id(p)) for p in self.model.parameters()]
+
+    def loss_gradient(self) -> list[Tensor | None]:
+        """∇L = J^T r / N of the batch's observed targets (after :meth:`natural_gradient`, or read by the
+        backward loop), aligned with ``model.parameters()`` like :meth:`natural_gradient`."""
+        if self.fisher.fisher_type == "mc":
+            per_layer = self.gradient
+        else:
+            if self.fisher.fisher_type == "empirical":
+                r = torch.ones(self.n, 1, dtype=self.solve_dtype, device=self.signals.f.device)
+            elif self.observed is not None:
+                r = self.rows.rhs(self.observed.to(self.solve_dtype))
+            else:
+                r = self.rows.rhs(self._last_residual)
+            rows = slice(self.offset, self.offset + self.local.n)
+            per_layer = [layer.transpose(r[rows] / self.n) for layer in self.local_rows]
+        flat = [u for upd in per_layer for u in upd]
+        if self.process_group is not None:
+            flat = all_reduce_tensors(flat, self.process_group)
+        pairs = zip((p for layer in self.signals.layers for p in layer.params), flat)
+        by_param = {id(p): u for p, u in pairs}
+        if self.model is None:
+            return flat
+        return [by_param.get(id(p)) for p in self.model.parameters()]
+
+    def precondition(self, grads: list[Tensor | None]) -> list[Tensor | None]:
+        """(G + ρI)^{-1} g for a gradient g aligned with ``model.parameters()`` (``None`` for frozen
+        parameters), e.g. the ``.grad`` of a backward pass: needs ρ > 0 (Woodbury's identity in dual
+        form) unless g lies in the rows' span. Returns the update aligned the same way."""
+        if self.fisher.damping == 0:
+            raise ValueError(
+                "damping: preconditioning an arbitrary gradient needs damping > 0 (the zero-damping limit exists "
+                "only for the loss's own gradient: use natural_gradient(y))"
+            )
+        by_param = {id(p): g for p, g in zip(self.model.parameters(), grads, strict=True)} if self.model else None
+        per_layer = []
+        for layer in self.signals.layers:
+            if by_param is None:
+                raise ValueError("precondition: this bound Fisher has no model; bind with fisher.at(model, x)")
+            missing = [p for p in layer.params if by_param.get(id(p)) is None]
+            if missing:
+                raise ValueError(f"grads: {layer.name} has no gradient; call loss.backward() first")
+            per_layer.append([by_param[id(p)].to(self.solve_dtype) for p in layer.params])
+        updates = self._precondition(per_layer)
+        pairs = ((p, u) for layer, upd in zip(self.signals.layers, updates) for p, u in zip(layer.params, upd))
+        out = {id(p): u.to(p.dtype) for p, u in pairs}
+        return [out.get(id(p)) for p in self.model.parameters()]
 
     def test_signals(self, x_test) -> Signals:
         if self.model is None:
@@ -277,14 +334,13 @@ class BoundFisher(ABC):
         """Empirical α̂ = tr(Θ̄(x, x) Λ) / (N·C) (Λ = I for MSE): the mean eigenvalue of Θ̄ for MSE,
         and the α of (S.167) for cross-entropy. ``lr="optimal"`` steps use η = 1/α̂. A sampled Fisher
         type estimates the expectation Fisher, whose scale it shares: its α̂ is the expectation's, on
-        the same batch (C backward passes, once)."""
+        the same batch (C backward passes, once); read from its rows alone (in the backward loop), the
+        sampled rows' own trace estimates it."""
         return self._alpha
 
     @cached_property
     def _alpha(self) -> float:
-        if self.sampled:
-            if self.model is None or self.inputs is None:
-                raise ValueError("alpha_hat: a sampled Fisher's α̂ needs its model and batch; bind with fisher.at")
+        if self.sampled and self.model is not None and self.inputs is not None:
             expectation = replace(self.fisher, fisher_type="expectation", damping=self.fisher.damping)
             return expectation.at(self.model, self.inputs, process_group=self.process_group).alpha_hat()
         return self._trace() / (self.n * self.r)
@@ -307,6 +363,14 @@ class BoundFisher(ABC):
     @abstractmethod
     def _coefficient(self, test: tuple[LayerSignals, ...]) -> Tensor:
         """J(x′) (G + ρ I)^{-1} Ĵ^T / N for the test layers' signals, flat (N′·C′, N·R)."""
+
+    def curvature_blocks(self) -> list:
+        """This batch's curvature in parameter space, per layer
+        (:class:`~natural_tangents.curvature.LayerCurvature`), for curvature kept across mini-batches."""
+        raise ValueError(
+            f"{self.fisher.label}: its dual system belongs to one batch and has no parameter-space form to keep across "
+            "mini-batches; it stays per-batch: use curvature_every=1, inverse_every=1, ema=0, or nat.fisher.KFAC"
+        )
 
     def _trace(self) -> float:
         """tr(Ĵ (G + ρ I)^{-1} Ĵ^T / N) = tr(Θ̄ Λ), for α̂."""
@@ -366,6 +430,18 @@ class Fisher(ABC):
                 "fisher_type='expectation'"
             )
 
+    #: whether the Fisher has a parameter-space form that can be kept across mini-batches
+    amortizable: ClassVar[bool] = True
+
+    def check_amortizable(self, depth: int) -> None:
+        """Raise ValueError, saying why and what to use, if this Fisher cannot keep its curvature
+        across mini-batches for a model of ``depth`` layers."""
+        if not self.amortizable:
+            raise ValueError(
+                f"{self.label}: its dual system belongs to one batch and has no parameter-space form to keep across "
+                "mini-batches; it stays per-batch: use curvature_every=1, inverse_every=1, ema=0, or nat.fisher.KFAC"
+            )
+
     # ----------------------------------------------------------------- binding
     def at(self, model, x, *, y=None, process_group=None, generator: torch.Generator | None = None) -> BoundFisher:
         """This Fisher bound to the batch ``x`` of ``model`` (signals computed once).
@@ -402,9 +478,22 @@ class Fisher(ABC):
 
         return lambda model, x: model_signals(model, x, cotangents=cotangents)
 
-    def bind(self, signals: Signals, model=None) -> BoundFisher:
-        """This Fisher bound to precomputed signals of a batch."""
-        return self.batch_type(self, signals, model)
+    def bind(self, signals: Signals, model=None, *, observed: Tensor | None = None) -> BoundFisher:
+        """This Fisher bound to precomputed signals of a batch; with ``observed`` (the residuals r (N, C)),
+        the signals are this Fisher's rows already (read by :class:`~natural_tangents.capture.Capture`)."""
+        return self.batch_type(self, signals, model, observed=observed)
+
+    def cotangents(self, f: Tensor, r: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The rows' per-sample cotangents m (N, R, C) from the outputs f and the observed residuals r:
+        Λ^{1/2} (the expectation), k sampled residuals r̂ / √k (Monte-Carlo), r (empirical)."""
+        if self.fisher_type == "empirical":
+            return r[:, None, :]
+        if self.fisher_type == "mc":
+            return self.loss.sample_residuals(f, int(self.mc_samples), generator) / int(self.mc_samples) ** 0.5
+        lam = self.loss.output_fisher(f)
+        if lam is None:
+            return torch.eye(f.shape[1], dtype=f.dtype, device=f.device).expand(f.shape[0], -1, -1)
+        return Rows.expectation(lam).mixing
 
     # ----------------------------------------------------------------- one-call interface
     def natural_gradient(self, model, x, y, *, process_group=None) -> list[Tensor | None]:

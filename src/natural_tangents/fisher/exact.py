@@ -52,3 +52,4 @@ class Exact(Fisher):
     label: ClassVar[str] = "Exact"
     aliases: ClassVar[tuple[str, ...]] = ("exact",)
     batch_type: ClassVar[type] = ExactBatch
+    amortizable: ClassVar[bool] = False

@@ -42,6 +42,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..curvature import LayerCurvature
 from ..layers.affine import AffineSignals
 from ..layers.base import LayerSignals, outer_gram, padded_mm
 from ..linalg.psd import PSDInverse
@@ -299,6 +300,29 @@ class KFACBatch(BoundFisher):
             done[l] = self.row_signals[l].kronecker.to_params(torch.cat(m, dim=1) if len(m) > 1 else m[0])
         return [done[l] for l in range(self.depth)]
 
+    def curvature_blocks(self) -> list[LayerCurvature]:
+        """This batch's Kronecker factors in parameter space, per layer (for curvature kept across
+        mini-batches): A = a^T a / N (Σ over positions / (N T) for KFC) and B = b_scale Δ^T Δ / N; a
+        module without Kronecker structure its exact block J_l^T J_l / N."""
+        if self.fisher.bias == "block":
+            raise ValueError(
+                "bias: curvature kept across mini-batches holds one Kronecker block per layer: use bias='augment'"
+            )
+        n, out = self.n, []
+        for blk in self.blocks:
+            layer = self.row_signals[blk.layer]
+            if blk.route is KronRoute.EXACT:
+                j = layer.jacobian()
+                out.append(LayerCurvature("blocks", ((j.T @ j / n)[None],)))
+                continue
+            kr = layer.kronecker
+            if blk.route is KronRoute.POSITIONS:
+                a, d, a_scale = kr.a2, kr.d.reshape(-1, kr.out_width), 1.0 / (n * kr.positions)
+            else:
+                a, d, a_scale = kr.a[:, 0], kr.flat_delta(), blk.a_scale / n
+            out.append(LayerCurvature("kronecker", (a.T @ a * a_scale, d.T @ d * (blk.b_scale / n))))
+        return out
+
     # ------------------------------------------------------------------ Θ̄
     def _coefficient(self, test: tuple[LayerSignals, ...]) -> Tensor:
         n, sd = self.n, self.solve_dtype
@@ -336,6 +360,9 @@ class KFAC(Fisher):
         product_order: the order of a one-position layer's update products, ``"auto"`` (fewest
             flops), ``"input_first"``, ``"output_first"`` or ``"middle"`` (both factors dual); all
             give the same update up to rounding.
+        damping_split: with curvature kept across mini-batches (``nat.NGD(..., ema=…)``),
+            ``"paper"`` damps each factor by ρ; ``"pi"`` by π √ρ and √ρ / π with
+            π² = (tr A / p) / (tr B / M) (Martens and Grosse 2015), a different damping scale.
 
     A float32 network's N × N factors are factored and applied in float32 where the damping keeps
     them provably well conditioned (:meth:`KFACBatch.work_dtype`), in ``solve_dtype`` elsewhere.
@@ -345,6 +372,7 @@ class KFAC(Fisher):
     output_factor: str = "paper"
     warn: bool = True
     product_order: str = "auto"
+    damping_split: str = "paper"
 
     name: ClassVar[str] = "kfac"
     label: ClassVar[str] = "K-FAC"
@@ -359,6 +387,8 @@ class KFAC(Fisher):
             raise ValueError(f"output_factor: expected 'paper' or 'fisher', got {self.output_factor!r}")
         if self.product_order not in _ORDERS:
             raise ValueError(f"product_order: expected one of {_ORDERS}, got {self.product_order!r}")
+        if self.damping_split not in ("paper", "pi"):
+            raise ValueError(f"damping_split: expected 'paper' or 'pi', got {self.damping_split!r}")
 
     def check_isotropy(self, sig) -> None:
         """Warn (:func:`warn_narrow_input`) for each layer whose input factor is narrower than N at

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..curvature import LayerCurvature
 from ..linalg.psd import PSDInverse
 from ..linalg.tridiagonal import TridiagonalSystem
 from .base import DualBatch, Fisher
@@ -160,6 +161,26 @@ class LayerwiseBatch(DualBatch):
     def _dense_solve(self, rhs: Tensor) -> Tensor:
         return torch.linalg.lu_solve(*self.dense, rhs)
 
+    def curvature_blocks(self) -> list[LayerCurvature]:
+        """This batch's layer blocks Σ_ll J_l^T J_l / N in parameter space (for curvature kept across
+        mini-batches): only for a diagonal Σ, and for layers of at most 4096 parameters."""
+        s = self.sigma
+        if not bool((s == torch.diag(torch.diagonal(s))).all()):
+            raise ValueError(
+                f"{self.fisher.label}: its Σ couples layers, so its parameter-space form is one P × P matrix; it stays "
+                "per-batch (dual form): use curvature_every=1, inverse_every=1, ema=0, or nat.fisher.BlockDiagonal"
+            )
+        out = []
+        for l, layer in enumerate(self.row_signals):
+            if layer.num_params > 4096:
+                raise ValueError(
+                    f"{self.fisher.label}: {layer.name} has {layer.num_params} parameters, too many to hold its block "
+                    "across mini-batches; it stays per-batch (dual form), or use nat.fisher.KFAC or nat.fisher.Unitwise"
+                )
+            j = layer.jacobian()
+            out.append(LayerCurvature("blocks", ((j.T @ j * (float(s[l, l]) / self.n))[None],)))
+        return out
+
     def _make_dual_matrices(self) -> list[Tensor]:
         if self.route is LayerwiseRoute.DECOUPLED:
             return [c * inv.matrix() for c, inv in self.layer_inverses]
@@ -203,6 +224,14 @@ class Layerwise(Fisher):
         if not bool(torch.isfinite(s).all()) or not torch.allclose(s, s.T):
             raise ValueError("sigma: Σ must be a finite symmetric matrix (the Fisher is symmetric)")
         return s
+
+    def check_amortizable(self, depth: int) -> None:
+        s = self.sigma_matrix(depth)
+        if not bool((s == torch.diag(torch.diagonal(s))).all()):
+            raise ValueError(
+                f"{self.label}: its Σ couples layers, so its parameter-space form is one P × P matrix; it stays "
+                "per-batch (dual form): use curvature_every=1, inverse_every=1, ema=0, or nat.fisher.BlockDiagonal"
+            )
 
     def sigma_weights(self, depth: int) -> Tensor:
         """c = Σ^{-1} 1 (the per-layer weights of (S.71)); raises for a singular Σ."""

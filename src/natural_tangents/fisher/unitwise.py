@@ -41,6 +41,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..curvature import LayerCurvature
 from ..layers.base import LayerSignals, Units, padded_mm
 from ..linalg.lapack import ScratchPool, factored
 from ..linalg.psd import PSDInverse, pinv_psd
@@ -281,6 +282,24 @@ class UnitwiseBatch(BoundFisher):
             z = (ju.units.jac @ gu[:, :, None]) / self.n
             w = (gu - (ju.units.jac.mT @ (ju.inverse @ z))[:, :, 0]) / rho
         return [t.to(self.signals.f.dtype) for t in ju.units.to_params(w)]
+
+    def curvature_blocks(self) -> list[LayerCurvature]:
+        """This batch's unit blocks in parameter space, per layer (for curvature kept across
+        mini-batches): F_i = Σ_n s_{i,n}² a_n a_n^T / N for one-position layers, J_u^T J_u / N for the
+        units of other layers, (U, p, p) each."""
+        n, out = self.n, []
+        for l, route in enumerate(self.routes_by_layer):
+            layer = self.row_signals[l]
+            if route is UnitRoute.RANK_ONE:
+                kr = layer.kronecker
+                a, d = kr.a[:, 0], kr.d[:, :, 0]  # (N, p), (R, N, M)
+                s2 = (d * d).sum(0)  # (N, M)
+                outer = (a[:, :, None] * a[:, None, :]).reshape(n, -1)  # (N, p²)
+                out.append(LayerCurvature("blocks", ((s2.T @ outer / n).reshape(-1, a.shape[1], a.shape[1]),)))
+            else:
+                jac = layer.units().jac
+                out.append(LayerCurvature("blocks", (jac.mT @ jac / n,)))
+        return out
 
     # ------------------------------------------------------------------ interface
     def _precondition(self, grads: list[list[Tensor]]) -> list[list[Tensor]]:

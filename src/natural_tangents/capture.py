@@ -1,0 +1,189 @@
+"""Reading a Fisher's rows during the user's own forward and backward passes (the
+``loss = criterion(model(x), y); loss.backward(); opt.step()`` loop).
+
+:class:`Capture` puts hooks on a model: forward hooks on the modules holding trainable parameters
+record their inputs and outputs, and a forward hook on the model registers a hook on its output f.
+When the user's backward pass reaches f, that hook receives ∂loss/∂f — from which the observed
+residuals are r_n = N ∂loss/∂f_n for a loss that is the mean over the batch (PyTorch's default
+reduction) — and, while the graph below f is still alive, runs one more backward pass from f batched
+over the Fisher's rows (:func:`natural_tangents.models.output_gradients`, ``retain_graph``): Λ^{1/2}
+for the expectation (C rows), k sampled labels for Monte-Carlo, the observed residual for the
+empirical Fisher. The layer kinds turn the recorded inputs and row gradients into
+:class:`~natural_tangents.signals.Signals`, exactly as :func:`natural_tangents.models.signals` does
+for ``opt.step(x, y)``; nothing is computed twice.
+
+Forwards without grad (``torch.no_grad`` evaluation) are ignored; a forward whose backward never runs
+is dropped at the next one; several forward/backward pairs before a step (gradient accumulation)
+give one batch of all their samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+
+from .layers import kind_of
+from .models import output_gradients, parameterized_modules, where
+from .signals import Signals
+
+__all__ = ["Capture", "CapturedBatch"]
+
+
+@dataclass
+class CapturedBatch:
+    """What one forward/backward pair left: the rows' signals and the observed residuals r (N, C)."""
+
+    signals: Signals
+    residual: Tensor
+
+
+@dataclass
+class _Forward:
+    """The records of one forward pass: each module's (args, output), and the output f."""
+
+    records: dict[int, tuple] = field(default_factory=dict)
+    f: Tensor | None = None
+
+
+class _Inert:
+    """A hook that does nothing: what a copy or a pickle of the model gets in place of a capture hook."""
+
+    def __call__(self, *args):
+        return None
+
+
+class _Hook:
+    """A capture hook that a deep copy or pickle of the model does not carry (it becomes :class:`_Inert`):
+    copying a model must not copy the optimizer reading it."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo) -> _Inert:
+        return _Inert()
+
+    def __reduce__(self):
+        return (_Inert, ())
+
+
+class Capture:
+    """Hooks reading a Fisher's rows from the user's forward and backward passes (module docstring).
+
+    Args:
+        model: the model (its modules holding trainable parameters are read).
+        cotangents: (f, r) ↦ the rows' per-sample cotangents m (N, R, C), from the detached outputs
+            f (N, C) and the observed residuals r (N, C).
+        active: whether the next forward is to be read (e.g. only on the steps that refresh curvature).
+        reduction: ``"mean"`` (r = N ∂loss/∂f, N all the samples read before the step: a loss that is
+            the mean over them, also when accumulated over micro-batches as Σ_b mean_b / B) or
+            ``"sum"`` (r = ∂loss/∂f).
+        linear_in_residual: whether the cotangents are proportional to r (the empirical Fisher's): then
+            the rows of a micro-batch are rescaled with r once the whole batch is known.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cotangents: Callable[[Tensor, Tensor], Tensor],
+        active: Callable[[], bool],
+        reduction: str = "mean",
+        linear_in_residual: bool = False,
+    ) -> None:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction: expected 'mean' or 'sum', got {reduction!r}")
+        self.model, self.cotangents, self.active, self.reduction = model, cotangents, active, reduction
+        self.linear_in_residual = linear_in_residual
+        self.modules = parameterized_modules(model)
+        self.batches: list[CapturedBatch] = []
+        self._pending: _Forward | None = None
+        self._busy = False
+        self._handles = [m.register_forward_hook(_Hook(self._on_module)) for _, m in self.modules]
+        self._handles.append(model.register_forward_hook(_Hook(self._on_output)))
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def take(self) -> CapturedBatch | None:
+        """The batch read since the last call (the micro-batches concatenated), or None."""
+        batches, self.batches = self.batches, []
+        if not batches:
+            return None
+        if len(batches) == 1:
+            return batches[0]
+        total = sum(b.residual.shape[0] for b in batches)
+        if self.reduction == "mean":  # each micro-batch's r was N_b ∂loss/∂f: rescale to N ∂loss/∂f
+            batches = [self._rescaled(b, total / b.residual.shape[0]) for b in batches]
+        return CapturedBatch(Signals.cat([b.signals for b in batches]), torch.cat([b.residual for b in batches]))
+
+    def _rescaled(self, batch: CapturedBatch, factor: float) -> CapturedBatch:
+        signals = batch.signals
+        if self.linear_in_residual:
+            r = signals.layers[0].c if signals.layers else 1
+            m = torch.eye(r, dtype=signals.f.dtype, device=signals.f.device).mul_(factor).expand(signals.n, r, r)
+            signals = replace(signals, layers=tuple(layer.mix(m) for layer in signals.layers))
+        return CapturedBatch(signals, batch.residual * factor)
+
+    # ------------------------------------------------------------------ hooks
+    def _reading(self) -> bool:
+        """Whether this forward is read: grad enabled, not inside a torch.func transform (jacrev, vmap:
+        the user's own derivatives), not during the capture's own backward pass, and due."""
+        return (
+            not self._busy
+            and torch.is_grad_enabled()
+            and not torch._C._are_functorch_transforms_active()
+            and self.active()
+        )
+
+    def _on_module(self, module, args, out) -> None:
+        if not self._reading():
+            return
+        if self._pending is None or self._pending.f is not None:
+            self._pending = _Forward()
+        self._pending.records[id(module)] = (args, out)
+
+    def _on_output(self, model, args, f) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None or not self._reading() or not isinstance(f, Tensor) or not f.requires_grad:
+            return
+        pending.f = f
+        f.register_hook(lambda grad: self._on_grad(pending, grad))
+
+    def _on_grad(self, pending: _Forward, grad: Tensor) -> None:
+        if self._busy:  # the hook fires again for the rows' own backward pass from f
+            return
+        self._busy = True
+        try:
+            self.batches.append(self._read(pending, grad))
+        finally:
+            self._busy = False
+
+    def _read(self, pending: _Forward, grad: Tensor) -> CapturedBatch:
+        f = pending.f
+        f2 = f if f.ndim == 2 else f[:, None]
+        g2 = grad if grad.ndim == 2 else grad[:, None]
+        n = f2.shape[0]
+        residual = g2.detach() * (n if self.reduction == "mean" else 1.0)
+        missing = [name for name, m in self.modules if id(m) not in pending.records]
+        if missing:
+            raise NotImplementedError(
+                f"{where(missing[0])} was not called in the forward pass that reached the loss: every module with "
+                "trainable parameters must be used exactly once per forward pass"
+            )
+        outs = [pending.records[id(m)][1] for _, m in self.modules]
+        grads = output_gradients(f2, outs, self.cotangents(f2.detach(), residual), retain_graph=True)
+        layers = []
+        for (name, m), g in zip(self.modules, grads):
+            args = tuple(a.detach() if isinstance(a, Tensor) else a for a in pending.records[id(m)][0])
+            layers.append(kind_of(m)(m, args, g.detach(), where(name)))
+        last = list(self.model.parameters())[-1]
+        signals = Signals(f=f2.detach(), layers=tuple(layers), frozen_output=not last.requires_grad)
+        return CapturedBatch(signals, residual)
