@@ -7,7 +7,7 @@ step = nat.fisher.BlockDiagonal().natural_gradient(net, x, y)
 """
 
 from . import activations, data, distributed, dynamics, fisher, layers, losses, models, theory
-from .kernels import empirical_ntk, empirical_unit_ntk
+from .empirical import empirical_ntk, empirical_unit_ntk
 from .network import MLP
 from .optim import GD, NGD, History, optimal_lr, train
 from .signals import Signals

@@ -33,9 +33,9 @@ from .. import activations as _act
 from .. import fisher as _fisher
 from ..fisher.kfac import warn_narrow_input
 from ..validation import check_widths
+from .analytic import check_variances
 from .architecture import Architecture
 from .gaussian import second_moment
-from .kernels import check_variances
 
 __all__ = ["gamma", "alpha", "variances", "alpha_rule", "AlphaQuery"]
 
@@ -127,7 +127,7 @@ def variances(
     """q_1 … q_L of one input (S.138), (S.175): q_1 = σ_w² q_0 + σ_b²,
     q_{l+1} = σ_w² E_{u~N(0,q_l)}[φ(u)²] + σ_b². ``q0`` = ||x||²/M_0 (1/M_0 for unit-norm inputs).
     Returns a float64 tensor of length L (entry l−1 is q_l)."""
-    from .kernels import check_depth
+    from .analytic import check_depth
 
     depth = check_depth(depth)
     sigma_w2, sigma_b2 = check_variances(sigma_w2, sigma_b2)
