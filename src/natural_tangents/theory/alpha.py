@@ -37,7 +37,7 @@ from .analytic import check_variances
 from .architecture import Architecture
 from .gaussian import second_moment
 
-__all__ = ["gamma", "alpha", "variances", "alpha_rule", "AlphaQuery"]
+__all__ = ["gamma", "alpha", "variances", "alpha_rule", "AlphaQuery", "resolve_fisher"]
 
 _F64 = torch.float64
 _SCAN_NODES = 64  # sample points per piece between kinks when testing φ′ ≠ 0
@@ -181,8 +181,12 @@ def _kfac_alpha(fisher, widths: tuple[int, ...], sigma_b2: float, n_train: int, 
     return float(mean)
 
 
-def _resolve_fisher(fisher):
-    """A Fisher instance (names go through ``nat.fisher.get``), else ValueError."""
+def resolve_fisher(fisher) -> _fisher.Fisher:
+    """The Fisher instance ``fisher`` (a name goes through :func:`natural_tangents.fisher.get`).
+
+    Raises:
+        ValueError: ``fisher`` is neither a Fisher instance nor the name of one.
+    """
     fisher = _fisher.get(fisher) if isinstance(fisher, str) else fisher
     if not isinstance(fisher, _fisher.Fisher):
         raise ValueError(
@@ -300,4 +304,4 @@ def alpha(
             raise ValueError(f"arch: depth {arch.depth} does not match widths {list(widths)} (L = {len(widths) - 1})")
         activation, sigma_w2, sigma_b2 = arch.activation, arch.sigma_w2, arch.sigma_b2
     query = AlphaQuery(widths, activation, sigma_w2, float(sigma_b2), n_train, bool(forster), bool(include_output))
-    return alpha_rule(_resolve_fisher(fisher), query)
+    return alpha_rule(resolve_fisher(fisher), query)

@@ -40,7 +40,7 @@ from torch import Tensor
 from .. import activations as _act
 from .. import fisher as _fisher
 from ..validation import check_widths
-from .alpha import _resolve_fisher, alpha
+from .alpha import alpha, resolve_fisher
 from .analytic import AnalyticKernels, check_pair, kernels
 from .architecture import Architecture, resolve
 
@@ -181,7 +181,7 @@ def coefficient(
         ValueError: bad inputs, a singular Σ at ρ = 0, a singular training kernel.
         NotImplementedError: unit-wise Θ̄ on inputs other than the training set (S.155).
     """
-    fisher = _resolve_fisher(fisher)
+    fisher = resolve_fisher(fisher)
     arch = resolve(arch, depth, activation, sigma_w2, sigma_b2)
     depth, act, sigma_w2, sigma_b2 = arch.depth, arch.activation, arch.sigma_w2, arch.sigma_b2
     x_train, x_test_ = check_pair(x_train, x_test, ("x_train", "x_test"))
