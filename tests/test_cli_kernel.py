@@ -31,8 +31,7 @@ def _subset(digits, n):
 def test_analytic_kernel_of_the_packaged_subset(tmp_path, capsys):
     out = tmp_path / "k.npy"
     assert (
-        cli_kernel.run(_parse(["--digits", "0", "7", "--samples", "40", "--batch-size", "16", "--out", str(out)]))
-        == 0
+        cli_kernel.run(_parse(["--digits", "0", "7", "--samples", "40", "--batch-size", "16", "--out", str(out)])) == 0
     )
     ref = theory.ntk(_subset([0, 7], 40), depth=3, activation="relu", sigma_w2=2.0, sigma_b2=0.0)
     assert np.allclose(np.load(out), ref.numpy(), rtol=0, atol=1e-12)
