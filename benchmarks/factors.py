@@ -19,7 +19,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import natural_tangents as nat
 from _harness import median_times, peak_extra_mib, table
-from natural_tangents.kernels import layer_kernels
 
 
 def setup(width: int, n: int, dtype_name: str):
@@ -41,7 +40,7 @@ def autograd_step(state) -> None:
 def factors_and_kernels(state) -> None:
     net, x, _ = state
     fx = net.signals(x)
-    layer_kernels(fx)
+    fx.grams()
 
 
 def main() -> None:

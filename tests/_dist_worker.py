@@ -24,6 +24,7 @@ FISHERS = {
     "exact_ce": lambda: F.Exact(damping=1e-2, loss="cross_entropy"),
 }
 SPLITS = {2: [4, 7], 3: [2, 5, 4]}  # uneven shards of N = 11
+TEST_SPLITS = {2: [5, 2], 3: [1, 4, 2]}  # uneven shards of N′ = 7 test samples
 
 
 def problem():
@@ -61,8 +62,29 @@ def results(net, x, y, labels, group):
     return out
 
 
-def shard(t, rank, world):
-    sizes = SPLITS[world]
+def test_batch():
+    """The test inputs, MSE targets and class labels of :func:`trained` (N′ = 7)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 6, generator=g, dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True)
+    return x, torch.randn(7, 2, generator=g, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0, 0])
+
+
+def trained(x, y, labels, x_test, y_test, labels_test, group):
+    """nat.train on fresh replicas: NGD (block-diagonal Fisher, lr="optimal", MSE) and GD
+    (lr="optimal", cross-entropy), three steps each with a test set; their Histories."""
+    ngd = nat.train(
+        problem()[0], x, y, F.BlockDiagonal(damping=1e-3), steps=3, x_test=x_test, y_test=y_test, process_group=group
+    )
+    gd = nat.train(
+        problem()[0], x, labels, "gd", steps=3, x_test=x_test, y_test=labels_test, loss="cross_entropy",
+        process_group=group,
+    )  # fmt: skip
+    return {"ngd": ngd, "gd": gd}
+
+
+def shard(t, rank, world, splits=SPLITS):
+    sizes = splits[world]
     start = sum(sizes[:rank])
     return t[start : start + sizes[rank]]
 
@@ -77,8 +99,9 @@ def main() -> None:
     net, x, y, labels = problem()
     xs, ys, ls = shard(x, rank, world), shard(y, rank, world), shard(labels, rank, world)
     try:
-        if case == "fishers":
-            result = results(net, xs, ys, ls, group)
+        if case == "fishers":  # the Fishers, the optimizers and nat.train on this rank's shards
+            tests = [shard(t, rank, world, TEST_SPLITS) for t in test_batch()]
+            result = {**results(net, xs, ys, ls, group), "train": trained(xs, ys, ls, *tests, group)}
         elif case == "empirical_kernel":  # every rank holds all inputs; the tiles are shared
             out_file = sys.argv[6]
             result = {

@@ -1,6 +1,7 @@
 """Data parallelism with torch.distributed: 2 and 3 gloo processes on 127.0.0.1 with uneven shards
 against the single-process run on the whole batch (every Fisher's natural gradient, Θ̄ and α̂ to
-1e-10, an NGD step, and GD steps), and the refusals (uninitialized group, differing replicas, differing shards).
+1e-10, an NGD step, GD steps, and the History that nat.train records), and the refusals
+(uninitialized group, differing replicas, differing shards).
 
 Each rank is a fresh Python process (tests/_dist_worker.py) with a timeout, so a hung collective
 fails the test instead of the suite; the port is picked free for each run.
@@ -64,9 +65,22 @@ def reference():
     return W.results(net, x, y, labels, None)
 
 
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """``sharded(world)``: every rank's results of the "fishers" case, run once per world size."""
+    runs = {}
+
+    def run(world: int) -> list[dict]:
+        if world not in runs:
+            runs[world] = _run("fishers", world, tmp_path_factory.mktemp(f"fishers-{world}"))
+        return runs[world]
+
+    return run
+
+
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharded_batch_equals_the_single_process_run(world, tmp_path, reference):
-    ranks = _run("fishers", world, tmp_path)
+def test_sharded_batch_equals_the_single_process_run(world, sharded, reference):
+    ranks = sharded(world)
     for got in ranks:
         assert "ok" in got, got.get("error")
         got = got["ok"]
@@ -85,6 +99,33 @@ def test_sharded_batch_equals_the_single_process_run(world, tmp_path, reference)
     for other in ranks[1:]:
         for a, b in zip(other["ok"]["exact"]["ng"], ranks[0]["ok"]["exact"]["ng"]):
             assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def trained_reference():
+    _, x, y, labels = W.problem()
+    return W.trained(x, y, labels, *W.test_batch(), None)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_train_records_the_whole_batch_history(world, sharded, trained_reference):
+    """nat.train(..., process_group=) on uneven shards of the training and the test batch: every rank
+    records the single-process run's whole-batch losses and accuracies (train and test), distances
+    and learning rate, for NGD and GD, and its own rows of the outputs."""
+    for r, got in enumerate(sharded(world)):
+        assert "ok" in got, got.get("error")
+        for method, want in trained_reference.items():
+            hist = got["ok"]["train"][method]
+            assert hist.steps == want.steps == [0, 1, 2, 3], method
+            for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "distance"):
+                assert getattr(hist, key) == pytest.approx(getattr(want, key), rel=1e-10, abs=1e-14), (method, key)
+            assert hist.lr == pytest.approx(want.lr, rel=1e-10), method
+            for mine, whole in zip(hist.f_train, want.f_train):
+                rows = W.shard(torch.from_numpy(whole), r, world).numpy()
+                assert np.allclose(mine, rows, rtol=1e-10, atol=1e-12), method
+            for mine, whole in zip(hist.f_test, want.f_test):
+                rows = W.shard(torch.from_numpy(whole), r, world, W.TEST_SPLITS).numpy()
+                assert np.allclose(mine, rows, rtol=1e-10, atol=1e-12), method
 
 
 @pytest.mark.parametrize(

@@ -162,8 +162,10 @@ WORKER = textwrap.dedent(
     assert torch.equal(disk, torch.from_numpy(np.load(f"{folder}/file_sym.npy")))
     theory.ntk(x, x2, batch_size=6, process_group=g, out=f"{folder}/file_pair.npy", **opts)
     tiled(lambda r, c: x[r] @ x[c].T, 29, batch_size=8, process_group=g, out=f"{folder}/gram.npy")
+    first = dist.new_group([0])  # rank 0 alone: the others are not members
     refusals = {}
     for name, call in {
+        "member": lambda: theory.ntk(x[:5], process_group=first, **opts),
         "sizes": lambda: theory.ntk(x[: 20 + rank], batch_size=5, process_group=g, **opts),
         "settings": lambda: theory.ntk(x, batch_size=5, process_group=g, **{**opts, "sigma_w2": 2.0 + rank}),
         "data": lambda: theory.ntk(x + rank, batch_size=5, process_group=g, **opts),
@@ -172,7 +174,7 @@ WORKER = textwrap.dedent(
         try:
             call()
             refusals[name] = "not refused"
-        except (ValueError, FileExistsError) as err:
+        except (ValueError, FileExistsError, RuntimeError) as err:
             refusals[name] = f"{type(err).__name__}: {err}"
     with open(f"{folder}/refusals_{rank}.json", "w") as f:
         json.dump(refusals, f)
@@ -230,6 +232,8 @@ def test_process_groups_give_the_single_process_kernels(tmp_path, world):
         for what in ("sizes", "settings", "data"):
             assert refusals[what].startswith("ValueError: process_group: the ranks disagree"), refusals[what]
         assert refusals["lock"].startswith("FileExistsError: out:") and "locked.npy.lock" in refusals["lock"]
+        member = "not refused" if r == 0 else "RuntimeError: process_group: this process is not a member"
+        assert refusals["member"].startswith(member), refusals["member"]
     assert np.allclose(np.load(tmp_path / "file_sym.npy"), sym, rtol=0, atol=1e-12)
     assert np.allclose(np.load(tmp_path / "file_pair.npy"), pair, rtol=0, atol=1e-12)
     assert np.allclose(np.load(tmp_path / "gram.npy"), (x @ x.T).numpy(), rtol=0, atol=1e-12)

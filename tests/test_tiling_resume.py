@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import natural_tangents as nat
-from natural_tangents import kernel_command, theory
+from natural_tangents import cli_kernel, theory
 from natural_tangents.tiling import fingerprint, finished_tiles, tiled, tiles
 
 F64 = torch.float64
@@ -315,7 +315,7 @@ def test_an_existing_out_is_refused_unless_overwrite(tmp_path):
 
 def _parsers():
     p = argparse.ArgumentParser(prog="natural-tangents")
-    return p, kernel_command.add_parser(p.add_subparsers(dest="command", required=True))
+    return p, cli_kernel.add_parser(p.add_subparsers(dest="command", required=True))
 
 
 def _parse(argv):
@@ -326,11 +326,11 @@ def test_the_command_refuses_an_existing_out_unless_force(tmp_path, capsys):
     out = tmp_path / "k.npy"
     np.save(out, np.arange(3.0))
     argv = ["--samples", "12", "--batch-size", "4", "--no-progress", "--out", str(out)]
-    assert kernel_command.run(_parse(argv)) == 2
+    assert cli_kernel.run(_parse(argv)) == 2
     err = capsys.readouterr().err
     assert err == f"natural-tangents kernel: --out: {out} exists; pass --force to replace it, or choose another path\n"
     assert np.array_equal(np.load(out), np.arange(3.0))
-    assert kernel_command.run(_parse([*argv, "--force"])) == 0
+    assert cli_kernel.run(_parse([*argv, "--force"])) == 0
     assert np.load(out).shape == (12, 12)
     helps = " ".join(" ".join(_parsers()[1].format_help().split()).split("--out OUT")[1:])
     assert "an existing file is refused unless --force is given" in helps
@@ -346,10 +346,10 @@ def test_the_command_names_its_own_flags_for_an_unfinished_run_of_other_argument
         tiled(lambda r, c: torch.ones(r.stop - r.start, c.stop - c.start), 12, batch_size=4, out=out,
               signature=("other",), on_tile=stop)  # fmt: skip
     argv = ["--samples", "12", "--batch-size", "4", "--no-progress", "--out", str(out)]
-    assert kernel_command.run(_parse(argv)) == 2
+    assert cli_kernel.run(_parse(argv)) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"natural-tangents kernel: --out: {out} has an unfinished run") and err.count("\n") == 1
     assert "pass --force to discard it and start afresh" in err and "overwrite" not in err
-    assert kernel_command.run(_parse([*argv, "--force"])) == 0
+    assert cli_kernel.run(_parse([*argv, "--force"])) == 0
     capsys.readouterr()
     assert not _beside(out, ".partial").exists() and np.load(out).shape == (12, 12)

@@ -7,7 +7,7 @@ step = nat.fisher.BlockDiagonal().natural_gradient(net, x, y)
 """
 
 from . import activations, data, distributed, dynamics, fisher, layers, linalg, losses, models, theory
-from .kernels import empirical_ntk, empirical_unit_ntk
+from .empirical import empirical_ntk, empirical_unit_ntk
 from .network import MLP
 from .optim import NGD
 from .signals import Signals

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import kernel_command
+from . import cli_kernel
 from .experiments import REGISTRY, Settings, write
 from .experiments.common import timed
 from .experiments.report import write_report
@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--max-width", type=int, default=None, help=argparse.SUPPRESS)  # smoke tests: cap every width
     sub.add_parser("list", help="list the experiments")
-    kernel_command.add_parser(sub)
+    cli_kernel.add_parser(sub)
     return p
 
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:16s} {mod.TITLE}")
             return 0
         if args.command == "kernel":
-            return kernel_command.run(args)
+            return cli_kernel.run(args)
         return _reproduce(args)
     except UsageError as err:
         print(f"{_PROG}: error: {err}", file=sys.stderr)

@@ -29,7 +29,7 @@
   settings). A re-run with the same arguments computes only the tiles not recorded; a re-run with
   other arguments is refused (naming what differs) unless ``overwrite=True``, which discards the
   unfinished run. Without a ``signature`` a run cannot be checked, so it never resumes. Details of
-  the files: :mod:`natural_tangents._outfile`.
+  the files: :mod:`natural_tangents.tiling_files`.
 * **process_group=** a ``torch.distributed`` group (default ``None``: this process alone, which
   is the one-rank case of the same code). The tile list is shared round-robin: rank r computes
   tiles r, r + K, r + 2K, … of K ranks. With ``out=`` every rank writes its own tiles into the one
@@ -45,7 +45,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import sys
@@ -57,8 +56,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._outfile import Journal, Layout, Lock, fingerprint, finish, partial_path, prepare, recorded, warn
+from .distributed import agree_on, all_reduce_in_place, barrier, rank_and_size, share_outcome
 from .linalg.threads import ordered_map
+from .tiling_files import Journal, Layout, Lock, fingerprint, finish, partial_path, prepare, recorded, warn
 
 __all__ = ["tiled", "tiles", "default_batch_size", "intra_op_threads", "fingerprint", "finished_tiles"]
 
@@ -98,82 +98,6 @@ def tiles(n1: int, n2: int | None, batch_size: int) -> list[tuple[slice, slice]]
         return [(r, c) for i, r in enumerate(rows) for c in rows[i:]]
     cols = [slice(s, min(n2, s + batch_size)) for s in range(0, n2, batch_size)]
     return [(r, c) for r in rows for c in cols]
-
-
-# ------------------------------------------------------------------------------ process groups
-def _group_info(process_group) -> tuple[int, int]:
-    """(rank, world size) in ``process_group``; (0, 1) for None. Refuses an uninitialized group."""
-    if process_group is None:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "process_group: torch.distributed is not initialized in this process; call "
-            "torch.distributed.init_process_group(...) first (torchrun sets the environment for it), "
-            "or pass process_group=None to compute in this process alone"
-        )
-    rank = dist.get_rank(process_group)
-    if rank < 0:
-        raise RuntimeError("process_group: this process is not a member of the group; pass a group it belongs to")
-    return rank, dist.get_world_size(process_group)
-
-
-def _comm_device(process_group) -> torch.device:
-    import torch.distributed as dist
-
-    if dist.get_backend(process_group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _checksum(items: Sequence[object]) -> int:
-    digest = hashlib.sha256(repr(tuple(items)).encode()).digest()
-    return int.from_bytes(digest[:8], "little", signed=True)
-
-
-def _check_agreement(process_group, world: int, items: Sequence[object]) -> None:
-    """All-gather a checksum of ``items``; every rank raises if any two ranks differ."""
-    import torch.distributed as dist
-
-    mine = torch.tensor([_checksum(items)], dtype=torch.int64, device=_comm_device(process_group))
-    every = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine, group=process_group)
-    sums = [int(t) for t in every]
-    if len(set(sums)) > 1:
-        odd = [r for r, s in enumerate(sums) if s != sums[0]]
-        raise ValueError(
-            f"process_group: the ranks disagree on the arguments (ranks {odd} differ from rank 0 in the "
-            "sizes, batch_size, dtype, out, or the data and settings of the kernel); call the function "
-            "with the same arguments on every rank"
-        )
-
-
-_RAISED = {"FileExistsError": FileExistsError, "IsADirectoryError": IsADirectoryError, "ValueError": ValueError}
-
-
-def _share(process_group, error: BaseException | None, payload: object = None) -> object:
-    """Rank 0's error and ``payload`` to every rank (a synchronization point); every rank raises the
-    error (rank 0 its own), else returns the payload."""
-    if process_group is not None:
-        import torch.distributed as dist
-
-        box = [None if error is None else (type(error).__name__, str(error)), payload]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(process_group, 0), group=process_group)
-        if error is None and box[0] is not None:
-            kind, message = box[0]
-            raise _RAISED.get(kind, OSError)(message)
-        payload = box[1]
-    if error is not None:
-        raise error
-    return payload
-
-
-def _barrier(process_group) -> None:
-    if process_group is not None:
-        import torch.distributed as dist
-
-        dist.barrier(group=process_group)
 
 
 # ------------------------------------------------------------------------------------ the file
@@ -295,11 +219,12 @@ def tiled(
     batch_size, lead = _check_args(n1, n2, batch_size, lead)
     symmetric = n2 is None
     ncols = n1 if symmetric else int(n2)
-    rank, world = _group_info(process_group)
+    rank, world = rank_and_size(process_group)
     out_path = None if out is None else Path(os.fspath(out))
-    if world > 1:
-        items = (n1, n2, batch_size, lead, str(dtype), None if out_path is None else str(out_path.resolve()))
-        _check_agreement(process_group, world, (*items, *signature))
+    items = (n1, n2, batch_size, lead, str(dtype), None if out_path is None else str(out_path.resolve()))
+    agree_on(
+        (*items, *signature), process_group, "the sizes, batch_size, dtype, out, or the data and settings of the kernel"
+    )
     shape = (*lead, n1, ncols)
     threads = torch.get_num_threads() if threads is None else max(1, int(threads))
     every = [(i, rows, cols) for i, (rows, cols) in enumerate(tiles(n1, n2, batch_size))]
@@ -309,12 +234,7 @@ def tiled(
         buf = alloc(shape, dtype=dtype, device=device)
         _fill(block_fn, every[rank::world], _MemorySink(buf), None, on_tile, **engine)
         if world > 1:
-            import torch.distributed as dist
-
-            comm = _comm_device(process_group)
-            moved = buf.to(comm)
-            dist.all_reduce(moved, group=process_group)
-            buf.copy_(moved)
+            all_reduce_in_place(buf, process_group)  # each entry from one rank: the sum is exact
         return buf
     if not (isinstance(checkpoint, (int, float)) and checkpoint >= 0):
         raise ValueError(f"checkpoint: expected the seconds between journal records (>= 0), got {checkpoint!r}")
@@ -339,11 +259,11 @@ def _to_file(block_fn, every, out: Path, layout, overwrite, process_group, world
                 warn(lock.note)
             done = prepare(out, layout, overwrite)
         except (OSError, ValueError) as err:  # FileExistsError, a missing folder, a full disk
-            error = err  # raised on every rank by _share
+            error = err  # raised on every rank by share_outcome
             if lock is not None:
                 lock.release()
     try:
-        done = set(_share(process_group, error, sorted(done)))  # also: rank 0 has made the file
+        done = set(share_outcome(process_group, error, sorted(done)))  # also: rank 0 has made the file
         todo = [tile for tile in every if tile[0] not in done][rank::world]
         sink = _FileSink(partial_path(out), layout.shape[:-2], layout.shape[-2], layout.shape[-1], engine["dtype"])
         try:
@@ -354,14 +274,14 @@ def _to_file(block_fn, every, out: Path, layout, overwrite, process_group, world
                 journal.close()
         finally:
             sink.close()
-        _barrier(process_group)  # every rank's tiles are on disk
+        barrier(process_group)  # every rank's tiles are on disk
         error = None
         if rank == 0:
             try:
                 finish(out)
             except OSError as err:
                 error = err
-        _share(process_group, error)
+        share_outcome(process_group, error)
     finally:
         if lock is not None:
             lock.release()

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import fisher as _fisher
 from . import losses as _losses
-from .distributed import check_group
+from .distributed import check_group, mean_gradient, whole_batch_mean
 from .fisher.base import Fisher
 from .optim import NGD, OPTIMAL
 from .validation import check_lr, check_update
@@ -60,26 +59,13 @@ class GD:
         params = list(self.model.parameters())
         f = self.model(x)
         value = self.loss.value(f, self.loss.check_targets(y, f.detach()))
-        if self.process_group is None:
-            grads = torch.autograd.grad(value, params)
-        else:  # one all-reduce: the shards' summed gradients N_r ∇L_r and sizes N_r, then ÷ N
-            grads = torch.autograd.grad(value * f.shape[0], params)
-            flat = torch.cat([*(g.reshape(-1) for g in grads), grads[0].new_tensor([float(f.shape[0])])])
-            dist.all_reduce(flat, group=self.process_group)
-            parts = flat[:-1].div_(flat[-1]).split([g.numel() for g in grads])
-            grads = [v.view_as(g) for v, g in zip(parts, grads)]
+        grads = torch.autograd.grad(value, params)
+        if self.process_group is not None:  # one all-reduce for the whole batch's mean gradient
+            grads = mean_gradient(list(grads), f.shape[0], self.process_group)
         check_update(self.model, list(grads))  # a diverged loss is never applied
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.add_(g.to(p.dtype), alpha=-float(self.lr))
-
-
-def _whole_batch_mean(value: float, n_local: int, group) -> float:
-    if group is None:
-        return value
-    buf = torch.tensor([value * n_local, float(n_local)], dtype=torch.float64)
-    dist.all_reduce(buf, group=group)
-    return float(buf[0] / buf[1])
 
 
 @dataclass
@@ -151,8 +137,8 @@ def train(
             targets[key] = loss_fn.check_targets(ys, f)
         yt = targets[key]
         n = f.shape[0]
-        value = _whole_batch_mean(float(loss_fn.value(f, yt)), n, process_group)
-        acc = _whole_batch_mean(loss_fn.accuracy(f, yt), n, process_group)
+        value = whole_batch_mean(float(loss_fn.value(f, yt)), n, process_group)
+        acc = whole_batch_mean(loss_fn.accuracy(f, yt), n, process_group)
         return value, acc, f.detach().cpu().numpy()
 
     def record(t: int) -> None:

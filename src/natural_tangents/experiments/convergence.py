@@ -11,7 +11,7 @@ import torch
 from .. import dynamics
 from .. import fisher as F
 from ..data import mnist_binary
-from ..kernels import empirical_ntk
+from ..empirical import empirical_ntk
 from ..training import History, train
 from .common import Check, Result, Settings, mse_path, progress
 from .plotting import EXPERIMENT, THEORY, finish, legend_theory_experiment, log_axis, method_style, note

@@ -10,8 +10,9 @@
 Modules: :mod:`~natural_tangents.theory.architecture` (the :class:`Architecture` dataclass),
 :mod:`~natural_tangents.theory.gaussian` (2-D Gaussian expectations: the dispatcher over
 :mod:`~natural_tangents.theory.closed_forms`, :mod:`~natural_tangents.theory.quadrature` and
-:mod:`~natural_tangents.theory.hermite_series`), :mod:`~natural_tangents.theory.kernels` (the
-recursion (S.168)–(S.178), tiled; one tile in :mod:`~natural_tangents.theory.tiles`),
+:mod:`~natural_tangents.theory.hermite_series`), :mod:`~natural_tangents.theory.analytic` (the
+recursion (S.168)–(S.178), tiled: :func:`kernels`, :func:`ntk`; one tile in
+:mod:`~natural_tangents.theory.analytic_tiles`),
 :mod:`~natural_tangents.theory.alpha` (γ (S.140), α of every Fisher: the registry
 :func:`alpha_rule`), :mod:`~natural_tangents.theory.coefficient` (Θ̄ (S.53), (S.71), (S.105)–(S.124):
 the registry :func:`coefficient_rule`). A new Fisher class registers its analytic α and Θ̄ with
@@ -19,10 +20,10 @@ the registry :func:`coefficient_rule`). A new Fisher class registers its analyti
 """
 
 from .alpha import AlphaQuery, alpha, alpha_rule, gamma, variances
+from .analytic import AnalyticKernels, kernels, ntk
 from .architecture import Architecture
 from .coefficient import CoefficientQuery, coefficient, coefficient_rule
 from .gaussian import bivariate_normal_cdf, gaussian_expectations, second_moment
-from .kernels import AnalyticKernels, kernels, ntk
 
 __all__ = [
     "Architecture",

@@ -33,11 +33,11 @@ from .. import activations as _act
 from .. import fisher as _fisher
 from ..fisher.kfac import warn_narrow_input
 from ..validation import check_widths
+from .analytic import check_variances
 from .architecture import Architecture
 from .gaussian import second_moment
-from .kernels import check_variances
 
-__all__ = ["gamma", "alpha", "variances", "alpha_rule", "AlphaQuery"]
+__all__ = ["gamma", "alpha", "variances", "alpha_rule", "AlphaQuery", "resolve_fisher"]
 
 _F64 = torch.float64
 _SCAN_NODES = 64  # sample points per piece between kinks when testing φ′ ≠ 0
@@ -127,7 +127,7 @@ def variances(
     """q_1 … q_L of one input (S.138), (S.175): q_1 = σ_w² q_0 + σ_b²,
     q_{l+1} = σ_w² E_{u~N(0,q_l)}[φ(u)²] + σ_b². ``q0`` = ||x||²/M_0 (1/M_0 for unit-norm inputs).
     Returns a float64 tensor of length L (entry l−1 is q_l)."""
-    from .kernels import check_depth
+    from .analytic import check_depth
 
     depth = check_depth(depth)
     sigma_w2, sigma_b2 = check_variances(sigma_w2, sigma_b2)
@@ -181,8 +181,12 @@ def _kfac_alpha(fisher, widths: tuple[int, ...], sigma_b2: float, n_train: int, 
     return float(mean)
 
 
-def _resolve_fisher(fisher):
-    """A Fisher instance (names go through ``nat.fisher.get``), else ValueError."""
+def resolve_fisher(fisher) -> _fisher.Fisher:
+    """The Fisher instance ``fisher`` (a name goes through :func:`natural_tangents.fisher.get`).
+
+    Raises:
+        ValueError: ``fisher`` is neither a Fisher instance nor the name of one.
+    """
     fisher = _fisher.get(fisher) if isinstance(fisher, str) else fisher
     if not isinstance(fisher, _fisher.Fisher):
         raise ValueError(
@@ -300,4 +304,4 @@ def alpha(
             raise ValueError(f"arch: depth {arch.depth} does not match widths {list(widths)} (L = {len(widths) - 1})")
         activation, sigma_w2, sigma_b2 = arch.activation, arch.sigma_w2, arch.sigma_b2
     query = AlphaQuery(widths, activation, sigma_w2, float(sigma_b2), n_train, bool(forster), bool(include_output))
-    return alpha_rule(_resolve_fisher(fisher), query)
+    return alpha_rule(resolve_fisher(fisher), query)

@@ -14,9 +14,11 @@ import torch
 from torch import Tensor
 
 from .. import activations as _act
-from ._normal import _F64, _cdf, _chunks, _correlation, _legendre, _phi
+from . import normal
 
-__all__ = ["bivariate_normal_cdf", "has_closed_form"]
+__all__ = ["bivariate_normal_cdf", "has_closed_form", "closed_form_expectations"]
+
+_F64 = torch.float64
 
 # ---------------------------------------------------------------------- bivariate normal CDF
 _BVN_LEVELS = 20
@@ -26,7 +28,7 @@ _BVN_NODES = 10
 @lru_cache(maxsize=1)
 def _bvn_mesh() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Geometric mesh of t ∈ [0, π/2] graded towards t = 0: [π/2^{j+2}, π/2^{j+1}], then [0, …]."""
-    x, w = _legendre(_BVN_NODES)
+    x, w = normal.legendre(_BVN_NODES)
     edges = [math.pi / 2 ** (j + 1) for j in range(_BVN_LEVELS + 1)] + [0.0]
     hi = torch.tensor(edges[:-1], dtype=_F64)
     lo = torch.tensor(edges[1:], dtype=_F64)
@@ -48,7 +50,7 @@ def bivariate_normal_cdf(h: Tensor, k: Tensor, rho: Tensor) -> Tensor:
     h, k, rho = h.reshape(-1), k.reshape(-1), rho.clamp(-1.0, 1.0).reshape(-1)
     x, w, lo, hi = _bvn_mesh()
     out = torch.empty_like(h)
-    for sl in _chunks(h.numel(), lo.numel() * x.numel()):
+    for sl in normal.chunks(h.numel(), lo.numel() * x.numel()):
         hh, kk, rr = h[sl, None, None], k[sl, None, None], rho[sl]
         sign = torch.where(rr < 0, -1.0, 1.0)
         # θ = sign·(π/2 − t), t from t_end = π/2 − |arcsin ρ| up to π/2
@@ -62,14 +64,14 @@ def bivariate_normal_cdf(h: Tensor, k: Tensor, rho: Tensor) -> Tensor:
         num = (hh - s * kk) ** 2 + 4.0 * s * hh * kk * torch.sin(0.5 * t) ** 2
         f = torch.exp(-num / (2.0 * torch.sin(t) ** 2))
         integral = (f * half * w).sum((-1, -2))
-        out[sl] = _cdf(h[sl]) * _cdf(k[sl]) + sign * integral / (2.0 * math.pi)
+        out[sl] = normal.cdf(h[sl]) * normal.cdf(k[sl]) + sign * integral / (2.0 * math.pi)
     return out.reshape(shape)
 
 
 # ------------------------------------------------------------------------------ closed forms
 def _relu_closed(q1: Tensor, q2: Tensor, cov: Tensor) -> tuple[Tensor, Tensor]:
     """(S.176)–(S.177) with per-sample variances: the arc-cosine kernel of degree 1 and 0."""
-    rho = _correlation(q1, q2, cov)
+    rho = normal.correlation(q1, q2, cov)
     angle = 0.5 * math.pi + torch.asin(rho)  # π − arccos ρ
     a = torch.sqrt(q1 * q2) / (2.0 * math.pi) * (torch.sqrt((1.0 - rho * rho).clamp_min(0.0)) + rho * angle)
     xi = angle / (2.0 * math.pi)
@@ -97,7 +99,7 @@ def _shifted_relu_closed(s: float, q1: Tensor, q2: Tensor, cov: Tensor) -> tuple
     (Stein's identity E[X g] = E[∂_x g] + ρ E[∂_y g]).
     """
     q1, q2, cov = torch.broadcast_tensors(q1, q2, cov)
-    rho = _correlation(q1, q2, cov)
+    rho = normal.correlation(q1, q2, cov)
     r1, r2 = torch.sqrt(q1), torch.sqrt(q2)
     a, b = -s / r1, -s / r2
     c = torch.sqrt((1.0 - rho * rho).clamp_min(0.0))
@@ -106,15 +108,15 @@ def _shifted_relu_closed(s: float, q1: Tensor, q2: Tensor, cov: Tensor) -> tuple
     def ratio(num: Tensor) -> Tensor:  # num / c with 0/0 → 0 (ρ = ±1 on the kink line)
         return torch.where(num == 0, torch.zeros_like(num), num / c)
 
-    ca = _cdf(ratio(rho * a - b))  # P(Y > b | X = a)
-    cb = _cdf(ratio(rho * b - a))  # P(X > a | Y = b)
-    pa, pb = _phi(a), _phi(b)
+    ca = normal.cdf(ratio(rho * a - b))  # P(Y > b | X = a)
+    cb = normal.cdf(ratio(rho * b - a))  # P(X > a | Y = b)
+    pa, pb = normal.pdf(a), normal.pdf(b)
     ex = pa * ca + rho * pb * cb
     ey = pb * cb + rho * pa * ca
-    exy = rho * p + rho * a * pa * ca + rho * b * pb * cb + pa * c * _phi(ratio(b - rho * a))
+    exy = rho * p + rho * a * pa * ca + rho * b * pb * cb + pa * c * normal.pdf(ratio(b - rho * a))
     both = r1 * r2 * exy + s * r1 * ex + s * r2 * ey + s * s * p  # E[(u+s)(u'+s) 1]
-    m1 = r1 * pa + s * _cdf(-a)  # E[(u+s) 1{u > −s}]
-    m2 = r2 * pb + s * _cdf(-b)
+    m1 = r1 * pa + s * normal.cdf(-a)  # E[(u+s) 1{u > −s}]
+    m2 = r2 * pb + s * normal.cdf(-b)
     return both - s * (m1 + m2) + s * s, p
 
 
@@ -123,7 +125,14 @@ def has_closed_form(activation: _act.Activation) -> bool:
     return isinstance(activation, _act.ReLU | _act.ShiftedReLU | _act.Erf | _act.Identity)
 
 
-def _closed(activation: _act.Activation, q1: Tensor, q2: Tensor, cov: Tensor) -> tuple[Tensor, Tensor]:
+def closed_form_expectations(activation: _act.Activation, q1: Tensor, q2: Tensor, cov: Tensor) -> tuple[Tensor, Tensor]:
+    """(A, Ξ) = (E[φ(u)φ(u′)], E[φ′(u)φ′(u′)]) in closed form, for (u, u′) ~ N(0, [[q1, cov], [cov, q2]])
+    (float64 tensors of one shape): ReLU (S.176)–(S.177), the shifted ReLU, erf (the arcsine kernel)
+    and the identity.
+
+    Raises:
+        ValueError: no closed form for ``activation`` (see :func:`has_closed_form`).
+    """
     if isinstance(activation, _act.ReLU):
         return _relu_closed(q1, q2, cov)
     if isinstance(activation, _act.ShiftedReLU):

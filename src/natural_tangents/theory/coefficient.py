@@ -2,7 +2,7 @@
 
 Θ̄(x′, x) = J(x′) G^{-1} J(x)^T / N (S.4) drives the function-space dynamics
 f_{t+1} − f_t = −η Θ̄ (f_t − y). In the infinite-width limit it is a function of the analytic
-kernels of :mod:`natural_tangents.theory.kernels` alone. Everything here is for one output (C = 1)
+kernels of :mod:`natural_tangents.theory.analytic` alone. Everything here is for one output (C = 1)
 and in the paper's 1/N convention: Θ = Θ_ana / N, Θ_l = Θ_ana,l / N (N = number of training samples).
 
 * exact (S.53): Θ̄ = Θ(x′, x) (Θ + ρI)^{-1}; at ρ = 0, Θ(x′, x) Θ^{-1} (Θ̄(x, x) = I).
@@ -40,9 +40,9 @@ from torch import Tensor
 from .. import activations as _act
 from .. import fisher as _fisher
 from ..validation import check_widths
-from .alpha import _resolve_fisher, alpha
+from .alpha import alpha, resolve_fisher
+from .analytic import AnalyticKernels, check_pair, kernels
 from .architecture import Architecture, resolve
-from .kernels import AnalyticKernels, check_pair, kernels
 
 __all__ = ["coefficient", "coefficient_rule", "CoefficientQuery"]
 
@@ -181,7 +181,7 @@ def coefficient(
         ValueError: bad inputs, a singular Σ at ρ = 0, a singular training kernel.
         NotImplementedError: unit-wise Θ̄ on inputs other than the training set (S.155).
     """
-    fisher = _resolve_fisher(fisher)
+    fisher = resolve_fisher(fisher)
     arch = resolve(arch, depth, activation, sigma_w2, sigma_b2)
     depth, act, sigma_w2, sigma_b2 = arch.depth, arch.activation, arch.sigma_w2, arch.sigma_b2
     x_train, x_test_ = check_pair(x_train, x_test, ("x_train", "x_test"))

@@ -60,17 +60,16 @@ import torch
 from torch import Tensor
 
 from .. import activations as _act
-from ._normal import _F64
-from .closed_forms import _closed, bivariate_normal_cdf, has_closed_form
-from .hermite_series import SERIES_TOL, _series
+from .closed_forms import bivariate_normal_cdf, closed_form_expectations, has_closed_form
+from .hermite_series import SERIES_TOL, series_expectations
 from .quadrature import (
     HERMITE_ORDER,
     PIECE_ORDER,
     TRAPEZOID_ORDER,
-    _hermite,
-    _kinked_quadrature,
-    _smooth_quadrature,
-    _trapezoid,
+    hermite_rule,
+    kinked_quadrature,
+    smooth_quadrature,
+    trapezoid_rule,
 )
 
 __all__ = [
@@ -84,6 +83,8 @@ __all__ = [
     "bivariate_normal_cdf",
     "has_closed_form",
 ]
+
+_F64 = torch.float64
 
 METHODS = ("auto", "closed_form", "quadrature", "trapezoid", "series")
 
@@ -138,7 +139,7 @@ def gaussian_expectations(
     bound = torch.sqrt(q1 * q2)  # rounding in a deep recursion can push |Q| a hair past √(q q′)
     cov = torch.minimum(torch.maximum(cov, -bound), bound)
     if method == "closed_form" or (method == "auto" and has_closed_form(act)):
-        return _closed(act, q1, q2, cov)
+        return closed_form_expectations(act, q1, q2, cov)
     shape = cov.shape
     if method == "series":
         if act.kinks:
@@ -146,15 +147,15 @@ def gaussian_expectations(
                 f"method: the Hermite series converges too slowly for the kinked {act!r}; use "
                 "method='auto' (closed form) or 'quadrature' (piecewise)"
             )
-        a, xi = _series(act, q1, q2, cov, raw)
+        a, xi = series_expectations(act, q1, q2, cov, raw)
         return a.reshape(shape), xi.reshape(shape)
     if act.kinks:
-        a, xi = _kinked_quadrature(act, q1, q2, cov, _check_order(order, PIECE_ORDER))
+        a, xi = kinked_quadrature(act, q1, q2, cov, _check_order(order, PIECE_ORDER))
     elif method == "trapezoid":
-        rule = _trapezoid(_check_order(order, TRAPEZOID_ORDER))
-        a, xi = _smooth_quadrature(act, q1, q2, cov, rule)
+        rule = trapezoid_rule(_check_order(order, TRAPEZOID_ORDER))
+        a, xi = smooth_quadrature(act, q1, q2, cov, rule)
     else:
-        a, xi = _smooth_quadrature(act, q1, q2, cov, _hermite(_check_order(order, HERMITE_ORDER)))
+        a, xi = smooth_quadrature(act, q1, q2, cov, hermite_rule(_check_order(order, HERMITE_ORDER)))
     return a.reshape(shape), xi.reshape(shape)
 
 

@@ -10,9 +10,11 @@ import torch
 from torch import Tensor
 
 from .. import activations as _act
-from ._normal import _F64, _correlation, _phi
+from . import normal
 
-__all__ = ["SERIES_TOL"]
+__all__ = ["SERIES_TOL", "series_expectations"]
+
+_F64 = torch.float64
 
 SERIES_TOL = 1e-15
 """The Hermite series is truncated where its tail Σ_{k≥K} a_k² falls below this fraction of the total."""
@@ -28,7 +30,7 @@ def _hermite_basis(kmax: int) -> tuple[Tensor, Tensor, Tensor]:
     half = 2.0 * math.sqrt(kmax) + 12.0  # beyond the oscillatory region |z| < 2√k, plus the tail
     h = 0.6 / math.sqrt(kmax)  # about 10 nodes per wavelength 2π/√k of ψ_kmax
     z = torch.arange(-half, half + h / 2, h, dtype=_F64)
-    root = torch.sqrt(_phi(z))
+    root = torch.sqrt(normal.pdf(z))
     psi = torch.empty(kmax + 1, z.numel(), dtype=_F64)
     psi[0] = root
     if kmax >= 1:
@@ -64,12 +66,17 @@ def _series_coefficients(activation: _act.Activation, qs: Tensor) -> tuple[Tenso
     )
 
 
-def _series(
+def series_expectations(
     activation: _act.Activation, q1: Tensor, q2: Tensor, cov: Tensor, raw: tuple[Tensor, Tensor]
 ) -> tuple[Tensor, Tensor]:
-    """Mehler's formula: E[φ(u)φ(u′)] = Σ_k a_k(q) a_k(q′) ρ^k (and with b for φ′), by Horner's rule.
-    ``raw`` are q1, q2 before broadcasting (their distinct values are found on these)."""
-    rho = _correlation(q1, q2, cov).reshape(-1)
+    """(A, Ξ) by Mehler's formula: E[φ(u)φ(u′)] = Σ_k a_k(q) a_k(q′) ρ^k (and with b_k for φ′), by
+    Horner's rule, flattened over the pairs. ``q1``, ``q2``, ``cov`` are broadcast float64 tensors;
+    ``raw`` are q1, q2 before broadcasting (their distinct values are found on these).
+
+    Raises:
+        ValueError: the series has not converged (a kink, or a very steep φ).
+    """
+    rho = normal.correlation(q1, q2, cov).reshape(-1)
     # one coefficient vector per distinct variance; variances equal to ~1e-12 (unit-norm inputs after
     # rounding) share one, which changes the kernel by a relative ~1e-12 at most
     r1, r2 = raw

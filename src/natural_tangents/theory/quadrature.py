@@ -12,9 +12,19 @@ import torch
 from torch import Tensor
 
 from .. import activations as _act
-from ._normal import _F64, _cdf, _chunks, _correlation, _legendre, _phi
+from . import normal
 
-__all__ = ["HERMITE_ORDER", "TRAPEZOID_ORDER", "PIECE_ORDER"]
+__all__ = [
+    "HERMITE_ORDER",
+    "TRAPEZOID_ORDER",
+    "PIECE_ORDER",
+    "hermite_rule",
+    "trapezoid_rule",
+    "smooth_quadrature",
+    "kinked_quadrature",
+]
+
+_F64 = torch.float64
 
 HERMITE_ORDER = 48
 """Default Gauss–Hermite order (nodes per dimension) for smooth activations."""
@@ -32,17 +42,17 @@ _TRUNCATION = 10.0  # standard deviations kept by the piecewise rule (tail mass 
 
 # ---------------------------------------------------------------------------------------- rules
 @lru_cache(maxsize=16)
-def _hermite(order: int) -> tuple[Tensor, Tensor]:
+def hermite_rule(order: int) -> tuple[Tensor, Tensor]:
     """Nodes and weights of E_{z~N(0,1)}[g(z)] ≈ Σ w_i g(z_i) (probabilists' Hermite)."""
     z, w = np.polynomial.hermite_e.hermegauss(order)
     return torch.from_numpy(z).to(_F64), torch.from_numpy(w / w.sum()).to(_F64)
 
 
 @lru_cache(maxsize=16)
-def _trapezoid(order: int) -> tuple[Tensor, Tensor]:
+def trapezoid_rule(order: int) -> tuple[Tensor, Tensor]:
     """Equispaced nodes on [−9, 9] with weights h·N(0,1)-density, normalized to sum to one."""
     z = torch.linspace(-_TRAPEZOID_RANGE, _TRAPEZOID_RANGE, order, dtype=_F64)
-    w = _phi(z)
+    w = normal.pdf(z)
     return z, w / w.sum()
 
 
@@ -56,22 +66,22 @@ def _value_and_derivative(activation: _act.Activation, u: Tensor) -> tuple[Tenso
         t = torch.sigmoid(u)
         return t, t * (1.0 - t)
     if isinstance(activation, _act.GELU):
-        cdf, pdf = _cdf(u), _phi(u)
+        cdf, pdf = normal.cdf(u), normal.pdf(u)
         return u * cdf, cdf + u * pdf
     return activation(u), activation.derivative(u)
 
 
-def _smooth_quadrature(
+def smooth_quadrature(
     activation: _act.Activation, q1: Tensor, q2: Tensor, cov: Tensor, rule: tuple[Tensor, Tensor]
 ) -> tuple[Tensor, Tensor]:
     """Tensor-product rule (z, w): u = √q z₁, u′ = √q′(ρ z₁ + √(1−ρ²) z₂), order² nodes per pair."""
     z, w = rule
-    rho = _correlation(q1, q2, cov).reshape(-1)
+    rho = normal.correlation(q1, q2, cov).reshape(-1)
     r1, r2 = torch.sqrt(q1).reshape(-1), torch.sqrt(q2).reshape(-1)
     c = torch.sqrt((1.0 - rho * rho).clamp_min(0.0))
     a_out, x_out = torch.empty_like(rho), torch.empty_like(rho)
     k = z.numel()
-    for sl in _chunks(rho.numel(), k * k):
+    for sl in normal.chunks(rho.numel(), k * k):
         u = r1[sl, None] * z  # (E, K)
         fu, du = _value_and_derivative(activation, u)
         v = torch.addcmul(  # (E, K, K): √q′ (ρ z_i + √(1−ρ²) z_j)
@@ -92,10 +102,10 @@ def _piece_rule(lo: Tensor, hi: Tensor, order: int) -> tuple[Tensor, Tensor]:
     ``lo``/``hi`` of shape (..., P) are the pieces' ends (clipped, possibly empty); returns nodes and
     weights of shape (..., P·order).
     """
-    x, w = _legendre(order)
+    x, w = normal.legendre(order)
     half = (0.5 * (hi - lo)).unsqueeze(-1)
     t = (0.5 * (hi + lo)).unsqueeze(-1) + half * x
-    wt = half * w * _phi(t)
+    wt = half * w * normal.pdf(t)
     return t.flatten(-2), wt.flatten(-2)
 
 
@@ -106,12 +116,12 @@ def _pieces(breaks: Tensor) -> tuple[Tensor, Tensor]:
     return pts[..., :-1], pts[..., 1:]
 
 
-def _kinked_quadrature(
+def kinked_quadrature(
     activation: _act.Activation, q1: Tensor, q2: Tensor, cov: Tensor, order: int
 ) -> tuple[Tensor, Tensor]:
     """Piecewise Gauss–Legendre over the pieces cut by the kink lines (see the module docstring)."""
     kinks = torch.tensor(sorted(float(k) for k in activation.kinks), dtype=_F64)
-    rho = _correlation(q1, q2, cov).reshape(-1)
+    rho = normal.correlation(q1, q2, cov).reshape(-1)
     r1, r2 = torch.sqrt(q1).reshape(-1), torch.sqrt(q2).reshape(-1)
     sign = torch.where(rho < 0, -1.0, 1.0)
     sm, sd = torch.sqrt(1.0 + rho.abs()), torch.sqrt((1.0 - rho.abs()).clamp_min(0.0))
@@ -125,7 +135,7 @@ def _kinked_quadrature(
     p_in = 2 * kinks.numel() + 1
     a_out, x_out = torch.empty_like(rho), torch.empty_like(rho)
     per = p_out * p_in * order * order
-    for sl in _chunks(rho.numel(), per):
+    for sl in normal.chunks(rho.numel(), per):
         td, wd = _piece_rule(*_pieces(d_breaks[sl]), order)  # (E, O)
         d = sd[sl, None] * td  # (E, O)
         # m-breakpoints for each outer node, in units of sm: m = kx − d and m = ky + d

@@ -7,16 +7,15 @@
     torchrun --nproc-per-node 2 --no-python natural-tangents kernel --samples 5000 --out ntk.npy
 
 Inputs are scaled to unit norm (the paper's Assumption 2). Under ``torchrun`` (``WORLD_SIZE`` > 1 in
-the environment) a process group is initialized (NCCL with GPUs, gloo otherwise), the ranks share the
-tiles and write them into the one file. An existing ``--out`` file is refused unless ``--force`` is
-given; an interrupted run (killed, Ctrl-C) is resumed by running the same command again. The command
-logic lives here; ``cli.py`` registers it.
+the environment) a process group is initialized (:func:`~natural_tangents.distributed.launched_group`:
+NCCL with GPUs, gloo otherwise), the ranks share the tiles and write them into the one file. An
+existing ``--out`` file is refused unless ``--force`` is given; an interrupted run (killed, Ctrl-C) is
+resumed by running the same command again. The command logic lives here; ``cli.py`` registers it.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
@@ -24,6 +23,8 @@ import warnings
 from contextlib import contextmanager
 
 import torch
+
+from .distributed import launched_group
 
 __all__ = ["add_parser", "run"]
 
@@ -114,21 +115,6 @@ def _inputs(args) -> torch.Tensor:
     return data.normalize(images)
 
 
-def _process_group():
-    """The WORLD group under torchrun (initialized here when WORLD_SIZE > 1), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None, False
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return dist.group.WORLD, False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    return dist.group.WORLD, True
-
-
 def _empirical(args, x, common):
     from . import MLP, empirical_ntk
 
@@ -149,34 +135,28 @@ def run(args) -> int:
         return _fail(f"--batch-size: expected a positive tile side, got {args.batch_size}")
     if os.path.lexists(args.out) and not args.force:
         return _fail(f"--out: {args.out} exists; pass --force to replace it, or choose another path")
-    group, owned = None, False
     try:
         x = _inputs(args)
-        group, owned = _process_group()
-        common = {
-            "batch_size": args.batch_size,
-            "out": args.out,
-            "overwrite": args.force,
-            "process_group": group,
-            "progress": False if args.no_progress else None,
-        }
-        start = time.perf_counter()
-        with _notes():
-            if args.empirical:
-                k = _empirical(args, x, common)
-                what = f"empirical NTK of an MLP of width {args.width}"
-            else:
-                arch = theory.Architecture(args.depth, args.activation, args.sigma_w2, args.sigma_b2)
-                k = theory.ntk(x, arch=arch, dtype=getattr(torch, args.dtype), **common)
-                what = "analytic NTK"
-        seconds = time.perf_counter() - start
+        with launched_group() as group:
+            common = {
+                "batch_size": args.batch_size,
+                "out": args.out,
+                "overwrite": args.force,
+                "process_group": group,
+                "progress": False if args.no_progress else None,
+            }
+            start = time.perf_counter()
+            with _notes():
+                if args.empirical:
+                    k = _empirical(args, x, common)
+                    what = f"empirical NTK of an MLP of width {args.width}"
+                else:
+                    arch = theory.Architecture(args.depth, args.activation, args.sigma_w2, args.sigma_b2)
+                    k = theory.ntk(x, arch=arch, dtype=getattr(torch, args.dtype), **common)
+                    what = "analytic NTK"
+            seconds = time.perf_counter() - start
     except _USER_ERRORS as err:
         return _fail(_for_the_command(str(err)))
-    finally:
-        if owned:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         print(

@@ -1,4 +1,4 @@
-"""``natural-tangents kernel`` (kernel_command.run) in-process and under torchrun, against nat.theory.ntk."""
+"""``natural-tangents kernel`` (cli_kernel.run) in-process and under torchrun, against nat.theory.ntk."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import natural_tangents as nat
-from natural_tangents import kernel_command, theory
+from natural_tangents import cli_kernel, theory
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="natural-tangents")
-    kernel_command.add_parser(p.add_subparsers(dest="command", required=True))
+    cli_kernel.add_parser(p.add_subparsers(dest="command", required=True))
     return p.parse_args(["kernel", *argv])
 
 
@@ -31,8 +31,7 @@ def _subset(digits, n):
 def test_analytic_kernel_of_the_packaged_subset(tmp_path, capsys):
     out = tmp_path / "k.npy"
     assert (
-        kernel_command.run(_parse(["--digits", "0", "7", "--samples", "40", "--batch-size", "16", "--out", str(out)]))
-        == 0
+        cli_kernel.run(_parse(["--digits", "0", "7", "--samples", "40", "--batch-size", "16", "--out", str(out)])) == 0
     )
     ref = theory.ntk(_subset([0, 7], 40), depth=3, activation="relu", sigma_w2=2.0, sigma_b2=0.0)
     assert np.allclose(np.load(out), ref.numpy(), rtol=0, atol=1e-12)
@@ -50,7 +49,7 @@ def test_analytic_kernel_of_a_user_npz(tmp_path):
     np.savez(tmp_path / "mnist.npz", **arrays)
     argv = ["--data", str(tmp_path / "mnist.npz"), "--split", "test", "--activation", "erf", "--depth", "4"]
     argv += ["--sigma-w2", "1.5", "--sigma-b2", "0.2", "--dtype", "float32", "--out", str(tmp_path / "k.npy")]
-    assert kernel_command.run(_parse(argv)) == 0
+    assert cli_kernel.run(_parse(argv)) == 0
     x = nat.data.normalize(torch.from_numpy(arrays["x_test"].reshape(12, -1).astype(np.float64)))
     ref = theory.ntk(x, depth=4, activation="erf", sigma_w2=1.5, sigma_b2=0.2)
     got = np.load(tmp_path / "k.npy")
@@ -71,14 +70,14 @@ def test_analytic_kernel_of_a_user_npz(tmp_path):
 )
 def test_user_errors_are_one_line_without_traceback(tmp_path, capsys, argv, message):
     (tmp_path / "locked.npy.lock").write_text("pid 1\n")
-    code = kernel_command.run(_parse([a.format(tmp=tmp_path) for a in argv]))
+    code = cli_kernel.run(_parse([a.format(tmp=tmp_path) for a in argv]))
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
 
 
 def test_empirical_kernel_into_a_file_equals_the_in_memory_kernel(tmp_path):
     argv = ["--empirical", "--width", "64", "--samples", "10", "--batch-size", "4", "--out", str(tmp_path / "e.npy")]
-    assert kernel_command.run(_parse(argv)) == 0
+    assert cli_kernel.run(_parse(argv)) == 0
     net = nat.MLP([784, 64, 64, 1], "relu", 2.0, 0.0, seed=0, dtype=torch.float64)
     ref = nat.empirical_ntk(net, _subset(list(range(10)), 10))
     assert np.allclose(np.load(tmp_path / "e.npy"), ref.numpy(), rtol=0, atol=1e-10)
@@ -87,10 +86,10 @@ def test_empirical_kernel_into_a_file_equals_the_in_memory_kernel(tmp_path):
 SCRIPT = textwrap.dedent(
     """
     import argparse, sys
-    from natural_tangents import kernel_command
+    from natural_tangents import cli_kernel
     p = argparse.ArgumentParser()
-    kernel_command.add_parser(p.add_subparsers(dest="command"))
-    sys.exit(kernel_command.run(p.parse_args(["kernel", *sys.argv[1:]])))
+    cli_kernel.add_parser(p.add_subparsers(dest="command"))
+    sys.exit(cli_kernel.run(p.parse_args(["kernel", *sys.argv[1:]])))
     """
 )
 

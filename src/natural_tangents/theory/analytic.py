@@ -26,7 +26,7 @@ Large N: every function here computes its kernels tile by tile (:mod:`natural_ta
 ``batch_size=`` is the tile side, ``out=`` writes the result into a ``.npy`` file (returned as a
 tensor backed by it), ``process_group=`` shares the tiles among the ranks of a ``torch.distributed``
 group, ``progress=`` controls the progress bar. The per-sample variances q_l(x) are computed once
-per sample, and ReLU and erf use a fused closed-form recursion per tile (:mod:`.tiles`).
+per sample, and ReLU and erf use a fused closed-form recursion per tile (:mod:`.analytic_tiles`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from torch import Tensor
 from .. import activations as _act
 from ..tiling import default_batch_size, fingerprint, intra_op_threads, tiled
 from ..validation import as_tensor, check_batch
-from . import tiles as _tiles
+from . import analytic_tiles
 from .architecture import Architecture, check_depth, check_variances, resolve
 
 __all__ = ["AnalyticKernels", "kernels", "ntk", "check_depth", "check_variances", "check_pair"]
@@ -135,10 +135,10 @@ class _Problem:
 
 def _problem(x1, x2, arch: Architecture, method: str, order: int | None) -> _Problem:
     x1, x2 = check_pair(x1, x2)
-    q1 = _tiles.per_sample_variances(x1, arch, method, order, "x1")
+    q1 = analytic_tiles.per_sample_variances(x1, arch, method, order, "x1")
     if x2 is None:
         return _Problem(x1, x1, q1, q1, True, arch, method, order)
-    q2 = _tiles.per_sample_variances(x2, arch, method, order, "x2")
+    q2 = analytic_tiles.per_sample_variances(x2, arch, method, order, "x2")
     return _Problem(x1, x2, q1, q2, False, arch, method, order)
 
 
@@ -210,7 +210,9 @@ def kernels(
 
         def block(rows: slice, cols: slice) -> Tensor:
             diag = p.symmetric and rows == cols
-            return _tiles.kernels_tile(p.x1[rows], p.x2[cols], p.q1[:, rows], p.q2[:, cols], arch, diag, method, order)
+            return analytic_tiles.kernels_tile(
+                p.x1[rows], p.x2[cols], p.q1[:, rows], p.q2[:, cols], arch, diag, method, order
+            )
 
         if batch_size is None:
             batch_size = default_batch_size(p.x1.shape[0], p.x2.shape[0], stack=5 * L)
@@ -218,7 +220,7 @@ def kernels(
             p, block, "kernels", lead=(5 * L,), batch_size=batch_size, out=out, overwrite=overwrite,
             process_group=process_group, progress=progress, dtype=_F64, threads=threads, on_tile=on_tile,
         )  # fmt: skip
-        lay = _tiles.stack_layout(L)
+        lay = analytic_tiles.stack_layout(L)
         return AnalyticKernels(
             q1=p.q1,
             q2=p.q2,
@@ -283,16 +285,16 @@ def ntk(
         scale = (arch.sigma_w2 / p.x1.shape[1]) ** 0.5  # Q_1 = (σ_w x/√M_0)·(σ_w x′/√M_0) + σ_b²
         xs1 = p.x1 * scale
         xs2 = xs1 if p.symmetric else p.x2 * scale
-        fast = _tiles.fast_path(arch, method)
+        fast = analytic_tiles.fast_path(arch, method)
 
         def block(rows: slice, cols: slice) -> Tensor:
             diag = p.symmetric and rows == cols
             args = (xs1[rows], xs2[cols], p.q1[:, rows], p.q2[:, cols], arch, diag)
             if fast == "relu":
-                return _tiles.ntk_tile_relu(*args)
+                return analytic_tiles.ntk_tile_relu(*args)
             if fast == "erf":
-                return _tiles.ntk_tile_erf(*args)
-            return _tiles.ntk_tile_generic(*args, method, order)
+                return analytic_tiles.ntk_tile_erf(*args)
+            return analytic_tiles.ntk_tile_generic(*args, method, order)
 
         return _run(
             p, block, "NTK", lead=(), batch_size=batch_size, out=out, overwrite=overwrite,
