@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import kind_of
+from .layers.batchnorm import BatchNormRows
 from .models import output_gradients, parameterized_modules, where
 from .signals import Signals
 
@@ -94,16 +95,20 @@ class Capture:
         active: Callable[[], bool],
         reduction: str = "mean",
         linear_in_residual: bool = False,
+        batch_statistics: str = "refuse",
     ) -> None:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction: expected 'mean' or 'sum', got {reduction!r}")
         self.model, self.cotangents, self.active, self.reduction = model, cotangents, active, reduction
         self.linear_in_residual = linear_in_residual
-        self.modules = parameterized_modules(model)
+        self.modules = parameterized_modules(model, batch_statistics)
         self.batches: list[CapturedBatch] = []
         self._pending: _Forward | None = None
         self._busy = False
-        self._handles = [m.register_forward_hook(_Hook(self._on_module)) for _, m in self.modules]
+        # training-mode BatchNorms first: their output while read is BatchNormRows (layers/batchnorm.py)
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._handles = [m.register_forward_hook(_Hook(self._on_batchnorm)) for m in norms]
+        self._handles += [m.register_forward_hook(_Hook(self._on_module)) for _, m in self.modules]
         self._handles.append(model.register_forward_hook(_Hook(self._on_output)))
 
     def remove(self) -> None:
@@ -142,6 +147,11 @@ class Capture:
             and not torch._C._are_functorch_transforms_active()
             and self.active()
         )
+
+    def _on_batchnorm(self, module, args, out):
+        if module.training and self._reading():
+            return BatchNormRows.apply(args[0], module.weight, module.bias, module.eps)
+        return None
 
     def _on_module(self, module, args, out) -> None:
         if not self._reading():

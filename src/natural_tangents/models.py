@@ -39,10 +39,11 @@ import torch
 from torch import Tensor, nn
 
 from .layers import kind_of
+from .layers.batchnorm import constant_statistics, is_training_batchnorm, rows_pass
 from .signals import Signals
 from .validation import as_tensor, check_finite, check_outputs
 
-__all__ = ["signals", "output_gradients", "parameterized_modules", "check_model", "where"]
+__all__ = ["signals", "output_gradients", "parameterized_modules", "check_model", "has_training_batchnorm", "where"]
 
 
 def _describe(module: nn.Module) -> str:
@@ -58,10 +59,10 @@ def where(name: str) -> str:
     return out
 
 
-def parameterized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def parameterized_modules(model: nn.Module, batch_statistics: str = "refuse") -> list[tuple[str, nn.Module]]:
     """The modules of ``model`` holding trainable parameters of their own (``requires_grad``), in
     ``model.parameters()`` order."""
-    check_model(model)
+    check_model(model, batch_statistics)
     owners: dict[int, tuple[str, nn.Module]] = {}
     for name, module in model.named_modules():
         for _, p in module.named_parameters(recurse=False):
@@ -77,8 +78,15 @@ def parameterized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def check_model(model) -> None:
-    """Raise, naming the module and the fix, if the library cannot read ``model`` (module docstring)."""
+def has_training_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm in training mode (its samples coupled by batch statistics)."""
+    return any(is_training_batchnorm(m) for m in model.modules())
+
+
+def check_model(model, batch_statistics: str = "refuse") -> None:
+    """Raise, naming the module and the fix, if the library cannot read ``model`` (module docstring).
+    ``batch_statistics="constant"`` accepts BatchNorm in training mode, its batch statistics held
+    constant for the curvature (:mod:`natural_tangents.layers.batchnorm`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (or natural_tangents.MLP), got {type(model).__name__}")
     seen_modules: dict[int, str] = {}
@@ -109,11 +117,12 @@ def check_model(model) -> None:
     from torch.nn.utils import parametrize
 
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        if is_training_batchnorm(module) and batch_statistics != "constant":
             raise NotImplementedError(
                 f"{where(name)} ({_describe(module)}) is a BatchNorm in training mode: it couples the samples of "
-                "a batch, so there is no per-sample Jacobian; call model.eval() (running statistics) or use "
-                "GroupNorm/LayerNorm"
+                "a batch, so there is no per-sample Jacobian; pass batch_statistics='constant' to the Fisher "
+                "(the batch statistics held constant for the curvature, the approximation of K-FAC libraries), "
+                "call model.eval() (running statistics), or use GroupNorm/LayerNorm"
             )
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
             raise NotImplementedError(
@@ -153,19 +162,27 @@ def output_gradients(
     else:
         rows = cotangents.to(f.dtype).permute(1, 0, 2)  # (R, N, C)
     r = rows.shape[0]
-    try:
-        grads = torch.autograd.grad(
-            f, outputs, grad_outputs=rows, is_grads_batched=True, allow_unused=True, retain_graph=retain_graph
-        )
-    except RuntimeError:  # an op without a batching rule: one backward pass per row
-        per_k = [torch.autograd.grad(f, outputs, rows[k], retain_graph=True, allow_unused=True) for k in range(r)]
-        grads = [None if g[0] is None else torch.stack(g) for g in zip(*per_k)]
+    with rows_pass():  # training-mode BatchNorms hold their statistics constant in this pass
+        try:
+            grads = torch.autograd.grad(
+                f, outputs, grad_outputs=rows, is_grads_batched=True, allow_unused=True, retain_graph=retain_graph
+            )
+        except RuntimeError:  # an op without a batching rule: one backward pass per row
+            per_k = [torch.autograd.grad(f, outputs, rows[k], retain_graph=True, allow_unused=True) for k in range(r)]
+            grads = [None if g[0] is None else torch.stack(g) for g in zip(*per_k)]
     return [
         torch.zeros(r, *o.shape, dtype=o.dtype, device=o.device) if g is None else g for g, o in zip(grads, outputs)
     ]
 
 
-def signals(model: nn.Module, x, name: str = "x", *, cotangents: Callable[[Tensor], Tensor] | None = None) -> Signals:
+def signals(
+    model: nn.Module,
+    x,
+    name: str = "x",
+    *,
+    cotangents: Callable[[Tensor], Tensor] | None = None,
+    batch_statistics: str = "refuse",
+) -> Signals:
     """The :class:`~natural_tangents.signals.Signals` of the batch ``x`` (sample axis first) for any
     supported model: one forward pass with hooks, one backward pass batched over the output rows.
 
@@ -173,13 +190,16 @@ def signals(model: nn.Module, x, name: str = "x", *, cotangents: Callable[[Tenso
     has C = 1). By default the rows are the C outputs (J_n). ``cotangents(f)`` (N, R, C), computed
     from the outputs, gives the rows m_n J_n instead — the rows of a Fisher, e.g. sampled or observed
     gradients of the loss (:mod:`natural_tangents.fisher.rows`) — without forming J.
+    ``batch_statistics="constant"`` reads a model with BatchNorm in training mode, its batch statistics
+    held constant (:mod:`natural_tangents.layers.batchnorm`).
     """
     if hasattr(model, "signals") and callable(model.signals):  # natural_tangents.MLP: closed-form signals
         check_model(model)
         out = model.signals(x, name, cotangents=cotangents)
         check_outputs(model, out.f)
         return out
-    modules = parameterized_modules(model)
+    check_model(model, batch_statistics)
+    modules = parameterized_modules(model, batch_statistics)
     x = _input(model, x, name)
     records: dict[int, list] = {id(m): [] for _, m in modules}
     names = {id(m): n for n, m in modules}
@@ -187,6 +207,8 @@ def signals(model: nn.Module, x, name: str = "x", *, cotangents: Callable[[Tenso
     def hook(module, args, out):
         records[id(module)].append((args, out))
 
+    swap = constant_statistics(model)  # first: the hooks below record the outputs the model goes on with
+    swap.__enter__()
     handles = [m.register_forward_hook(hook) for _, m in modules]
     try:
         with torch.enable_grad():
@@ -198,6 +220,7 @@ def signals(model: nn.Module, x, name: str = "x", *, cotangents: Callable[[Tenso
     finally:
         for h in handles:
             h.remove()
+        swap.__exit__(None, None, None)
     f = _check_output(f, x.shape[0])
     check_outputs(model, f)
     for _, m in modules:

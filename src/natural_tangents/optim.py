@@ -27,7 +27,7 @@ from .capture import Capture
 from .curvature import ParamView, RunningCurvature
 from .distributed import check_group
 from .fisher.base import BoundFisher, Fisher
-from .models import check_model, parameterized_modules
+from .models import check_model, has_training_batchnorm, parameterized_modules
 from .validation import check_lr, check_update, warn
 
 __all__ = ["NGD", "OPTIMAL"]
@@ -123,11 +123,13 @@ class NGD(torch.optim.Optimizer):
             raise ValueError(f"warmup: expected a number of steps >= 0, got {warmup!r}")
         if kl_clip is not None and not kl_clip > 0:
             raise ValueError(f"kl_clip: expected a positive number or None, got {kl_clip!r}")
-        check_model(model)  # an unsupported model or layer fails here, before anything is computed
+        fisher = _fisher.get(fisher)
+        check_model(model, fisher.batch_statistics)  # an unsupported model or layer fails here, before anything runs
+        fisher.check_batch_statistics(model)
         if process_group is not None:
             check_group(process_group)
         self.model = model
-        self.fisher = _fisher.get(fisher)
+        self.fisher = fisher
         self.process_group = process_group
         self.nonfinite = nonfinite
         self.curvature_every, self.inverse_every = int(curvature_every), int(inverse_every)
@@ -147,9 +149,16 @@ class NGD(torch.optim.Optimizer):
         self.state["ngd"] = {"step": 0}
         self._own_pass = False
         linear = self.fisher.fisher_type == "empirical"
-        self.capture = Capture(model, self._cotangents, self._curvature_due, loss_reduction, linear_in_residual=linear)
+        self.capture = Capture(
+            model,
+            self._cotangents,
+            self._curvature_due,
+            loss_reduction,
+            linear_in_residual=linear,
+            batch_statistics=self.fisher.batch_statistics,
+        )
         if self.amortized:
-            self.fisher.check_amortizable(len(parameterized_modules(model)))
+            self.fisher.check_amortizable(len(parameterized_modules(model, self.fisher.batch_statistics)))
 
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; the parameters must belong to the model,
@@ -224,8 +233,8 @@ class NGD(torch.optim.Optimizer):
         try:
             if x is None:
                 batch, updates = self._from_backward()
-            elif self.amortized:
-                batch, updates = self._amortized_batch(x, y)
+            elif self.amortized or has_training_batchnorm(self.model):
+                batch, updates = self._through_backward(x, y)
             else:
                 batch, updates = self._retrying(lambda damping: self._on_batch(x, y, damping))
             lrs = self.learning_rates(batch) if batch is not None else self._known_rates()
@@ -300,15 +309,16 @@ class NGD(torch.optim.Optimizer):
             fisher = self._with_damping(damping)
             batch = fisher.bind(captured.signals, self.model, observed=captured.residual)
             self.last_routes = batch.routes
-            if fisher.fisher_type == "mc":
+            if fisher.fisher_type == "mc" or batch.coupled:  # .grad is outside the rows' span
                 return batch, batch.precondition(grads)
             return batch, batch.natural_gradient()
 
         return self._retrying(attempt)
 
-    def _amortized_batch(self, x, y) -> tuple[BoundFisher | None, list[Tensor | None]]:
-        """``step(x, y)`` with curvature kept across batches: an ordinary forward and backward of the
-        Fisher's loss (read by the hooks when the curvature is due), then the backward loop's step."""
+    def _through_backward(self, x, y) -> tuple[BoundFisher | None, list[Tensor | None]]:
+        """``step(x, y)`` with curvature kept across batches, or of a model with BatchNorm in training
+        mode (whose gradient is not a Gram's): an ordinary forward and backward of the Fisher's loss
+        (read by the hooks), then the backward loop's step."""
         with torch.enable_grad():
             self.model.zero_grad(set_to_none=True)
             f = self.model(x)

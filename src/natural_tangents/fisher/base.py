@@ -27,16 +27,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, partial
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from .. import losses as _losses
-from ..distributed import all_reduce_tensors, gather_batch, gather_rows
+from ..distributed import all_reduce_tensors, gather_batch, gather_rows, mean_gradient
 from ..layers.base import LayerSignals
 from ..linalg.options import SolverOptions
+from ..models import has_training_batchnorm
 from ..models import signals as model_signals
 from ..signals import Signals, public_shape
 from ..validation import check_damping
@@ -238,6 +239,8 @@ class BoundFisher(ABC):
         the sampled Fisher types read them in :meth:`Fisher.at` and need none here.
         """
         fisher_type = self.fisher.fisher_type
+        if self.observed is None and self.coupled:  # the true gradient, through the batch statistics
+            return self.precondition(self._true_gradient(y))
         if fisher_type == "expectation":
             if y is None and self.observed is None:
                 raise ValueError("y: the targets of the batch are needed for its gradient")
@@ -259,6 +262,27 @@ class BoundFisher(ABC):
             return flat
         by_param = {id(p): u for p, u in zip(params, flat, strict=True)}
         return [by_param.get(id(p)) for p in self.model.parameters()]
+
+    @property
+    def coupled(self) -> bool:
+        """Whether the model has BatchNorm in training mode (read with its batch statistics constant)."""
+        return self.model is not None and has_training_batchnorm(self.model)
+
+    def _true_gradient(self, y) -> list[Tensor | None]:
+        """∇L of this rank's batch through autograd (an ordinary forward and backward pass), mean over
+        the whole batch when distributed."""
+        if self.inputs is None or y is None:
+            raise ValueError("y: the gradient of a model with BatchNorm in training mode needs the batch's targets")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            f = self.model(self.inputs)
+            f = f if f.ndim == 2 else f[:, None]
+            loss = self.fisher.loss.value(f, self.fisher.loss.check_targets(y, f.detach()))
+            grads = list(torch.autograd.grad(loss, params))
+        if self.process_group is not None:
+            grads = mean_gradient(grads, f.shape[0], self.process_group)
+        by_id = {id(p): g for p, g in zip(params, grads)}
+        return [by_id.get(id(p)) for p in self.model.parameters()]
 
     def loss_gradient(self) -> list[Tensor | None]:
         """∇L = J^T r / N of the batch's observed targets (after :meth:`natural_gradient`, or read by the
@@ -397,6 +421,11 @@ class Fisher(ABC):
             the observed labels' gradients, rows r^T J (no extra backward pass); it estimates G only
             at a well-fitted model.
         mc_samples: k, the labels drawn per input for ``fisher_type="mc"``.
+        batch_statistics: a model with BatchNorm in training mode has no per-sample Jacobian (the
+            batch statistics couple the samples): ``"refuse"`` it (default), or hold the statistics
+            ``"constant"`` for the curvature — the approximation of the K-FAC libraries
+            (:mod:`natural_tangents.layers.batchnorm`), for the Fishers with a parameter-space form
+            and the sampled types; the gradient preconditioned stays the true one (damping > 0).
     """
 
     damping: float = 0.0
@@ -405,6 +434,7 @@ class Fisher(ABC):
     options: SolverOptions = field(default_factory=SolverOptions, repr=False)
     fisher_type: str = "expectation"
     mc_samples: int = 1
+    batch_statistics: str = "refuse"
 
     name: ClassVar[str] = "fisher"
     label: ClassVar[str] = "Fisher"
@@ -423,6 +453,13 @@ class Fisher(ABC):
             raise ValueError(f"fisher_type: expected one of {FISHER_TYPES}, got {self.fisher_type!r}")
         if int(self.mc_samples) != self.mc_samples or self.mc_samples < 1:
             raise ValueError(f"mc_samples: expected a positive integer, got {self.mc_samples!r}")
+        if self.batch_statistics not in ("refuse", "constant"):
+            raise ValueError(f"batch_statistics: expected 'refuse' or 'constant', got {self.batch_statistics!r}")
+        if self.batch_statistics == "constant" and self.damping == 0:
+            raise ValueError(
+                "damping: batch_statistics='constant' preconditions the true gradient, which lies outside the rows "
+                "with constant statistics: use damping > 0"
+            )
         if self.fisher_type == "mc" and self.damping == 0:
             raise ValueError(
                 "damping: fisher_type='mc' needs damping > 0: the gradient has a component outside the sampled "
@@ -454,7 +491,11 @@ class Fisher(ABC):
         the whole batch (the shards concatenated in rank order) and every answer is the whole batch's,
         identical on every rank.
         """
-        read = model_signals if self.fisher_type == "expectation" else self._sampled_reader(y, generator)
+        self.check_batch_statistics(model)
+        if self.fisher_type == "expectation":
+            read = partial(model_signals, batch_statistics=self.batch_statistics)
+        else:
+            read = self._sampled_reader(y, generator)
         if process_group is None:
             return self.batch_type(self, read(model, x), model, inputs=x)
         local, full, offset = gather_batch(model, x, process_group, read)
@@ -476,7 +517,20 @@ class Fisher(ABC):
                 return r
             return torch.cat([loss.sample_residuals(f, k, generator) / k**0.5, r], 1)
 
-        return lambda model, x: model_signals(model, x, cotangents=cotangents)
+        return lambda model, x: model_signals(model, x, cotangents=cotangents, batch_statistics=self.batch_statistics)
+
+    def check_batch_statistics(self, model) -> None:
+        """Refuse a training-mode BatchNorm unless ``batch_statistics="constant"`` and this Fisher has a
+        parameter-space form or samples its rows (the exact per-batch Fisher of a coupled batch is not
+        a Gram of per-sample rows)."""
+        if self.batch_statistics != "constant" or not has_training_batchnorm(model):
+            return
+        if not self.amortizable and self.fisher_type == "expectation":
+            raise NotImplementedError(
+                f"{self.label}: the model has BatchNorm in training mode; the batch statistics held constant are an "
+                "approximation for the Fishers with a parameter-space form (KFAC, Unitwise, BlockDiagonal) and the "
+                "sampled types (fisher_type='mc' or 'empirical'), not for this exact per-batch Fisher"
+            )
 
     def bind(self, signals: Signals, model=None, *, observed: Tensor | None = None) -> BoundFisher:
         """This Fisher bound to precomputed signals of a batch; with ``observed`` (the residuals r (N, C)),

@@ -5,6 +5,7 @@ kind                    module
 ======================  =================================================================
 ``linear``              ``nn.Linear`` (and the layers of :class:`~natural_tangents.MLP`)
 ``conv``                ``nn.Conv1d``, ``nn.Conv2d`` (one group, zero padding)
+``batchnorm``           BatchNorm in training mode, the batch statistics held constant
 ``generic``             any other module with parameters of its own (per-sample gradients)
 ======================  =================================================================
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from .affine import AffineSignals
 from .base import LayerSignals, Units
+from .batchnorm import batchnorm_signals, is_training_batchnorm
 from .conv import conv_signals, is_supported_conv
 from .generic import GenericSignals, generic_signals
 from .linear import linear_signals
@@ -46,6 +48,7 @@ def _conv(m, args, grad, name):
 KINDS: list[tuple[Callable[[nn.Module], bool], Extractor]] = [
     (_is_linear, _linear),
     (is_supported_conv, _conv),
+    (is_training_batchnorm, batchnorm_signals),
     (lambda m: True, generic_signals),
 ]
 
