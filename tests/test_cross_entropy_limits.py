@@ -39,8 +39,9 @@ def _metric_and_residual(model, x, labels, rho_out):
 
 
 def _pinv_psd(g):
+    """The pseudo-inverse of a symmetric matrix (positive semi-definite or, for a coupling Σ, indefinite)."""
     ev, vec = torch.linalg.eigh(0.5 * (g + g.T))
-    keep = ev > 1e-10 * ev[-1]
+    keep = ev.abs() > 1e-10 * ev.abs().max()
     return (vec[:, keep] / ev[keep]) @ vec[:, keep].T
 
 
@@ -161,3 +162,38 @@ def test_kfac_wide_layer_dual_output_route_without_output_damping():
     want = torch.linalg.solve(g, j.T @ r.reshape(-1) / 4)
     fisher = F.KFAC(damping=1e-3, loss=losses.CrossEntropy(output_damping=0.0))
     assert _rel(flat(fisher.natural_gradient(model, x, labels)), want) < 1e-8
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_tridiagonal_zero_damping_with_a_rank_deficient_layer_is_the_limit(loss):
+    """A coupling Σ and a layer whose Θ_l is singular (the output layer: rank 8 < N·C = 10): the
+    decoupled (S.74) is not the ρ → 0⁺ limit there; the update is G^+ ∇L of the explicit tri-diagonal
+    Fisher (indefinite: Σ has a negative eigenvalue), which the damped updates approach, and Θ̄ on
+    test points is J(x′) G^+ J^T / N."""
+    from _explicit import explicit_module_fisher
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 20), nn.Tanh(), nn.Linear(20, 3), nn.Tanh(), nn.Linear(3, 2)).to(F64)
+    g = torch.Generator().manual_seed(1)
+    x, x_test = torch.randn(5, 6, generator=g, dtype=F64), torch.randn(3, 6, generator=g, dtype=F64)
+    y = torch.tensor([0, 1, 1, 0, 1]) if loss == "cross_entropy" else torch.randn(5, 2, generator=g, dtype=F64)
+    with torch.no_grad():
+        f = model(x)
+    if loss == "cross_entropy":
+        p = torch.softmax(f, 1)
+        lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :] + 1e-3 * torch.eye(2, dtype=F64)
+        r = p - Fn.one_hot(y, 2).to(F64)
+    else:
+        lam, r = None, f - y
+    gmat = explicit_module_fisher("layerwise", model, x, 0.0, lam=lam, sigma=F.tridiagonal_sigma(3))
+    j = jacobian(model, x)
+    pinv = _pinv_psd(gmat)
+    fisher = F.BlockTriDiagonal(damping=0.0, loss=loss)
+    bound = fisher.at(model, x)
+    assert _rel(flat(bound.natural_gradient(y)), pinv @ j.T @ r.reshape(-1) / 5) < 1e-7
+    want_tb = jacobian(model, x_test) @ pinv @ j.T / 5
+    got_tb = F.flatten_coefficient(bound.coefficient(x_test))
+    assert _rel(got_tb, want_tb) < 1e-7
+    limit = pinv @ j.T @ r.reshape(-1) / 5
+    far, near = (flat(F.BlockTriDiagonal(damping=rho, loss=loss).natural_gradient(model, x, y)) for rho in (1e-4, 1e-6))
+    assert _rel(near, limit) < min(0.02, 0.2 * _rel(far, limit))  # the damped updates approach it

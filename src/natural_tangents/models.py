@@ -164,9 +164,13 @@ def output_gradients(
     r = rows.shape[0]
     with rows_pass():  # training-mode BatchNorms hold their statistics constant in this pass
         try:
-            grads = torch.autograd.grad(
-                f, outputs, grad_outputs=rows, is_grads_batched=True, allow_unused=True, retain_graph=retain_graph
-            )
+            if r == 1:  # one row: a plain backward pass (no batching machinery)
+                one = torch.autograd.grad(f, outputs, rows[0], allow_unused=True, retain_graph=retain_graph)
+                grads = [None if g is None else g[None] for g in one]
+            else:
+                grads = torch.autograd.grad(
+                    f, outputs, grad_outputs=rows, is_grads_batched=True, allow_unused=True, retain_graph=retain_graph
+                )
         except RuntimeError:  # an op without a batching rule: one backward pass per row
             per_k = [torch.autograd.grad(f, outputs, rows[k], retain_graph=True, allow_unused=True) for k in range(r)]
             grads = [None if g[0] is None else torch.stack(g) for g in zip(*per_k)]

@@ -14,7 +14,7 @@ class                  Fisher                                 α (isotropic Θ̄
 ``BlockDiagonal``      Σ = I                                  L
 ``BlockTriDiagonal``   Σ tri-diagonal                         s (L = 3s), s + 1 (3s + 1)
 ``KFAC``               blockdiag_l (B*_l ⊗ A*_{l−1})          N L (M_0 ≥ N)
-``Unitwise``           blockdiag over units                   Σ_{l<L} γ_l M_l (+ C)
+``Unitwise``           blockdiag over units                   Σ_{l<L} γ_l M_l / C (+ 1)
 =====================  =====================================  ==========================
 """
 

@@ -183,9 +183,9 @@ class KFACBatch(BoundFisher):
         a float64 fallback for a breakdown or an overflowed Gram entry."""
         rho, sd = self.fisher.damping, self.solve_dtype
         k, w = x.shape
-        if w < k:
-            x64 = x.to(sd)
-            primal = PSDInverse.of(scale * outer_gram(x64.T), rho, overwrite=True, routes=self.routes).matrix()
+        if w < k:  # the w × w Gram in the block's work precision, factored in the solve dtype
+            gram = outer_gram(x.T).to(sd).mul_(scale)
+            primal = PSDInverse.of(gram, rho, overwrite=True, routes=self.routes).matrix()
             return FactorSide(x, scale, primal=primal)
         gram = outer_gram(x, mirror=rho == 0)  # a factorization at ρ > 0 reads the lower triangle only
         if rho > 0 and x.dtype.itemsize < sd.itemsize:
@@ -210,10 +210,12 @@ class KFACBatch(BoundFisher):
     def _position_factors(self, kr: AffineSignals) -> KronFactors:
         """KFC: A* = Σ_{n,t} a a^T / (N T) (p × p) and B* = Σ_{k,n,t} δ δ^T / N (M × M), primal."""
         sd, n, rho = self.solve_dtype, self.n, self.fisher.damping
-        a2 = kr.a2.to(sd)
-        d2 = kr.d.to(sd).reshape(-1, kr.out_width)
-        a_inv = PSDInverse.of(a2.T @ a2 / (n * kr.positions), rho, overwrite=True, routes=self.routes).matrix()
-        b_inv = PSDInverse.of(d2.T @ d2 / n, rho, overwrite=True, routes=self.routes).matrix()
+        a2 = kr.a2
+        d2 = kr.d.reshape(-1, kr.out_width)
+        a_star = (a2.T @ a2).to(sd).div_(n * kr.positions)  # the Grams in the network's precision
+        b_star = (d2.T @ d2).to(sd).div_(n)
+        a_inv = PSDInverse.of(a_star, rho, overwrite=True, routes=self.routes).matrix()
+        b_inv = PSDInverse.of(b_star, rho, overwrite=True, routes=self.routes).matrix()
         a_side = FactorSide(a2, 1.0 / (n * kr.positions), primal=a_inv)
         return KronFactors(a=a_side, b=FactorSide(d2, 1.0 / n, primal=b_inv))
 
@@ -227,9 +229,9 @@ class KFACBatch(BoundFisher):
                 v = fac.solve(r.reshape(-1, 1))[:, 0].reshape(r.shape) / self.n
                 done[blk.layer] = layer.transpose(v)
             elif blk.route is KronRoute.POSITIONS:
-                kr = layer.kronecker
-                w = torch.einsum("nk,kntm->ntm", r, kr.d.to(self.solve_dtype))
-                grad = w.reshape(-1, kr.out_width).T @ kr.a2.to(self.solve_dtype) / self.n
+                kr = layer.kronecker  # the gradient in the network's precision, as autograd's
+                w = torch.einsum("nk,kntm->ntm", r.to(kr.dtype), kr.d)
+                grad = (w.reshape(-1, kr.out_width).T @ kr.a2).to(self.solve_dtype).div_(self.n)
                 done[blk.layer] = kr.to_params(fac.b.primal @ grad @ fac.a.primal)
             else:
                 mats.setdefault(blk.layer, []).append(self._rank_one_update(fac, r))

@@ -77,6 +77,8 @@ class LayerwiseRoute(Enum):
 
     #: ρ = 0 (S.74) or a diagonal Σ: one N·R × N·R system per layer
     DECOUPLED = "decoupled"
+    #: ρ = 0 with a coupling Σ and a singular Θ_l: the limit on the layers' ranges (see ``projected``)
+    PROJECTED = "projected"
     #: a tri-diagonal Σ: block elimination, O(L (N·R)³) (:mod:`natural_tangents.linalg.tridiagonal`)
     TRIDIAGONAL = "tridiagonal"
     #: any other Σ (or a singular pivot block): the whole (L·N·R)² system by LU
@@ -95,7 +97,11 @@ class LayerwiseBatch(DualBatch):
     @cached_property
     def route(self) -> LayerwiseRoute:
         s = self.sigma
-        if self.fisher.damping == 0 or bool((s == torch.diag(torch.diagonal(s))).all()):
+        diagonal = bool((s == torch.diag(torch.diagonal(s))).all())
+        if self.fisher.damping == 0:
+            singular = any(inv.chol is None for _, inv in self.layer_inverses)
+            return LayerwiseRoute.PROJECTED if singular and not diagonal else LayerwiseRoute.DECOUPLED
+        if diagonal:
             return LayerwiseRoute.DECOUPLED
         if _bandwidth(s) == 1 and self.tridiagonal is not None:
             return LayerwiseRoute.TRIDIAGONAL
@@ -111,6 +117,39 @@ class LayerwiseBatch(DualBatch):
         diag = torch.diagonal(self.sigma).tolist()
         scaled = [thetas[l] if diag[l] == 1.0 else diag[l] * thetas[l] for l in range(self.depth)]
         return [(1.0, PSDInverse.of(t, rho, routes=self.routes)) for t in scaled]
+
+    @cached_property
+    def projected(self) -> tuple[list[Tensor], Tensor, Tensor]:
+        """PROJECTED: the ρ → 0⁺ limit when a layer's Θ_l is singular and Σ couples layers, where the
+        decoupled (S.74) is not the limit. On the layers' ranges Θ_l = U_l diag(λ_l) U_l^T, the
+        layer-wise Fisher is G = B M B^T / N in orthonormal coordinates B, with
+        M = λ^{1/2} [Σ_{lm} U_l^T U_m] λ^{1/2} (symmetric, indefinite for an indefinite Σ), so the
+        limit G^+ ∇L has dual vectors v = U λ^{-1/2} M^+ λ^{1/2} U^T (1 ⊗ r̃), which is (S.74) when
+        every Θ_l is nonsingular. Returns the bases U_l, λ^{1/2} (concatenated) and M^+."""
+        bases, roots = [], []
+        for theta in self.layer_kernels:
+            ev, vec = torch.linalg.eigh(0.5 * (theta + theta.mT))
+            keep = ev > ev.shape[0] * torch.finfo(ev.dtype).eps * ev.abs().max()
+            bases.append(vec[:, keep])
+            roots.append(ev[keep].sqrt())
+        self.routes["eigh"] += len(bases)
+        sv = self.sigma.tolist()
+        rows = [
+            torch.cat([sv[l][m] * (bases[l].T @ bases[m]) for m in range(self.depth)], 1) for l in range(self.depth)
+        ]
+        root = torch.cat(roots)
+        m = root[:, None] * torch.cat(rows, 0) * root[None, :]
+        return bases, root, torch.linalg.pinv(0.5 * (m + m.T), hermitian=True)
+
+    def _projected(self, rhs: list[Tensor]) -> list[Tensor]:
+        """PROJECTED: v_l for right-hand sides rhs_l (N·R, R′)."""
+        bases, root, pinv = self.projected
+        z = (pinv @ (root[:, None] * torch.cat([u.T @ b for u, b in zip(bases, rhs)]))) / root[:, None]
+        out, start = [], 0
+        for u in bases:
+            out.append(u @ z[start : start + u.shape[1]])
+            start += u.shape[1]
+        return out
 
     @cached_property
     def tridiagonal(self) -> TridiagonalSystem | None:
@@ -145,6 +184,8 @@ class LayerwiseBatch(DualBatch):
         """v with ((Σ ⊗ I) blockdiag(Θ_l) + ρ I) v = rhs (L blocks (N·R,)); at ρ = 0 (S.74)."""
         if self.route is LayerwiseRoute.DECOUPLED:
             return [c * inv.solve(b[:, None])[:, 0] for (c, inv), b in zip(self.layer_inverses, rhs)]
+        if self.route is LayerwiseRoute.PROJECTED:
+            return [v[:, 0] for v in self._projected([b[:, None] for b in rhs])]
         if self.route is LayerwiseRoute.TRIDIAGONAL:
             v = self.tridiagonal.solve([b[:, None] for b in rhs])
             if v is not None:
@@ -186,6 +227,8 @@ class LayerwiseBatch(DualBatch):
             return [c * inv.matrix() for c, inv in self.layer_inverses]
         nf = self.layer_kernels.shape[1]
         eye = torch.eye(nf, dtype=self.layer_kernels.dtype, device=self.layer_kernels.device)
+        if self.route is LayerwiseRoute.PROJECTED:
+            return self._projected([eye] * self.depth)
         if self.route is LayerwiseRoute.TRIDIAGONAL:
             v = self.tridiagonal.solve(eye)
             if v is not None:

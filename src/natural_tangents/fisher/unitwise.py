@@ -16,7 +16,7 @@ w_S = N K_SS^{-1} (b / s²)_S while K_SS is invertible (|S| ≤ rank a); for lar
 weighted least-squares step pinv(S a_S) (b / s)_S, solved in the primal on a's column basis. For one
 output, S K S / N is the paper's Θ_{l,i} = diag(δ_{l,i}) (σ_w² A_{l−1} + σ_b²) diag(δ_{l,i}) / N
 (S.131), and on the training set Θ̄ = Σ_{l,i} Θ_{l,i} Θ_{l,i}^+ = Σ_{l,i} diag(1[δ_{l,i} ≠ 0]) (S.137):
-α = Σ_{l<L} γ_l M_l (+ C) (again while |S| ≤ rank a; beyond, Θ_{l,i} Θ_{l,i}^+ is a projector of rank rank a).
+α = Σ_{l<L} γ_l M_l / C (+ 1) (again while |S| ≤ rank a; beyond, Θ_{l,i} Θ_{l,i}^+ is a projector of rank rank a).
 Never a (M_{l−1} + 1)² block per unit, never J.
 
 The reference route is :func:`reference_solve`: per unit, one Cholesky factorization of its support

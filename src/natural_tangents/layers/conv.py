@@ -33,14 +33,27 @@ def is_supported_conv(module: nn.Module) -> bool:
 
 
 def patches(module: nn.Conv1d | nn.Conv2d, inp: Tensor) -> Tensor:
-    """(N, T, C_in·k) input patches of every output position, matching ``weight.reshape(C_out, -1)``."""
-    if isinstance(module, nn.Conv1d):
-        x = inp.unsqueeze(2)  # (N, C_in, 1, L): a 1 × k convolution
-        k, s, p, d = (1, *module.kernel_size), (1, *module.stride), (0, *module.padding), (1, *module.dilation)
-    else:
-        x, k, s, p, d = inp, module.kernel_size, module.stride, module.padding, module.dilation
-    cols = F.unfold(x, kernel_size=k, dilation=d, padding=p, stride=s)  # (N, C_in·k, T)
-    return cols.transpose(1, 2)
+    """(N, T, C_in·k) input patches of every output position, matching ``weight.reshape(C_out, -1)``.
+
+    Strided views of the (zero-padded) input, copied once: several times faster than ``F.unfold``
+    (im2col) on a CPU."""
+    spatial = inp.ndim - 2
+    pad = list(module.padding)
+    if any(pad):
+        inp = F.pad(inp, [q for p in reversed(pad) for q in (p, p)])
+    u = inp
+    for axis, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        u = u.unfold(2 + axis, d * (k - 1) + 1, s)  # a window axis appended per spatial axis
+    if any(d != 1 for d in module.dilation):
+        u = u[(Ellipsis, *(slice(None, None, d) for d in module.dilation))]
+    n = inp.shape[0]
+    out_axes = list(range(2, 2 + spatial))  # positions, then channel, then the window
+    window = list(range(2 + spatial, 2 + 2 * spatial))
+    u = u.permute(0, *out_axes, 1, *window)
+    positions = 1
+    for size in u.shape[1 : 1 + spatial]:
+        positions *= size
+    return u.reshape(n, positions, -1)
 
 
 def conv_signals(module: nn.Conv1d | nn.Conv2d, inp: Tensor, grad_out: Tensor, name: str) -> AffineSignals:

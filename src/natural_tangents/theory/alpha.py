@@ -13,7 +13,7 @@ K-FAC, M_0 ≥ N                     N L (S.107) with the paper's B*_L = 1/N; N 
 K-FAC, M_0 < N, Forster inputs     N (L−1) + M_0 (S.111)
 K-FAC, M_0 < N, raw inputs         not isotropic (S.109); the mean eigenvalue is N (L−1) + M_0
 K-FAC, bias blocks (S.123)         N (2L−1) for M_0 ≥ N, N (2L−2) + M_0 with Forster inputs
-unit-wise                          Σ_{l<L} γ_l M_l (S.128), + C output units at finite width
+unit-wise                          Σ_{l<L} γ_l M_l / C (S.128; C = 1 there), + 1 for the output units
 =================================  ==============================================================
 """
 
@@ -250,7 +250,10 @@ def _(fisher: _fisher.Unitwise, query: AlphaQuery) -> float:
     widths, depth, act = query.widths, query.depth, query.activation
     qs = variances(depth, activation=act, sigma_w2=query.sigma_w2, sigma_b2=query.sigma_b2, q0=1.0 / widths[0])
     total = sum(gamma(act, float(qs[l - 1])) * widths[l] for l in range(1, depth))
-    return float(total + (widths[-1] if query.include_output else 0))
+    # a hidden unit's C rows of one sample are multiples of that sample's input: its projection has
+    # rank |S| ≤ N of N·C, so each unit adds γ_l / C; the C output units together add 1
+    c = widths[-1]
+    return float(total / c + (1 if query.include_output else 0))
 
 
 def alpha(
@@ -287,12 +290,15 @@ def alpha(
             the first layer's input is [σ_w x/√M_0, σ_b], of width M_0 + 1, and Forster on x does not
             make it isotropic; ``bias="block"`` (hidden biases in their own blocks, (S.123)–(S.124))
             adds N per hidden layer: α = N (2L−1) for M_0 ≥ N, N (2L−2) + M_0 with Forster inputs.
-        include_output: unit-wise only: add the C output units (each contributes exactly 1 at finite
-            width since its Θ_{L,k} is positive definite; the paper drops this O(1/M) term). Default
-            True, which is what a finite-width measurement of the mean eigenvalue gives.
+        include_output: unit-wise only: add the C output units (together exactly 1 at finite width,
+            since each Θ_{L,k} is positive definite on its N rows; the paper drops this O(1/M) term).
+            Default True, which is what a finite-width measurement of the mean eigenvalue gives.
 
-    Unit-wise: α = Σ_{l=1}^{L−1} γ_l M_l (+ C) (S.128), with γ_l = :func:`gamma` at q_l from
-    :func:`variances` with q_0 = 1/M_0 (unit-norm inputs, the paper's Assumption 2).
+    Unit-wise: α = Σ_{l=1}^{L−1} γ_l M_l / C (+ 1) (S.128, where C = 1), with γ_l = :func:`gamma` at q_l
+    from :func:`variances` with q_0 = 1/M_0 (unit-norm inputs, the paper's Assumption 2). With C > 1
+    outputs a hidden unit's C rows of one sample are multiples of that sample's input, so its
+    projection Θ_{l,i} Θ_{l,i}^+ has rank |S_i| ≤ N of the N·C dimensions: it adds γ_l / C to the
+    mean eigenvalue, not γ_l.
 
     Raises:
         ValueError: a singular layer pattern Σ (block tri-diagonal at L = 3s + 2), a missing

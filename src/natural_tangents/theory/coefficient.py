@@ -173,7 +173,7 @@ def coefficient(
             or else the four keywords depth, activation, sigma_w2, sigma_b2.
         method, order: as in :func:`natural_tangents.theory.kernels`.
         widths: [M_0, …, M_L] (checked against depth and M_0 when given); needed by the unit-wise
-            Fisher for α = Σ_{l<L} γ_l M_l (+ C), ignored by the others (infinite width).
+            Fisher for α = Σ_{l<L} γ_l M_l / C (+ 1), ignored by the others (infinite width).
         include_output: unit-wise only: add the C output units to α (see
             :func:`natural_tangents.theory.alpha`).
 
