@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import (
     alpha_shift,
     authors_example,
+    cnn_conditions,
     condition,
     convergence,
     cross_entropy,
@@ -33,6 +34,7 @@ REGISTRY = {
         generalization,
         cross_entropy,
         authors_example,
+        cnn_conditions,
     )
 }
 
