@@ -127,6 +127,15 @@ def test_theta_bar_and_one_step_match_the_explicit_fisher(name, channels, dampin
     rho = damping * float(torch.diagonal(j @ j.T).mean()) / n
     g = _explicit_fisher(name, net, x, rho)
     want = j @ _inverse_times(g, j.T, rho) / n
+    if name == "block_tridiagonal" and rho == 0:
+        # J G^+ J^T / N has no ρ → 0⁺ limit when a layer is rank deficient and Σ couples layers; Θ̄ is the
+        # paper's (S.71), Σ_l (Σ^{-1} 1)_l Θ_l Θ_l^+, while the step is the limit G^+ J^T r / N (below)
+        weights = torch.linalg.solve(F.tridiagonal_sigma(DEPTH), torch.ones(DEPTH, dtype=F64))
+        cols = [[i for p in ps for i in p] for _, ps in module_blocks(net)]
+        want = sum(
+            c * (j[:, idx] @ j[:, idx].T) @ torch.linalg.pinv(j[:, idx] @ j[:, idx].T, hermitian=True)
+            for c, idx in zip(weights.tolist(), cols)
+        )
     f0 = net(x).detach()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # K-FAC: a readout narrower than N
@@ -137,17 +146,6 @@ def test_theta_bar_and_one_step_match_the_explicit_fisher(name, channels, dampin
     # the one step θ − Δθ/α̂, Δθ = G^{-1} J^T r / N, on the network and on its linearization
     r = (f0 - y).reshape(-1)
     step = _inverse_times(g, j.T @ r, rho) / n / alpha
-    if name == "block_tridiagonal" and rho == 0:
-        # at ρ = 0 the library takes (S.74): Δθ_l = (Σ^{-1} 1)_l J_l^T Θ_l^+ r / N, all in the middle layer
-        # at L = 3. It is G^+ J^T r / N when every J_l has full row rank (channels = 4); with a rank-deficient
-        # readout (channels = 2) it differs from it by a vector of the null space of J (Θ̄ is the same)
-        cols = [[i for p in ps for i in p] for _, ps in module_blocks(net)]
-        j2 = j[:, cols[1]]
-        s74 = torch.zeros_like(step)
-        s74[cols[1]] = j2.T @ torch.linalg.pinv(j2 @ j2.T / n, hermitian=True) @ r / n / alpha
-        assert (_rel(s74, step) < 1e-6) == (channels == 4)
-        assert float((j @ (s74 - step)).norm()) < 1e-8 * float((j @ step).norm())
-        step = s74
     flat, offset = {}, 0
     for key, p in param_dict(net).items():
         flat[key] = p - step[offset : offset + p.numel()].reshape(p.shape)
@@ -220,10 +218,11 @@ def test_theta_bar_at_zero_damping_does_not_depend_on_the_ntk_scaling(name):
         b = measure_fisher(F.get(name), std, x, y)
     assert _rel(b.theta_bar, a.theta_bar) < TOL
     assert b.loss_ratio_linear == pytest.approx(a.loss_ratio_linear, rel=1e-6, abs=1e-14)
-    if name != "exact":  # a Fisher of layer, Kronecker or unit blocks: the same step in θ
+    if name not in ("exact", "block_tridiagonal"):  # a Fisher of layer, Kronecker or unit blocks: one step in θ
         assert b.loss_ratio == pytest.approx(a.loss_ratio, rel=1e-6)
-    else:  # G is singular (P > N·C): G^+ is the minimum-norm step in each parameterization's own metric
+    elif name == "exact":  # G is singular (P > N·C): G^+ is the minimum-norm step in each parameterization's metric
         assert b.loss_ratio != pytest.approx(a.loss_ratio, rel=1e-3)
+    # block tri-diagonal: where a layer is rank deficient, its limit is G^+ too (no assertion either way)
 
 
 # ------------------------------------------------------------------ data and arguments

@@ -230,7 +230,7 @@ def rank_formula(sig: Signals, ranks: list[int], rank_total: int) -> dict[str, f
     w = torch.linalg.solve(F.tridiagonal_sigma(len(ranks)), torch.ones(len(ranks), dtype=torch.float64))
     kfac = 0.0
     for l, layer in enumerate(sig.layers):
-        kr = layer.kron
+        kr = layer.kronecker
         rank_a = int(torch.linalg.matrix_rank(kr.a2.double()))
         rank_b = int(torch.linalg.matrix_rank(kr.d.double().reshape(-1, kr.out_width)))
         kfac += (sig.n if l == len(sig.layers) - 1 else 1) * rank_a * rank_b
@@ -250,7 +250,7 @@ def measure_network(net: nn.Module, x: Tensor, y: Tensor) -> tuple[list[dict], d
     rows = []
     zero = fishers(0.0)
     exact = zero["exact"].bind(sig, net)
-    kernels = exact.layer_kernels()  # (L, N·C, N·C), also the exact Fisher's own at ρ = 0
+    kernels = exact.layer_kernels  # (L, N·C, N·C), also the exact Fisher's own at ρ = 0
     lam_bar = float(torch.diagonal(kernels.sum(0)).mean())
     ranks = [int(torch.linalg.matrix_rank(k, hermitian=True)) for k in kernels]
     formula = rank_formula(sig, ranks, int(torch.linalg.matrix_rank(kernels.sum(0), hermitian=True)))

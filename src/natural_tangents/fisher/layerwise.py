@@ -223,12 +223,13 @@ class LayerwiseBatch(DualBatch):
         return out
 
     def _make_dual_matrices(self) -> list[Tensor]:
-        if self.route is LayerwiseRoute.DECOUPLED:
+        """The X_l of Θ̄. At ρ = 0 always the paper's (S.71), X_l = (Σ^{-1} 1)_l Θ_l^+: with a singular Θ_l
+        and a coupling Σ, J G^+ J^T / N has no ρ → 0⁺ limit (J^T reaches outside the range of G), while
+        (S.71) gives the same function-space step on the training set as the update's limit."""
+        if self.route in (LayerwiseRoute.DECOUPLED, LayerwiseRoute.PROJECTED):
             return [c * inv.matrix() for c, inv in self.layer_inverses]
         nf = self.layer_kernels.shape[1]
         eye = torch.eye(nf, dtype=self.layer_kernels.dtype, device=self.layer_kernels.device)
-        if self.route is LayerwiseRoute.PROJECTED:
-            return self._projected([eye] * self.depth)
         if self.route is LayerwiseRoute.TRIDIAGONAL:
             v = self.tridiagonal.solve(eye)
             if v is not None:
