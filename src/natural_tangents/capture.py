@@ -6,7 +6,7 @@ record their inputs and outputs, and a forward hook on the model registers a hoo
 When the user's backward pass reaches f, that hook receives ∂loss/∂f — from which the observed
 residuals are r_n = N ∂loss/∂f_n for a loss that is the mean over the batch (PyTorch's default
 reduction) — and, while the graph below f is still alive, runs one more backward pass from f batched
-over the Fisher's rows (:func:`natural_tangents.models.output_gradients`, ``retain_graph``): Λ^{1/2}
+over the Fisher's rows (:func:`natural_tangents.models.read_layers`, ``retain_graph``): Λ^{1/2}
 for the expectation (C rows), k sampled labels for Monte-Carlo, the observed residual for the
 empirical Fisher. The layer kinds turn the recorded inputs and row gradients into
 :class:`~natural_tangents.signals.Signals`, exactly as :func:`natural_tangents.models.signals` does
@@ -25,9 +25,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from .layers import kind_of
 from .layers.batchnorm import BatchNormRows
-from .models import output_gradients, parameterized_modules, where
+from .models import hooked_modules, read_layers
 from .signals import Signals
 
 __all__ = ["Capture", "CapturedBatch"]
@@ -43,9 +42,9 @@ class CapturedBatch:
 
 @dataclass
 class _Forward:
-    """The records of one forward pass: each module's (args, output), and the output f."""
+    """The records of one forward pass: each module's calls (args, kwargs, output), and the output f."""
 
-    records: dict[int, tuple] = field(default_factory=dict)
+    records: dict[int, list] = field(default_factory=dict)
     f: Tensor | None = None
 
 
@@ -101,14 +100,14 @@ class Capture:
             raise ValueError(f"loss_reduction: expected 'mean' or 'sum', got {reduction!r}")
         self.model, self.cotangents, self.active, self.reduction = model, cotangents, active, reduction
         self.linear_in_residual = linear_in_residual
-        self.modules = parameterized_modules(model, batch_statistics)
+        self.modules = hooked_modules(model, batch_statistics)
         self.batches: list[CapturedBatch] = []
         self._pending: _Forward | None = None
         self._busy = False
         # training-mode BatchNorms first: their output while read is BatchNormRows (layers/batchnorm.py)
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._handles = [m.register_forward_hook(_Hook(self._on_batchnorm)) for m in norms]
-        self._handles += [m.register_forward_hook(_Hook(self._on_module)) for _, m in self.modules]
+        self._handles += [m.register_forward_hook(_Hook(self._on_module), with_kwargs=True) for _, m in self.modules]
         self._handles.append(model.register_forward_hook(_Hook(self._on_output)))
 
     def remove(self) -> None:
@@ -153,12 +152,12 @@ class Capture:
             return BatchNormRows.apply(args[0], module.weight, module.bias, module.eps)
         return None
 
-    def _on_module(self, module, args, out) -> None:
+    def _on_module(self, module, args, kwargs, out) -> None:
         if not self._reading():
             return
         if self._pending is None or self._pending.f is not None:
             self._pending = _Forward()
-        self._pending.records[id(module)] = (args, out)
+        self._pending.records.setdefault(id(module), []).append((args, kwargs, out))
 
     def _on_output(self, model, args, f) -> None:
         pending, self._pending = self._pending, None
@@ -182,18 +181,8 @@ class Capture:
         g2 = grad if grad.ndim == 2 else grad[:, None]
         n = f2.shape[0]
         residual = g2.detach() * (n if self.reduction == "mean" else 1.0)
-        missing = [name for name, m in self.modules if id(m) not in pending.records]
-        if missing:
-            raise NotImplementedError(
-                f"{where(missing[0])} was not called in the forward pass that reached the loss: every module with "
-                "trainable parameters must be used exactly once per forward pass"
-            )
-        outs = [pending.records[id(m)][1] for _, m in self.modules]
-        grads = output_gradients(f2, outs, self.cotangents(f2.detach(), residual), retain_graph=True)
-        layers = []
-        for (name, m), g in zip(self.modules, grads):
-            args = tuple(a.detach() if isinstance(a, Tensor) else a for a in pending.records[id(m)][0])
-            layers.append(kind_of(m)(m, args, g.detach(), where(name)))
+        cotangents = self.cotangents(f2.detach(), residual)
+        layers = read_layers(self.model, pending.records, f2, cotangents, retain_graph=True)
         last = list(self.model.parameters())[-1]
-        signals = Signals(f=f2.detach(), layers=tuple(layers), frozen_output=not last.requires_grad)
+        signals = Signals(f=f2.detach(), layers=layers, frozen_output=not last.requires_grad)
         return CapturedBatch(signals, residual)

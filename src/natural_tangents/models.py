@@ -17,6 +17,16 @@ forward pass with hooks records each layer's input and output; one backward pass
 outputs, gives ∂f_k/∂(layer output) for every sample at once. Skips, pooling, reshapes, shared
 parameter-free modules and any nonlinearity are fine: only the parameterized modules are read.
 
+Recurrent and attention layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``, ``nn.MultiheadAttention``, the
+stock transformer blocks) are read by the generic kind: every tensor a layer returns that f depends on
+gets its output gradient (an LSTM's output and its final states), keyword arguments are kept (masks),
+and each tensor has its own batch axis (:mod:`natural_tangents.layers.axes`: ``batch_first``, hidden
+states on axis 1). The folding rule: a module holding trainable parameters that is never called in
+the forward pass, while a module above it is (``nn.MultiheadAttention.out_proj``, whose weight the
+attention uses directly), is read as part of the nearest such module: one layer with the parameters
+of both. Its parameters must then be used only inside that module's forward (checked: the per-sample
+gradients must add up to ∂f/∂θ); a module whose parameters f does not use at all is refused.
+
 Frozen parameters. A parameter with ``requires_grad=False`` is not a coordinate of the Fisher: the
 Fishers, Θ̄, α̂ and the empirical NTK are those of the trainable parameters alone, a natural gradient
 has ``None`` in a frozen parameter's place, and a module whose parameters are all frozen is not read
@@ -28,22 +38,37 @@ Refused before anything is computed, naming the module and the fix:
   or use GroupNorm/LayerNorm) — and dropout in training mode (the Fisher of a random network);
 * a parameter used twice (tied weights: one parameter in two modules, or one parameterized module
   called twice in the forward pass) and parametrized weights (``torch.nn.utils.parametrize``);
-* outputs that are not (N, C) or (N,), and parameterized modules whose output is not one tensor.
+* attention and recurrent layers with dropout of their own in training mode (``dropout=`` > 0);
+* outputs that are not (N, C) or (N,); when the batch is read, a parameterized module never called (and
+  not used by the module above it) or called twice, a module output f depends on without an axis of the
+  samples, a ``PackedSequence`` input and a 3-D attention mask (they mix the samples).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .layers import kind_of
+from .layers import LayerSignals, kind_of
+from .layers.axes import call_axes, sequence_first, tensor_leaves, with_leaves
 from .layers.batchnorm import constant_statistics, is_training_batchnorm, rows_pass
+from .layers.generic import generic_signals
 from .signals import Signals
 from .validation import as_tensor, check_finite, check_outputs
 
-__all__ = ["signals", "output_gradients", "parameterized_modules", "check_model", "has_training_batchnorm", "where"]
+__all__ = [
+    "signals",
+    "output_gradients",
+    "parameterized_modules",
+    "hooked_modules",
+    "read_layers",
+    "check_model",
+    "has_training_batchnorm",
+    "where",
+]
 
 
 def _describe(module: nn.Module) -> str:
@@ -134,6 +159,18 @@ def check_model(model, batch_statistics: str = "refuse") -> None:
                 f"{where(name)} ({_describe(module)}) has parametrized weights (torch.nn.utils.parametrize, "
                 "weight_norm); remove the parametrization (e.g. parametrize.remove_parametrizations)"
             )
+    _check_sequence_modules(model)
+
+
+def _check_sequence_modules(model: nn.Module) -> None:
+    """Refuse attention and recurrent layers with an active dropout of their own (a float, not a module)."""
+    for name, module in model.named_modules():
+        inner = isinstance(module, nn.MultiheadAttention) or (isinstance(module, nn.RNNBase) and module.num_layers > 1)
+        if inner and module.training and module.dropout > 0:
+            raise NotImplementedError(
+                f"{where(name)} ({_describe(module)}) applies dropout (p = {module.dropout}) in training mode: the "
+                "Fisher of a random network is not defined here; call model.eval() or use dropout=0"
+            )
 
 
 def _input(model: nn.Module, x, name: str):
@@ -149,34 +186,58 @@ def _input(model: nn.Module, x, name: str):
     return x
 
 
+def _rows(f: Tensor, cotangents: Tensor | None) -> Tensor:
+    """The rows' cotangents at f, (R, N, C): the identity (R = C) for None, else m (N, R, C) permuted."""
+    n, c = f.shape
+    if cotangents is None:
+        return torch.eye(c, dtype=f.dtype, device=f.device)[:, None, :].expand(c, n, c)
+    return cotangents.to(f.dtype).permute(1, 0, 2)
+
+
+def _row_gradients(f: Tensor, tensors: list[Tensor], rows: Tensor, retain_graph: bool) -> list[Tensor | None]:
+    """Σ_c rows[r, n, c] ∂f_{n,c}/∂t for each tensor t, stacked over the R rows (None where f does not
+    depend on t): one backward pass batched over the rows (a plain one for one row), in which
+    training-mode BatchNorms hold their statistics constant (:func:`~.layers.batchnorm.rows_pass`)."""
+    if not tensors:
+        return []
+    with rows_pass():
+        if len(rows) == 1:
+            one = torch.autograd.grad(f, tensors, rows[0], allow_unused=True, retain_graph=retain_graph)
+            return [None if g is None else g[None] for g in one]
+        try:
+            return list(
+                torch.autograd.grad(
+                    f, tensors, grad_outputs=rows, is_grads_batched=True, allow_unused=True, retain_graph=retain_graph
+                )
+            )
+        except RuntimeError:  # an op without a batching rule: one backward pass per row
+            per_k = [
+                torch.autograd.grad(f, tensors, rows[k], retain_graph=True, allow_unused=True) for k in range(len(rows))
+            ]
+            return [None if g[0] is None else torch.stack(g) for g in zip(*per_k)]
+
+
 def output_gradients(
     f: Tensor, outputs: list[Tensor], cotangents: Tensor | None = None, *, retain_graph: bool = False
 ) -> list[Tensor]:
     """Σ_c m_{n,r,c} ∂f_{n,c}/∂out for every recorded output and every row r, stacked over the rows:
-    each (R, *out.shape). ``cotangents`` m (N, R, C); None is the identity (R = C: ∂f_k/∂out).
+    each of shape ``(R, *out.shape)``. ``cotangents`` m (N, R, C); None is the identity (R = C: ∂f_k/∂out).
     One backward pass batched over the R rows (``retain_graph`` keeps the graph, as a backward pass
     run inside another one must)."""
-    n, c = f.shape
-    if cotangents is None:
-        rows = torch.eye(c, dtype=f.dtype, device=f.device)[:, None, :].expand(c, n, c)
-    else:
-        rows = cotangents.to(f.dtype).permute(1, 0, 2)  # (R, N, C)
-    r = rows.shape[0]
-    with rows_pass():  # training-mode BatchNorms hold their statistics constant in this pass
-        try:
-            if r == 1:  # one row: a plain backward pass (no batching machinery)
-                one = torch.autograd.grad(f, outputs, rows[0], allow_unused=True, retain_graph=retain_graph)
-                grads = [None if g is None else g[None] for g in one]
-            else:
-                grads = torch.autograd.grad(
-                    f, outputs, grad_outputs=rows, is_grads_batched=True, allow_unused=True, retain_graph=retain_graph
-                )
-        except RuntimeError:  # an op without a batching rule: one backward pass per row
-            per_k = [torch.autograd.grad(f, outputs, rows[k], retain_graph=True, allow_unused=True) for k in range(r)]
-            grads = [None if g[0] is None else torch.stack(g) for g in zip(*per_k)]
+    rows = _rows(f, cotangents)
+    grads = _row_gradients(f, outputs, rows, retain_graph)
     return [
-        torch.zeros(r, *o.shape, dtype=o.dtype, device=o.device) if g is None else g for g, o in zip(grads, outputs)
+        torch.zeros(len(rows), *o.shape, dtype=o.dtype, device=o.device) if g is None else g
+        for g, o in zip(grads, outputs)
     ]
+
+
+def hooked_modules(model: nn.Module, batch_statistics: str = "refuse") -> list[tuple[str, nn.Module]]:
+    """The modules whose calls a reading of ``model`` records: those holding trainable parameters and
+    every module above them (a module that is never called is read as part of the nearest module
+    above it that is; see :func:`read_layers`)."""
+    check_model(model, batch_statistics)
+    return [(name, m) for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters())]
 
 
 def signals(
@@ -202,18 +263,16 @@ def signals(
         out = model.signals(x, name, cotangents=cotangents)
         check_outputs(model, out.f)
         return out
-    check_model(model, batch_statistics)
-    modules = parameterized_modules(model, batch_statistics)
+    hooked = hooked_modules(model, batch_statistics)
     x = _input(model, x, name)
-    records: dict[int, list] = {id(m): [] for _, m in modules}
-    names = {id(m): n for n, m in modules}
+    records: dict[int, list] = {id(m): [] for _, m in hooked}
 
-    def hook(module, args, out):
-        records[id(module)].append((args, out))
+    def hook(module, args, kwargs, out):
+        records[id(module)].append((args, kwargs, out))
 
     swap = constant_statistics(model)  # first: the hooks below record the outputs the model goes on with
     swap.__enter__()
-    handles = [m.register_forward_hook(hook) for _, m in modules]
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for _, m in hooked]
     try:
         with torch.enable_grad():
             f = model(x)
@@ -227,25 +286,193 @@ def signals(
         swap.__exit__(None, None, None)
     f = _check_output(f, x.shape[0])
     check_outputs(model, f)
-    for _, m in modules:
-        calls = records[id(m)]
-        place = f"{where(names[id(m)])} ({_describe(m)})"
-        if len(calls) != 1:
-            what = "is never called in the forward pass" if not calls else f"is called {len(calls)} times"
-            raise NotImplementedError(
-                f"{place} {what}: each parameterized module must be used exactly once per forward pass "
-                "(a module called twice shares its weights); give each use its own module"
-            )
-        if not isinstance(calls[0][1], Tensor):
-            raise NotImplementedError(f"{place} returns {type(calls[0][1]).__name__}, not one tensor; not supported")
-    outs = [records[id(m)][0][1] for _, m in modules]
-    grads = output_gradients(f, outs, None if cotangents is None else cotangents(f.detach()))
-    layers = []
-    for (mname, m), g in zip(modules, grads):
-        args = tuple(a.detach() if isinstance(a, Tensor) else a for a in records[id(m)][0][0])
-        layers.append(kind_of(m)(m, args, g.detach(), where(mname)))
+    layers = read_layers(model, records, f, None if cotangents is None else cotangents(f.detach()))
     last = list(model.parameters())[-1]
-    return Signals(f=f.detach(), layers=tuple(layers), frozen_output=not last.requires_grad)
+    return Signals(f=f.detach(), layers=layers, frozen_output=not last.requires_grad)
+
+
+@dataclass
+class _Layer:
+    """One layer of the Fishers: a called module, its trainable parameters (by their names relative to
+    it) and the never-called modules below it whose parameters it holds (``folded``)."""
+
+    name: str
+    module: nn.Module
+    params: dict[str, Tensor] = field(default_factory=dict)
+    folded: list[tuple[str, nn.Module]] = field(default_factory=list)
+
+
+def _caller(name: str, records: dict, named: dict) -> str | None:
+    """The nearest module above ``name`` that was called (``""``, the model, when none below it was)."""
+    parts = name.split(".") if name else []
+    for k in range(len(parts) - 1, -1, -1):
+        above = ".".join(parts[:k])
+        if records.get(id(named[above])):
+            return above
+    return None
+
+
+def _never_called(name: str, module: nn.Module) -> NotImplementedError:
+    return NotImplementedError(
+        f"{where(name)} ({_describe(module)}) is never called in the forward pass: each parameterized module must "
+        "be used exactly once per forward pass (a module called twice shares its weights); give each use its own "
+        "module, or freeze the unused one (requires_grad_(False))"
+    )
+
+
+def _plan(model: nn.Module, records: dict) -> list[_Layer]:
+    """The layers of one forward pass, in ``model.parameters()`` order (the folding rule: a module
+    holding trainable parameters that is never called, e.g. ``nn.MultiheadAttention.out_proj``, whose
+    weight the attention uses directly, belongs to the layer of the nearest module above it that is)."""
+    named = dict(model.named_modules())
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    layers: dict[int, _Layer] = {}
+    for name, m in parameterized_modules(model, "constant"):  # the caller checked the model
+        target = name if records.get(id(m)) else _caller(name, records, named)
+        if target is None:
+            raise _never_called(name, m)
+        owner = named[target]
+        calls = len(records[id(owner)])
+        if calls != 1:
+            raise NotImplementedError(
+                f"{where(target)} ({_describe(owner)}) is called {calls} times: each parameterized module must be "
+                "used exactly once per forward pass (a module called twice shares its weights); give each use its "
+                "own module"
+            )
+        layer = layers.setdefault(id(owner), _Layer(target, owner))
+        prefix = name[len(target) + 1 :] if target else name
+        for k, p in m.named_parameters(recurse=False):
+            if p.requires_grad:
+                layer.params[f"{prefix}.{k}" if owner is not m else k] = p
+        if owner is not m:
+            layer.folded.append((name, m))
+    for layer in layers.values():
+        layer.params = dict(sorted(layer.params.items(), key=lambda kv: index[id(kv[1])]))
+    return sorted(layers.values(), key=lambda layer: index[id(next(iter(layer.params.values())))])
+
+
+def _default_axes(model: nn.Module) -> dict[int, int]:
+    """Batch axis 1 for every module inside a sequence-first transformer block (layers.axes)."""
+    out = {}
+    for m in model.modules():
+        if sequence_first(m):
+            out.update({id(d): 1 for d in m.modules() if d is not m})
+    return out
+
+
+def _checked_axes(layer: _Layer, call: tuple, n: int, default: int) -> tuple[list, list]:
+    """The batch axes of the call's input and output tensors, each batch axis checked to hold N."""
+    args, kwargs, out = call
+    place = f"{where(layer.name)} ({_describe(layer.module)})"
+    ins, outs = call_axes(layer.module, args, kwargs, out, n, place, default)
+    for what, leaves, axes in (("input", tensor_leaves((args, kwargs)), ins), ("output", tensor_leaves(out), outs)):
+        for t, a in zip(leaves, axes):
+            if a is not None and (t.ndim <= a or t.shape[a] != n):
+                raise NotImplementedError(
+                    f"{place}: its {what} of shape {tuple(t.shape)} should have the N = {n} samples on axis {a}; "
+                    "every parameterized module must see the whole batch"
+                )
+    return ins, outs
+
+
+def read_layers(
+    model: nn.Module, records: dict, f: Tensor, cotangents: Tensor | None = None, *, retain_graph: bool = False
+) -> tuple[LayerSignals, ...]:
+    """The layer signals of one recorded forward pass of ``model`` with outputs f (N, C).
+
+    ``records`` maps ``id(module)`` of each of :func:`hooked_modules` to its calls, each
+    ``(args, kwargs, output)`` as a forward hook saw them (``with_kwargs=True``). One backward pass
+    batched over the rows (``cotangents`` m (N, R, C), or the C outputs) gives ∂f/∂(output) for every
+    tensor each layer returns; the layer kinds turn them into signals. A layer that returns several
+    tensors, takes keyword arguments, holds never-called modules' parameters (the folding rule of
+    the module docstring) or has no kind of its own is read by the generic kind, each tensor with its
+    batch axis (:mod:`natural_tangents.layers.axes`); a Linear or convolution inside a
+    sequence-first transformer gets its input and output gradients with the batch axis moved to the
+    front.
+    """
+    n = f.shape[0]
+    plan = _plan(model, records)
+    defaults = _default_axes(model)
+    rows = _rows(f, cotangents)
+    axes, wanted = [], []  # per layer: (input axes, output axes); the tensors to differentiate
+    for layer in plan:
+        call = records[id(layer.module)][0]
+        axes.append(_checked_axes(layer, call, n, defaults.get(id(layer.module), 0)))
+        wanted += [t for t in tensor_leaves(call[2]) if t.requires_grad]
+        wanted += [p for _, m in layer.folded for p in m.parameters(recurse=False) if p.requires_grad]
+    grads = dict(zip(map(id, wanted), _row_gradients(f, wanted, rows, retain_graph)))
+    for layer in plan:  # a never-called module whose parameters f does not use: refused before any work
+        for name, m in layer.folded:
+            if all(grads.get(id(p)) is None for p in m.parameters(recurse=False) if p.requires_grad):
+                raise _never_called(name, m)
+    out = []
+    for layer, (ins, outs) in zip(plan, axes):
+        args, kwargs, result = records[id(layer.module)][0]
+        place = f"{where(layer.name)} ({_describe(layer.module)})"
+        leaves = tensor_leaves(result)
+        g = [grads.get(id(t)) for t in leaves]
+        for i, (t, gi, a) in enumerate(zip(leaves, g, outs)):
+            if a is None and gi is not None and bool(gi.any()):
+                raise NotImplementedError(
+                    f"{place}: its output tensor {i} of shape {tuple(t.shape)} has no axis of the N = {n} samples, "
+                    "and the model's output depends on it, so it has no per-sample gradient; return per-sample "
+                    "tensors (sample axis first) from modules holding parameters"
+                )
+        kept = [a if gi is not None else None for a, gi in zip(outs, g)]  # an output f does not use: left out
+        cots = [rows.new_zeros(()).expand(len(rows), *t.shape) if gi is None else gi for t, gi in zip(leaves, g)]
+        args = tuple(with_leaves(tuple(args), iter(_detached(tensor_leaves(tuple(args))))))
+        kwargs = with_leaves(kwargs, iter(_detached(tensor_leaves(kwargs))))
+        kind = kind_of(layer.module)
+        direct = kind is not generic_signals and not layer.folded and isinstance(result, Tensor) and not kwargs
+        if direct and ins and ins[0] is not None and outs[0] is not None and isinstance(args[0], Tensor):
+            first = args[0].movedim(ins[0], 0)
+            signals = kind(
+                layer.module, (first, *args[1:]), cots[0].movedim(outs[0] + 1, 1).detach(), where(layer.name)
+            )
+        else:
+            signals = generic_signals(
+                layer.module,
+                args,
+                tuple(c.detach() for c in cots),
+                where(layer.name),
+                kwargs=kwargs,
+                params=layer.params,
+                axes=(ins, kept),
+            )
+            _check_folded(layer, signals, grads, place)
+        out.append(signals)
+    return tuple(out)
+
+
+def _detached(leaves: list[Tensor]) -> list[Tensor]:
+    """``leaves`` detached, a tensor given twice (self-attention's query, key and value) detached once."""
+    seen: dict[int, Tensor] = {}
+    return [seen.setdefault(id(t), t.detach()) for t in leaves]
+
+
+def _check_folded(layer: _Layer, signals: LayerSignals, grads: dict, place: str) -> None:
+    """Refuse a never-called module whose parameters the model uses outside the forward of the layer
+    holding them: their per-sample gradients summed over the samples must equal ∂f/∂θ."""
+    if not layer.folded:
+        return
+    cols = {}
+    start = 0
+    for p in layer.params.values():
+        cols[id(p)] = slice(start, start + p.numel())
+        start += p.numel()
+    for name, m in layer.folded:
+        g = signals.g
+        for p in (p for p in m.parameters(recurse=False) if p.requires_grad):
+            want = grads.get(id(p))
+            want = torch.zeros_like(g[0, :, cols[id(p)]]) if want is None else want.reshape(g.shape[1], -1)
+            got = g[:, :, cols[id(p)]].sum(0)
+            tol = 10 * torch.finfo(g.dtype).eps ** 0.5
+            if float((got - want).norm()) > tol * max(float(want.norm()), float(got.norm()), 1e-300):
+                raise NotImplementedError(
+                    f"{where(name)} ({_describe(m)}) is never called in the forward pass, so its parameters are read "
+                    f"as part of {place}, the nearest module above it that is called; but the model uses them "
+                    "outside that module's forward too; use them only inside it, or call the module itself"
+                )
 
 
 def _check_output(f, n: int) -> Tensor:
