@@ -367,7 +367,7 @@ class BoundFisher(ABC):
         if self.sampled and self.model is not None and self.inputs is not None:
             expectation = replace(self.fisher, fisher_type="expectation", damping=self.fisher.damping)
             return expectation.at(self.model, self.inputs, process_group=self.process_group).alpha_hat()
-        return self._trace() / (self.n * self.r)
+        return self._trace() / (self.n * self.c)  # tr(G^{-1} F) / (N·C) whatever the rows: the same estimate
 
     def isotropy(self) -> Isotropy:
         """Isotropy diagnostics of Θ̄(x, x): α̂ (mean eigenvalue), condition number, ||Θ̄/α̂ − I||₂."""
