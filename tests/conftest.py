@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import natural_tangents as nat
 from natural_tangents import cli
 from natural_tangents.experiments import REGISTRY
 
@@ -49,11 +50,24 @@ def unit_inputs():
 
 
 @pytest.fixture(scope="session")
+def mnist_300():
+    """30 packaged MNIST images of each digit, pixels / 255 standardized by their own mean and std,
+    (300, 1, 28, 28) float32, shuffled, with their class indices (the batch of the LeNet tests)."""
+    images, labels = nat.data.load_mnist_subset(dtype=torch.float32)
+    idx = torch.cat([torch.nonzero(labels == d).flatten()[:30] for d in range(10)])
+    x = images[idx] / 255.0
+    x = ((x - x.mean()) / x.std()).reshape(-1, 1, 28, 28)
+    perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(0))
+    return x[perm], labels[idx][perm]
+
+
+@pytest.fixture(scope="session")
 def reproduced(tmp_path_factory):
     """``natural-tangents reproduce all --quick --max-width 128``, run once for the whole suite.
 
     Returns a namespace: ``out`` (the output folder), ``code`` (the exit code), ``stdout``, and
-    ``results``, each experiment's JSON payload (name, summary, settings, checks, rows) by name.
+    ``results``, each experiment's JSON payload (name, summary, settings, checks, rows) by name;
+    ``rows(name, **columns)`` and ``check(name, quantity)`` read them by name, never by position.
     """
     out = tmp_path_factory.mktemp("reproduce")
     argv = ["reproduce", "all", "--quick", "--max-width", str(TINY_WIDTH), "--out", str(out), "--no-progress"]
@@ -79,5 +93,14 @@ class _Reproduced:
         """The rows of experiment ``name`` whose columns equal ``match``."""
         return [r for r in self.results[name]["rows"] if all(r.get(k) == v for k, v in match.items())]
 
-    def checks(self, name: str) -> list[dict]:
-        return self.results[name]["checks"]
+    def check(self, name: str, quantity: str) -> dict:
+        """The one check of experiment ``name`` (quantity, paper, theory, experiment) whose quantity
+        starts with ``quantity``: fails, listing the experiment's quantities, when none or several do."""
+        checks = self.results[name]["checks"]
+        found = [c for c in checks if c["quantity"].startswith(quantity)]
+        if len(found) != 1:
+            have = "; ".join(repr(c["quantity"]) for c in checks)
+            pytest.fail(
+                f"{name}: {len(found)} checks have a quantity starting with {quantity!r} (not 1); they are: {have}"
+            )
+        return found[0]

@@ -29,8 +29,14 @@ def test_condition_isotropic_fishers_and_unitwise_spread(reproduced):
     unit = sorted(reproduced.rows("condition", method="unitwise"), key=lambda r: r["width"])
     assert unit[0]["cond_minus_1"] > unit[-1]["cond_minus_1"] > 0  # decreasing with width
     assert unit[0]["cond_minus_1_theory"] > unit[-1]["cond_minus_1_theory"]
-    for row in unit:  # the binomial-spread theory is right to a factor ~1.5 for one network
-        assert row["cond_minus_1"] == pytest.approx(row["cond_minus_1_theory"], rel=0.5)
+    # The binomial-spread theory is the expectation over networks; one network's cond(Θ̄) − 1 scatters
+    # around it. Measured over seeds 0–5 (this run's settings, 24 networks): the ratio to the theory
+    # has standard deviation 0.12 (largest deviation 0.28, at M = 128), its mean over the 4 widths
+    # 0.035 (largest deviation 0.09). The bounds are about 3× those spreads.
+    ratios = [row["cond_minus_1"] / row["cond_minus_1_theory"] for row in unit]
+    for row, ratio in zip(unit, ratios):
+        assert ratio == pytest.approx(1.0, abs=0.35), row["width"]
+    assert sum(ratios) / len(ratios) == pytest.approx(1.0, abs=0.12)
 
 
 def test_unitwise_diagonal_counts_active_units():
@@ -90,7 +96,7 @@ def test_tridiagonal_singular_depths_and_alpha(reproduced):
         ]
         assert row["alpha_sigma_pinv"] == pytest.approx((depth + 1) // 3, abs=1e-9)
         assert row["alpha_hat"] == pytest.approx(row["alpha_sigma_pinv"], rel=1e-3)
-    assert ", ".join(map(str, singular)) in reproduced.checks("tridiagonal")[1]["experiment"]
+    assert ", ".join(map(str, singular)) in reproduced.check("tridiagonal", "depths with singular Σ")["experiment"]
     assert reproduced.rows("tridiagonal", sweep="width")  # the width sweep ran
 
 

@@ -24,11 +24,12 @@ def test_unitwise_alpha_matches_the_analytic_gamma(reproduced):
     """The active units per sample (S.137) follow γ_l (S.141); α̂ = tr Θ̄ / N is at most that count,
     and equal to it for tanh (every unit active, inputs of full rank). At width 128 some ReLU units
     are inactive on all 100 samples, so the next layer's inputs have rank below N and α̂ is smaller."""
-    checks = reproduced.checks("unitwise")
     labels = list(dict.fromkeys(r["activation"] for r in reproduced.rows("unitwise")))
-    assert checks[0]["experiment"] == pytest.approx(2.0, abs=1e-9)  # tanh
-    for label, c in zip(labels, checks):
-        row = reproduced.rows("unitwise", activation=label, step=0)[0]
+    assert sorted(labels) == ["ReLU", "shifted ReLU (s = 1)", "tanh"]
+    assert reproduced.check("unitwise", "tanh: α/M")["experiment"] == pytest.approx(2.0, abs=1e-9)
+    for label in labels:
+        c = reproduced.check("unitwise", f"{label}: α/M")
+        (row,) = reproduced.rows("unitwise", activation=label, step=0)
         width = (row["alpha_theory"] - 1) / c["theory"]  # α (with the output unit) = M·(α/M) + 1
         active = (row["active_units"] - 1) / width
         assert active == pytest.approx(c["theory"], rel=0.05)
@@ -46,13 +47,16 @@ def test_learning_rate_curve_follows_one_minus_eta_alpha_squared_at_small_rates(
 
 
 def test_generalization_exact_ngd_matches_the_analytic_prediction(reproduced):
-    check = reproduced.checks("generalization")[1]
+    check = reproduced.check("generalization", "Exact: test loss")
+    # Not tighter: at width 128 one network's test loss scatters around the infinite-width
+    # prediction by more than this. Over seeds 0–5 the relative deviation was −0.12 (seed 0, this
+    # run), −0.25, +0.11, −0.14, −0.37, −0.17 (mean −0.16, standard deviation 0.16).
     assert check["experiment"] == pytest.approx(check["theory"], rel=0.3)
 
 
 def test_cross_entropy_exact_and_layerwise_follow_one_path(reproduced):
-    checks = reproduced.checks("cross-entropy")
-    assert checks[0]["experiment"] < 0.5  # at width 128; 0.028 at 1024 and smaller at 4096 (report)
+    gap = reproduced.check("cross-entropy", "max |σ_exact − σ_block diagonal|")
+    assert gap["experiment"] < 0.5  # at width 128; 0.028 at 1024 and smaller at 4096 (report)
     for method in ("exact", "block_diagonal"):
         loss = [r["train_loss"] for r in reproduced.rows("cross-entropy", method=method)]
         assert loss[-1] < 0.1 * loss[0]

@@ -1,4 +1,5 @@
-"""Condition 1 at finite width: Θ̄(x, x) = α I for each Fisher (MATH.md §4 and §6), ρ = 0."""
+"""Condition 1 at finite width: Θ̄(x, x) = α I for each Fisher (fisher/*.py) with the paper's α (1, L,
+1ᵀΣ⁻¹1, N L, and the unit-wise count of active units), ρ = 0."""
 
 import math
 import warnings
@@ -27,7 +28,7 @@ def relu3():
     ("fisher", "alpha"),
     [(F.Exact(), 1.0), (F.BlockDiagonal(), 3.0), (F.BlockTriDiagonal(), 1.0), (F.KFAC(), N * 3.0)],
 )
-def test_layer_fishers_are_isotropic_with_the_seeds_alpha(relu3, fisher, alpha):
+def test_layer_fishers_are_isotropic_with_the_papers_alpha(relu3, fisher, alpha):
     iso = fisher.isotropy(relu3, _inputs(N, M0))
     assert iso.alpha == pytest.approx(alpha, rel=1e-9)
     assert iso.condition_number <= 1 + 1e-6

@@ -1,10 +1,9 @@
-"""Users' own ``torch.nn.Sequential`` models: every Fisher against the explicit parameter-space route
-(torch.func Jacobians, P × P Fishers), against the equivalent ``nat.MLP``, NGD as a torch optimizer,
-and the errors for what the library cannot read.
+"""Users' own models read by models.py (``torch.nn.Sequential`` here; convolutions and the generic kind
+in test_layers.py, frozen parameters in test_models_frozen_parameters.py): every Fisher against the
+explicit parameter-space route (torch.func Jacobians, P × P Fishers), against the equivalent
+``nat.MLP``, a float32 model against float64, and the errors for what the library cannot read. NGD
+as a torch optimizer on such a model is in test_optim.py.
 """
-
-import copy
-import io
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 
 import natural_tangents as nat
 from _explicit import explicit_fisher_of, explicit_sequential_signals, flat, jacobian
+from _nets import build, sequential_data, user_model
 from natural_tangents import fisher as F
 from natural_tangents import models
 
@@ -29,16 +29,10 @@ FISHERS = {
 }
 
 
-def _build(make, seed=0, dtype=F64):
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return make().to(dtype)
-
-
 def _mixed(c, bias, seed=0, dtype=F64):
     """Linear, Tanh, Linear, ReLU, GELU, Linear: widths 5 → 9 → 4 → C (hidden widths around N, so
     K-FAC goes through both its dual and its primal factor inverses)."""
-    return _build(
+    return build(
         lambda: nn.Sequential(
             nn.Linear(5, 9, bias=bias),
             nn.Tanh(),
@@ -50,13 +44,6 @@ def _mixed(c, bias, seed=0, dtype=F64):
         seed,
         dtype,
     )
-
-
-def _data(n, shape, c, seed=1, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *shape, generator=g, dtype=F64)
-    y = torch.randn(n, c, generator=g, dtype=F64)
-    return x.to(dtype), y.to(dtype)
 
 
 def _rel(a, b):
@@ -76,11 +63,6 @@ def _explicit_update(fisher, model, x, y):
     return torch.linalg.solve(g, grad), j, g
 
 
-def _loss(model, x, y):
-    with torch.no_grad():
-        return float(((model(x) - y) ** 2).sum() / (2 * x.shape[0]))
-
-
 # ------------------------------------------------------------------ explicit parameter-space route
 
 
@@ -91,8 +73,8 @@ def _loss(model, x, y):
 def test_sequential_update_and_coefficient_match_explicit(name, c, bias, damping):
     fisher = FISHERS[name](damping=damping)
     model = _mixed(c, bias)
-    x, y = _data(7, (5,), c)
-    x_test, _ = _data(3, (5,), c, seed=5)
+    x, y = sequential_data(7, (5,), c)
+    x_test, _ = sequential_data(3, (5,), c, seed=5)
     want, j, g = _explicit_update(fisher, model, x, y)
     got = fisher.natural_gradient(model, x, y)
     assert [t.shape for t in got] == [p.shape for p in model.parameters()]
@@ -128,8 +110,8 @@ def _every_activation_model():
 @pytest.mark.parametrize("name", ["exact", "block_diagonal", "kfac", "unitwise"])
 def test_preprocessing_composed_and_output_activations_match_explicit(name):
     fisher = FISHERS[name](damping=1e-3)
-    model = _build(_every_activation_model)
-    x, y = _data(6, (5,), 2)
+    model = build(_every_activation_model)
+    x, y = sequential_data(6, (5,), 2)
     x = 3.0 * x  # reach the Softplus threshold region and the Hardtanh clamps
     want, j, _ = _explicit_update(fisher, model, x, y)
     assert _rel(flat(fisher.natural_gradient(model, x, y)), want) < TOL
@@ -141,7 +123,7 @@ def test_preprocessing_composed_and_output_activations_match_explicit(name):
 def test_nested_sequential_flatten_and_eval_dropout_match_explicit():
     """Nested nn.Sequential are flattened, a leading nn.Flatten() takes (N, 2, 3) inputs, dropout in
     eval mode is the identity."""
-    model = _build(
+    model = build(
         lambda: nn.Sequential(
             nn.Flatten(),
             nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.5)),
@@ -151,7 +133,7 @@ def test_nested_sequential_flatten_and_eval_dropout_match_explicit():
     )
     model.eval()
     fisher = F.KFAC(damping=1e-2)
-    x, y = _data(7, (2, 3), 2)
+    x, y = sequential_data(7, (2, 3), 2)
     want, _, _ = _explicit_update(fisher, model, x, y)  # jacobian of model(x) on the (N, 2, 3) batch
     assert _rel(flat(fisher.natural_gradient(model, x, y)), want) < TOL
     model.train()  # now the dropout is random: refused
@@ -208,7 +190,7 @@ def test_sequential_equals_the_standard_parameterized_mlp(activation, bias):
     with torch.no_grad():
         for p, q in zip(seq.parameters(), mlp.parameters(), strict=True):
             p.copy_(q)
-    x, y = _data(6, (5,), 2)
+    x, y = sequential_data(6, (5,), 2)
     assert _rel(seq(x), mlp(x)) < 1e-14
     fishers = [make(damping=1e-2) for make in FISHERS.values()]
     fishers += [F.KFAC(bias="block", damping=1e-2), F.KFAC(output_factor="fisher", damping=0.1)]
@@ -221,130 +203,16 @@ def test_sequential_equals_the_standard_parameterized_mlp(activation, bias):
     assert _rel(nat.empirical_ntk(seq, x), nat.empirical_ntk(mlp, x)) < 1e-12
 
 
-# ------------------------------------------------------------------ NGD as a torch optimizer
-
-
-def _user_model(dtype=F64, seed=0):
-    return _build(
-        lambda: nn.Sequential(nn.Linear(10, 64), nn.Tanh(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)),
-        seed,
-        dtype,
-    )
-
-
-@pytest.mark.parametrize("dtype", [F64, torch.float32])
-@pytest.mark.parametrize(
-    ("fisher", "lr", "factor"),
-    [(F.Exact(damping=1e-3), 1.0, 1e6), (F.BlockDiagonal(damping=1e-3), "optimal", 1e5)],
-)
-def test_ngd_trains_a_user_model(dtype, fisher, lr, factor):
-    """Five full-batch NGD steps on N = 20, C = 3 shrink the MSE loss by at least ``factor``."""
-    model = _user_model(dtype)
-    x, y = _data(20, (10,), 3, dtype=dtype)
-    opt = nat.NGD(model, fisher, lr=lr)
-    start = _loss(model, x, y)
-    for _ in range(5):
-        opt.step(x, y)
-    assert all(p.dtype == dtype for p in model.parameters())
-    assert _loss(model, x, y) < start / factor
+# ------------------------------------------------------------------ float32 models
 
 
 def test_float32_update_agrees_with_float64():
-    m32, m64 = _user_model(torch.float32), _user_model(F64)
-    x, y = _data(20, (10,), 3)
+    m32, m64 = user_model(torch.float32), user_model(F64)
+    x, y = sequential_data(20, (10,), 3)
     for fisher in (F.Exact(damping=1e-2), F.KFAC(damping=1e-2), F.Unitwise(damping=1e-2)):
         got = fisher.natural_gradient(m32, x, y)  # float64 inputs are converted to the model's dtype
         assert all(t.dtype == torch.float32 for t in got)
         assert _rel(flat(got).double(), flat(fisher.natural_gradient(m64, x, y))) < 1e-4, fisher
-
-
-def test_optimizer_state_round_trip_gives_the_identical_next_step():
-    x, y = _data(20, (10,), 3)
-    x2, y2 = _data(20, (10,), 3, seed=9)
-    fisher = F.KFAC(damping=1e-2)
-    model = _user_model()
-    opt = nat.NGD(model, fisher, lr="optimal")
-    opt.step(x, y)  # measures α̂ at the initial parameters
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    restored = _user_model(seed=1)
-    restored.load_state_dict(saved["model"])
-    opt2 = nat.NGD(restored, fisher, lr="optimal")
-    opt2.load_state_dict(saved["opt"])
-    assert opt2.param_groups[0]["alpha"] == opt.param_groups[0]["alpha"]
-    fresh = copy.deepcopy(model)  # same parameters, no saved state: measures α̂ anew
-    opt3 = nat.NGD(fresh, fisher, lr="optimal")
-    for o in (opt, opt2, opt3):
-        o.step(x2, y2)
-    for p, q in zip(model.parameters(), restored.parameters(), strict=True):
-        assert torch.equal(p, q)
-    assert _rel(flat(fresh.parameters()), flat(model.parameters())) > 1e-6  # the state mattered
-
-
-def test_parameter_groups_scale_with_their_own_lr_and_others_stay():
-    model = _user_model()
-    x, y = _data(20, (10,), 3)
-    fisher = F.BlockDiagonal(damping=1e-2)
-    first, second, last = (list(model[i].parameters()) for i in (0, 2, 4))
-    ng = fisher.natural_gradient(model, x, y)  # aligned with model.parameters()
-    before = [p.detach().clone() for p in model.parameters()]
-    opt = nat.NGD(model, fisher, lr=1.0, param_groups=[{"params": first, "lr": 0.1}, {"params": second}])
-    opt.step(x, y)
-    lrs = [0.1, 0.1, 1.0, 1.0, 0.0, 0.0]
-    for p, p0, g, lr in zip(model.parameters(), before, ng, lrs, strict=True):
-        assert torch.allclose(p0 - p, lr * g, rtol=1e-12, atol=1e-15)
-    assert all(torch.equal(p, p0) for p, p0 in zip(last, before[4:], strict=True))
-    with pytest.raises(ValueError, match="belong to `model`"):
-        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
-    with pytest.raises(ValueError, match="lr"):
-        opt.add_param_group({"params": last, "lr": -1.0})
-
-
-def test_lr_scheduler_drives_ngd():
-    model = _user_model()
-    x, y = _data(20, (10,), 3)
-    fisher = F.Exact(damping=1e-2)
-    opt = nat.NGD(model, fisher, lr=0.4)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    opt.step(x, y)
-    sched.step()
-    ng = fisher.natural_gradient(model, x, y)
-    before = [p.detach().clone() for p in model.parameters()]
-    opt.step(x, y)
-    for p, p0, g in zip(model.parameters(), before, ng, strict=True):
-        assert torch.allclose(p0 - p, 0.2 * g, rtol=1e-12, atol=1e-15)
-
-
-def test_precondition_then_torch_sgd_momentum_and_adam():
-    x, y = _data(20, (10,), 3)
-    fisher = F.KFAC(damping=1e-2)
-    model = _user_model()
-    ngd = nat.NGD(model, fisher)
-    sgd = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
-    p0 = [p.detach().clone() for p in model.parameters()]
-    g0 = fisher.natural_gradient(model, x, y)
-    ngd.precondition(x, y)
-    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), g0, strict=True))
-    sgd.step()
-    ngd.zero_grad()
-    assert all(p.grad is None for p in model.parameters())
-    p1 = [p0_ - 0.3 * g for p0_, g in zip(p0, g0)]
-    g1 = fisher.natural_gradient(model, x, y)
-    ngd.precondition(x, y)
-    sgd.step()
-    for p, a, b, c in zip(model.parameters(), p1, g0, g1, strict=True):
-        assert torch.allclose(p, a - 0.3 * (0.9 * b + c), rtol=1e-12, atol=1e-14)
-    # Adam's first step is θ − lr · g / (|g| + eps) (bias-corrected moments m̂ = g, v̂ = g²)
-    model2 = _user_model(seed=4)
-    adam = torch.optim.Adam(model2.parameters(), lr=1e-2, eps=1e-8)
-    q0 = [p.detach().clone() for p in model2.parameters()]
-    g = fisher.natural_gradient(model2, x, y)
-    nat.NGD(model2, fisher).precondition(x, y)
-    adam.step()
-    for p, a, b in zip(model2.parameters(), q0, g, strict=True):
-        assert torch.allclose(p, a - 1e-2 * b / (b.abs() + 1e-8), rtol=1e-10, atol=1e-14)
 
 
 # ------------------------------------------------------------------ what the library cannot read
@@ -433,7 +301,7 @@ def test_outputs_and_unused_modules_are_refused_naming_the_problem():
 def test_supported_models_pass_the_check():
     for model in (
         _mixed(2, True),
-        _build(_every_activation_model),
+        build(_every_activation_model),
         nat.MLP([3, 4, 1]),
         _active_dropout().eval(),
         nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval(),
@@ -461,8 +329,8 @@ def test_bad_inputs_are_value_errors_naming_the_argument(x, pattern):
 def test_modules_before_the_first_linear_transform_its_forward_signal():
     """The modules before the first Linear transform x: the signals of layer 1 hold the transformed
     input, and f is model(x)."""
-    model = _build(lambda: nn.Sequential(nn.Flatten(), nn.Tanh(), nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 2)))
-    x, _ = _data(4, (2, 3), 2)
+    model = build(lambda: nn.Sequential(nn.Flatten(), nn.Tanh(), nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 2)))
+    x, _ = sequential_data(4, (2, 3), 2)
     fx = nat.models.signals(model, x)
     assert torch.equal(fx.forward[0][:, :-1], torch.tanh(x.reshape(4, 6)))
     assert torch.allclose(fx.f, model(x), rtol=1e-14, atol=1e-15)
@@ -474,8 +342,8 @@ class _Cube(nn.Module):
 
 
 def test_any_parameter_free_module_between_layers_matches_explicit():
-    model = _build(lambda: nn.Sequential(nn.Linear(5, 8), _Cube(), nn.Softmax(dim=1), nn.Linear(8, 2)))
-    x, y = _data(6, (5,), 2)
+    model = build(lambda: nn.Sequential(nn.Linear(5, 8), _Cube(), nn.Softmax(dim=1), nn.Linear(8, 2)))
+    x, y = sequential_data(6, (5,), 2)
     fisher = F.Unitwise(damping=1e-3)
     want, _, _ = _explicit_update(fisher, model, x, y)
     assert _rel(flat(fisher.natural_gradient(model, x, y)), want) < TOL

@@ -1,4 +1,4 @@
-"""γ (S.140) and the theoretical α of every Fisher, against the seed's numbers (MATH.md §6),
+"""γ (S.140) and the theoretical α of every Fisher, against the paper's numbers (Figures S.1 and S.2),
 independent formulas, and the mean eigenvalue of Θ̄ measured on finite networks."""
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ def test_gamma_of_elementwise_activations():
     [
         ("tanh", 784, 2.0),
         ("relu", 784, 1.0),
-        (A.ShiftedReLU(1.0), 784, 1.723960),  # the seed's Figure S.1 (MNIST)
-        (A.ShiftedReLU(1.0), 10, 1.666365),  # the seed's Figure S.2
+        (A.ShiftedReLU(1.0), 784, 1.723960),  # the paper's Figure S.1 (MNIST)
+        (A.ShiftedReLU(1.0), 10, 1.666365),  # the paper's Figure S.2
     ],
 )
-def test_unitwise_alpha_per_width_matches_the_seed(act, m0, expected):
+def test_unitwise_alpha_per_width_matches_the_paper(act, m0, expected):
     m = 4096
     widths = [m0, m, m, 1]
     opts = {"widths": widths, "activation": act, "sigma_w2": 2.0, "sigma_b2": 0.5}
@@ -84,7 +84,8 @@ def test_unitwise_alpha_matches_finite_width_mean_eigenvalue(act, unit_inputs):
 
 # ---------------------------------------------------------------------- layer-wise alpha
 def test_block_tridiagonal_alpha_for_depths_1_to_12():
-    expected = [1, None, 1, 2, None, 2, 3, None, 3, 4, None, 4]  # MATH.md §6
+    # 1ᵀΣ⁻¹1: s for L = 3s, s + 1 for L = 3s + 1 (S.93)–(S.94); Σ singular for L = 3s + 2
+    expected = [1, None, 1, 2, None, 2, 3, None, 3, 4, None, 4]
     for depth, value in enumerate(expected, start=1):
         widths = [8] + [16] * (depth - 1) + [1]
         if value is None:

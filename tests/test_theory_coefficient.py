@@ -138,13 +138,43 @@ def test_kfac_narrow_input_uses_the_primal_first_layer(unit_inputs):
     assert float(torch.linalg.matrix_norm(emp - ana) / torch.linalg.matrix_norm(ana)) < 20 / math.sqrt(2048)
 
 
+def _layerwise_coefficient_in_parameter_space(sigma, x_train, x_test, rho, cfg):
+    """Θ̄(x′, x) = J(x′) G^{-1} J(x)^T / N of the layer-wise Fisher G = S^T (Σ ⊗ I) S / N + ρ I,
+    S = blockdiag(J_l) (the paper's (S.71)–(S.73)), solved densely in a parameter space: layer l's
+    Jacobian rows are features Φ_l with Φ_l Φ_l^T = the analytic Θ_l (no 1/N) on the inputs
+    [x; x′] jointly — not the dual L·N × L·N system the library solves."""
+    n = x_train.shape[0]
+    joint = x_train if x_test is None else torch.cat([x_train, x_test])
+    feats = []
+    for k in theory.kernels(joint, **cfg).per_layer:
+        ev, vec = torch.linalg.eigh(0.5 * (k + k.T))
+        feats.append(vec * ev.clamp(min=0).sqrt())
+    s = torch.block_diag(*[f[:n] for f in feats])  # (L·N, P), rows layer-major
+    g = s.T @ torch.kron(sigma, torch.eye(n, dtype=F64)) @ s / n + rho * torch.eye(s.shape[1], dtype=F64)
+    j_train = torch.cat([f[:n] for f in feats], 1)  # J(x) = [J_1 … J_L], (N, P)
+    j_test = j_train if x_test is None else torch.cat([f[n:] for f in feats], 1)
+    return j_test @ torch.linalg.solve(g, j_train.T) / n
+
+
 def test_singular_sigma_needs_damping(unit_inputs):
+    """At L = 3s + 2 the tri-diagonal Σ is singular (eigenvalues 1 + 2 cos(kπ/6): one is 0, one
+    negative), so ρ = 0 is refused; the damped Θ̄ (training set and test points) equals the dense
+    parameter-space solve of the same G to rounding."""
     x = unit_inputs(8, 16, 11)
     cfg = {**CFG, "depth": 5}  # block tri-diagonal Σ is singular at L = 3s + 2
     with pytest.raises(ValueError, match=r"singular.*damping > 0"):
         theory.coefficient(fisher.BlockTriDiagonal(), None, x, **cfg)
     tb = theory.coefficient(fisher.BlockTriDiagonal(damping=1e-3), None, x, **cfg)
     assert torch.allclose(tb, tb.T, atol=1e-10) and bool(torch.isfinite(tb).all())
+    sigma = fisher.tridiagonal_sigma(5)
+    assert float(torch.linalg.eigvalsh(sigma).abs().min()) < 1e-12
+    xt = unit_inputs(3, 16, 13)
+    for rho in (1e-3, 0.1):
+        f = fisher.BlockTriDiagonal(damping=rho)
+        for x_test in (None, xt):
+            got = theory.coefficient(f, x_test, x, **cfg)
+            want = _layerwise_coefficient_in_parameter_space(sigma, x, x_test, rho, cfg)
+            assert float(torch.linalg.matrix_norm(got - want) / torch.linalg.matrix_norm(want)) < 1e-10, (rho, x_test)
 
 
 def test_bad_inputs(unit_inputs):

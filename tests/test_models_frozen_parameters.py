@@ -1,6 +1,7 @@
-"""Frozen parameters (``requires_grad=False``) are not coordinates of the Fisher: every Fisher's
-natural gradient equals the explicit P_trainable × P_trainable solve built from torch.func Jacobians,
-frozen parameters never move, and a module whose parameters are all frozen is not read."""
+"""Frozen parameters (``requires_grad=False``, read by models.py) are not coordinates of the Fisher:
+every Fisher's natural gradient equals the explicit P_trainable × P_trainable solve built from
+torch.func Jacobians, frozen parameters never move, and a module whose parameters are all frozen is
+not read."""
 
 import pytest
 import torch

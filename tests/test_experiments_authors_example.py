@@ -1,6 +1,6 @@
-"""``reproduce authors-example`` at a tiny width (from the suite's one ``reproduce all`` run): both
-published configurations, a large one-step cut, and predictions that agree with an independent
-route through the NTK."""
+"""``reproduce authors-example`` (experiments/authors_example.py) at a tiny width (from the suite's
+one ``reproduce all`` run): both published configurations, a large one-step cut, and predictions
+that agree with an independent route through the NTK."""
 
 from __future__ import annotations
 

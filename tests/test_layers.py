@@ -1,45 +1,20 @@
-"""Any nn.Module: a CNN with strided and padded convolutions, a skip connection and pooling, and
-modules read by the generic kind, against the explicit parameter-space route (torch.func Jacobians,
-P × P Fishers built from them), float64, relative error ≤ 1e-8."""
+"""The layer kinds (layers/: linear, conv, generic) on any nn.Module: a CNN with strided and padded
+convolutions, a skip connection and pooling, and modules read by the generic kind, against the
+explicit parameter-space route (torch.func Jacobians, P × P Fishers built from them), float64,
+relative error ≤ 1e-8; K-FAC's convolution factors (KFC) against the stated formula built
+explicitly."""
 
 import pytest
 import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-import natural_tangents as nat
 from _explicit import ce_metric, ce_residual, explicit_module_fisher, flat, jacobian, module_blocks, output_metric
+from _nets import cnn_data, small_cnn
 from natural_tangents import fisher as F
 
 TOL = 1e-8
 F64 = torch.float64
-
-
-class SmallCNN(nn.Module):
-    """Conv (strided) → tanh → + conv (padded) → tanh (skip) → avg-pool → flatten → Linear → tanh → Linear."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 3, 3, stride=2)
-        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
-        self.fc1 = nn.Linear(12, 6)
-        self.fc2 = nn.Linear(6, c)
-
-    def forward(self, x):
-        h = torch.tanh(self.conv1(x))  # (N, 3, 3, 3) for 7 × 7 inputs
-        h = h + torch.tanh(self.conv2(h))
-        h = Fn.avg_pool2d(h, 2, stride=1).flatten(1)  # (N, 12)
-        return self.fc2(torch.tanh(self.fc1(h)))
-
-
-def _cnn(c, seed=0):
-    torch.manual_seed(seed)
-    return SmallCNN(c).to(F64)
-
-
-def _data(n, c, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 7, 7, generator=g, dtype=F64), torch.randn(n, c, generator=g, dtype=F64)
 
 
 def _rel(a, b):
@@ -79,22 +54,22 @@ def _check(fisher, kind, sigma, model, x, y, x_test, lam=None, residual=None):
 @pytest.mark.parametrize("damping", [1e-3, 0.7])
 def test_cnn_update_and_coefficient_match_explicit(name, c, damping):
     make, kind, sigma = CASES[name]
-    model = _cnn(c)
-    x, y = _data(5, c)
-    x_test, _ = _data(3, c, seed=7)
+    model = small_cnn(c)
+    x, y = cnn_data(5, c)
+    x_test, _ = cnn_data(3, c, seed=7)
     _check(make(damping=damping), kind, sigma, model, x, y, x_test)
 
 
 def test_cnn_exact_cross_entropy_matches_explicit():
-    model = _cnn(3)
-    x, _ = _data(6, 3)
+    model = small_cnn(3)
+    x, _ = cnn_data(6, 3)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     fisher = F.Exact(damping=1e-2, loss="cross_entropy")
     with torch.no_grad():
         f = model(x)
     lam = ce_metric(f, 1e-3)  # the default output damping
     y = Fn.one_hot(labels, 3).to(F64)
-    _check(fisher, "exact", None, model, x, labels, _data(2, 3, seed=9)[0], lam=lam, residual=ce_residual(f, y))
+    _check(fisher, "exact", None, model, x, labels, cnn_data(2, 3, seed=9)[0], lam=lam, residual=ce_residual(f, y))
 
 
 def _patches(conv, h):
@@ -131,8 +106,8 @@ def test_cnn_kfac_matches_the_stated_kfc_formula_built_explicitly():
     """K-FAC on the CNN: for each convolution (B* + ρ) ⊗ (A* + ρ) with A* = Σ_{n,t} a a^T / (N T) and
     B* = Σ_{n,t} δ δ^T / N, for each Linear the paper's factors (output layer B*_L / N), P × P."""
     c, n, rho = 2, 5, 1e-2
-    model = _cnn(c)
-    x, y = _data(n, c)
+    model = small_cnn(c)
+    x, y = cnn_data(n, c)
     mods = [model.conv1, model.conv2, model.fc1, model.fc2]
     deltas, _ = _probe_deltas(model, x, mods)
     inputs = {}
@@ -168,7 +143,7 @@ def test_cnn_kfac_matches_the_stated_kfc_formula_built_explicitly():
     fisher = F.KFAC(damping=rho)
     bound = fisher.at(model, x)
     assert _rel(flat(bound.natural_gradient(y)), want) < TOL
-    x_test, _ = _data(3, c, seed=7)
+    x_test, _ = cnn_data(3, c, seed=7)
     want_tb = jacobian(model, x_test) @ torch.linalg.solve(g, j.T) / n
     assert _rel(F.flatten_coefficient(bound.coefficient(x_test)), want_tb) < TOL
 
@@ -208,30 +183,3 @@ def test_generic_modules_match_explicit(name):
     make, kind, _ = CASES[name]
     sigma = torch.eye(depth, dtype=F64) if kind == "layerwise" else None
     _check(make(damping=1e-2), kind, sigma, model, x, y, x_test)
-
-
-def test_ngd_on_the_cnn_computes_signals_once_per_step():
-    """One forward pass (the signals' hooks) and one factorization per step, also for the first
-    lr="optimal" step, which measures α̂ and takes the update from the same factorization."""
-    model = _cnn(2)
-    x, y = _data(8, 2)
-    calls = []
-    model.register_forward_hook(lambda *a: calls.append(1))
-    for fisher in (F.Exact(damping=1e-3), F.BlockDiagonal(damping=1e-3), F.KFAC(damping=1e-3)):
-        calls.clear()
-        opt = nat.NGD(model, fisher, lr="optimal")
-        opt.step(x, y)  # α̂ and the update from one binding
-        assert len(calls) == 1 and opt.param_groups[0]["alpha"] > 0
-        factorizations = sum(v for k, v in opt.last_routes.items() if k in ("cholesky", "eigh", "lu"))
-        assert factorizations == opt.last_routes.total(), opt.last_routes
-        first = dict(opt.last_routes)
-        opt.step(x, y)
-        assert len(calls) == 2 and dict(opt.last_routes) == first  # α̂ measured once: the same work
-    bound = F.Exact(damping=1e-3).at(model, x)
-    bound.natural_gradient(y)
-    bound.alpha_hat()
-    assert dict(bound.routes) == {"cholesky": 1}  # update first, then α̂: one factorization
-    bound = F.Exact(damping=1e-3).at(model, x)
-    bound.alpha_hat()
-    bound.natural_gradient(y)
-    assert dict(bound.routes) == {"cholesky": 1}  # α̂ first, then the update

@@ -1,4 +1,5 @@
-"""One description of an MLP for the theory: ``net.architecture`` against the separate keywords."""
+"""One description of an MLP for the theory (theory/architecture.py): ``net.architecture`` against the
+separate keywords."""
 
 import pytest
 import torch

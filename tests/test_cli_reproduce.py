@@ -1,4 +1,4 @@
-"""``natural-tangents reproduce all``: the files every experiment writes, the report, and the CLI's
+"""``natural-tangents reproduce all`` (cli.py): the files every experiment writes, the report, and the CLI's
 handling of bad names. The run itself is the suite's one (the ``reproduced`` fixture)."""
 
 from __future__ import annotations

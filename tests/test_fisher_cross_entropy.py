@@ -1,4 +1,5 @@
-"""Cross-entropy Fishers at their limits, against dense explicit Fishers (float64, torch.func Jacobians):
+"""The Fishers with the cross-entropy loss (losses.CrossEntropy) at their limits, against dense
+explicit Fishers (float64, torch.func Jacobians):
 
 * zero damping with a singular kernel Θ (or Θ_l): the natural gradient is lim_{ρ→0⁺} (G + ρI)^{-1} ∇L
   = G^+ ∇L, not J^T Θ^+ Λ^{-1} r / N, on a CNN with fewer parameters than N·C;
