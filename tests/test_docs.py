@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,9 @@ def _torchrun(code: str, name: str, cwd: Path) -> None:
 @pytest.mark.parametrize("page", [p for p in PAGES if blocks(p)], ids=lambda p: p.name)
 def test_every_python_block_runs(page, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "__docs__"}
+    module = types.ModuleType(f"docs_{page.stem}")  # a real module: dataclasses look their class's module up
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    namespace = module.__dict__
     threads = torch.get_num_threads()
     try:
         for i, code in enumerate(blocks(page)):
