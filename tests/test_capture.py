@@ -104,3 +104,41 @@ def test_step_without_a_backward_pass_is_refused():
         opt.step()
     with pytest.raises(ValueError, match="y: "):
         opt.step(_batch()[0])
+
+
+def test_hooks_leave_with_the_optimizer_and_optimizers_do_not_read_each_other():
+    """The capture hooks hold the optimizer weakly: once it is collected the model has no hooks left.
+    Two live optimizers on one model each read the backward pass once (neither reads the other's
+    rows pass)."""
+    import gc
+
+    model = _cnn()
+    opt = nat.NGD(model, F.Exact(damping=1e-2, loss="cross_entropy"))
+    assert any(m._forward_hooks for m in model.modules())
+    del opt
+    gc.collect()
+    assert not any(m._forward_hooks for m in model.modules())
+    x, y = _batch()
+    one, two = (nat.NGD(model, F.KFAC(damping=1e-2, loss="cross_entropy"), lr=0.1) for _ in range(2))
+    CE(model(x), y).backward()
+    assert len(one.capture.batches) == len(two.capture.batches) == 1
+
+
+def test_non_finite_outputs_in_the_loop_are_skipped_or_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).to(F64)
+    with torch.no_grad():
+        model[0].weight.mul_(1e308)
+    x, y = torch.randn(5, 4, dtype=F64), torch.randint(0, 3, (5,))
+    before = model[0].weight.detach().clone()
+    for nonfinite in ("skip", "raise"):
+        opt = nat.NGD(model, F.KFAC(damping=0.1, loss="cross_entropy", fisher_type="mc"), nonfinite=nonfinite)
+        opt.zero_grad()
+        CE(model(x * 1e10), y).backward()
+        if nonfinite == "skip":
+            with pytest.warns(RuntimeWarning, match="skipped"):
+                assert not opt.step()
+        else:
+            with pytest.raises(FloatingPointError, match="NaN or inf"):
+                opt.step()
+    assert torch.equal(model[0].weight, before)

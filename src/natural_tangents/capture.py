@@ -19,13 +19,14 @@ give one batch of all their samples.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
-from .layers.batchnorm import BatchNormRows
+from .layers.batchnorm import BatchNormRows, in_rows_pass
 from .models import hooked_modules, read_layers
 from .signals import Signals
 
@@ -34,9 +35,10 @@ __all__ = ["Capture", "CapturedBatch"]
 
 @dataclass
 class CapturedBatch:
-    """What one forward/backward pair left: the rows' signals and the observed residuals r (N, C)."""
+    """What one forward/backward pair left: the rows' signals and the observed residuals r (N, C)
+    (``signals`` None for a pass whose outputs were not finite)."""
 
-    signals: Signals
+    signals: Signals | None
     residual: Tensor
 
 
@@ -56,14 +58,17 @@ class _Inert:
 
 
 class _Hook:
-    """A capture hook that a deep copy or pickle of the model does not carry (it becomes :class:`_Inert`):
-    copying a model must not copy the optimizer reading it."""
+    """A capture hook holding its :class:`Capture` weakly: the model's hooks do not keep an optimizer
+    alive, and once the optimizer is gone they do nothing and are removed (:func:`weakref.finalize`).
+    A deep copy or pickle of the model does not carry it (it becomes :class:`_Inert`): copying a
+    model must not copy the optimizer reading it."""
 
     def __init__(self, fn) -> None:
-        self.fn = fn
+        self.fn = weakref.WeakMethod(fn)
 
     def __call__(self, *args):
-        return self.fn(*args)
+        fn = self.fn()
+        return None if fn is None else fn(*args)
 
     def __deepcopy__(self, memo) -> _Inert:
         return _Inert()
@@ -109,6 +114,7 @@ class Capture:
         self._handles = [m.register_forward_hook(_Hook(self._on_batchnorm)) for m in norms]
         self._handles += [m.register_forward_hook(_Hook(self._on_module), with_kwargs=True) for _, m in self.modules]
         self._handles.append(model.register_forward_hook(_Hook(self._on_output)))
+        weakref.finalize(self, _remove, list(self._handles))
 
     def remove(self) -> None:
         """Remove the hooks."""
@@ -121,6 +127,11 @@ class Capture:
         batches, self.batches = self.batches, []
         if not batches:
             return None
+        if any(b.signals is None for b in batches):
+            raise FloatingPointError(
+                "model: its outputs (or the loss's gradient) were NaN or inf in the last backward pass (a diverged "
+                "run: lower the learning rate or raise the damping, and restart from finite parameters)"
+            )
         if len(batches) == 1:
             return batches[0]
         total = sum(b.residual.shape[0] for b in batches)
@@ -139,9 +150,10 @@ class Capture:
     # ------------------------------------------------------------------ hooks
     def _reading(self) -> bool:
         """Whether this forward is read: grad enabled, not inside a torch.func transform (jacrev, vmap:
-        the user's own derivatives), not during the capture's own backward pass, and due."""
+        the user's own derivatives), not during the rows' backward pass of any capture, and due."""
         return (
             not self._busy
+            and not in_rows_pass()
             and torch.is_grad_enabled()
             and not torch._C._are_functorch_transforms_active()
             and self.active()
@@ -167,11 +179,15 @@ class Capture:
         f.register_hook(lambda grad: self._on_grad(pending, grad))
 
     def _on_grad(self, pending: _Forward, grad: Tensor) -> None:
-        if self._busy:  # the hook fires again for the rows' own backward pass from f
+        if self._busy or in_rows_pass():  # the hook fires again for a rows' own backward pass from f
             return
         self._busy = True
         try:
-            self.batches.append(self._read(pending, grad))
+            f = pending.f
+            if not (bool(torch.isfinite(f).all()) and bool(torch.isfinite(grad).all())):
+                self.batches.append(CapturedBatch(None, grad.detach()))  # refused (or skipped) by the step
+            else:
+                self.batches.append(self._read(pending, grad))
         finally:
             self._busy = False
 
@@ -186,3 +202,8 @@ class Capture:
         last = list(self.model.parameters())[-1]
         signals = Signals(f=f2.detach(), layers=layers, frozen_output=not last.requires_grad)
         return CapturedBatch(signals, residual)
+
+
+def _remove(handles: list) -> None:
+    for h in handles:
+        h.remove()

@@ -28,7 +28,14 @@ from torch import Tensor, nn
 
 from .generic import GenericSignals
 
-__all__ = ["BatchNormRows", "batchnorm_signals", "constant_statistics", "is_training_batchnorm", "rows_pass"]
+__all__ = [
+    "BatchNormRows",
+    "batchnorm_signals",
+    "constant_statistics",
+    "in_rows_pass",
+    "is_training_batchnorm",
+    "rows_pass",
+]
 
 _ROWS = [0]  # > 0 while the rows' backward pass runs (it runs inside the gradient pass or after it)
 
@@ -41,6 +48,11 @@ def rows_pass() -> Iterator[None]:
         yield
     finally:
         _ROWS[0] -= 1
+
+
+def in_rows_pass() -> bool:
+    """Whether a rows' backward pass (:func:`rows_pass`) is running."""
+    return _ROWS[0] > 0
 
 
 def is_training_batchnorm(module: nn.Module) -> bool:
