@@ -91,6 +91,7 @@ class RunningCurvature:
         self.views: list[ParamView] = []
         self.stats: list[LayerCurvature] = []
         self.inverses: list[tuple[Tensor, ...]] = []
+        self._cast: list[tuple[Tensor, ...]] | None = None
 
     @property
     def ready(self) -> bool:
@@ -127,19 +128,25 @@ class RunningCurvature:
                 out.append((PSDInverse.of(a, rho_a).matrix(), PSDInverse.of(b, rho_b).matrix()))
             else:
                 out.append((PSDInverse.of(factors[0], rho).matrix(),))
-        self.inverses = out
+        self.inverses, self._cast = out, None
 
     def precondition(self, grads: dict[int, Tensor]) -> dict[int, Tensor]:
-        """The updates (F + ρ)^{-1} g of the gradients ``grads`` (by parameter id), by parameter id."""
+        """The updates (F + ρ)^{-1} g of the gradients ``grads`` (by parameter id), by parameter id, in
+        the parameters' precision (the inverses, computed in ``solve_dtype``, are cast to it once)."""
         out = {}
-        for view, inv in zip(self.views, self.inverses):
-            g = view.matrix([grads[id(p)] for p in view.params]).to(self.solve_dtype)
-            if len(inv) == 2:
-                u = inv[1] @ g @ inv[0]
-            else:
-                u = (inv[0] @ g[:, :, None])[:, :, 0]
-            out.update({id(p): t.to(p.dtype) for p, t in zip(view.params, view.split(u))})
+        for view, inv in zip(self.views, self._applied):
+            g = view.matrix([grads[id(p)] for p in view.params])
+            g = g.to(inv[0].dtype) if g.dtype != inv[0].dtype else g
+            u = torch.linalg.multi_dot([inv[1], g, inv[0]]) if len(inv) == 2 else (inv[0] @ g[:, :, None])[:, :, 0]
+            out.update({id(p): t for p, t in zip(view.params, view.split(u))})
         return out
+
+    @property
+    def _applied(self) -> list[tuple[Tensor, ...]]:
+        """The inverses in the parameters' precision (cast once per inversion)."""
+        if self._cast is None:
+            self._cast = [tuple(t.to(v.params[0].dtype) for t in inv) for v, inv in zip(self.views, self.inverses)]
+        return self._cast
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -152,4 +159,4 @@ class RunningCurvature:
     def load(self, state: dict, layers: list[ParamView]) -> None:
         self.views = layers
         self.stats = [LayerCurvature(k, tuple(f)) for k, f in zip(state["kinds"], state["stats"])]
-        self.inverses = [tuple(i) for i in state["inverses"]]
+        self.inverses, self._cast = [tuple(i) for i in state["inverses"]], None

@@ -204,6 +204,10 @@ def _row_gradients(f: Tensor, tensors: list[Tensor], rows: Tensor, retain_graph:
         if len(rows) == 1:
             one = torch.autograd.grad(f, tensors, rows[0], allow_unused=True, retain_graph=retain_graph)
             return [None if g is None else g[None] for g in one]
+        if len(rows) <= 32 and any(t.ndim > 3 for t in tensors):
+            # feature maps (convolutions): plain passes in a loop run faster than the batched (vmap) one,
+            # whose convolution and pooling backward rules fall back to slow paths (1.5× on a LeNet)
+            return _row_loop(f, tensors, rows, retain_graph)
         try:
             return list(
                 torch.autograd.grad(
@@ -211,10 +215,21 @@ def _row_gradients(f: Tensor, tensors: list[Tensor], rows: Tensor, retain_graph:
                 )
             )
         except RuntimeError:  # an op without a batching rule: one backward pass per row
-            per_k = [
-                torch.autograd.grad(f, tensors, rows[k], retain_graph=True, allow_unused=True) for k in range(len(rows))
-            ]
-            return [None if g[0] is None else torch.stack(g) for g in zip(*per_k)]
+            return _row_loop(f, tensors, rows, retain_graph)
+
+
+def _row_loop(f: Tensor, tensors: list[Tensor], rows: Tensor, retain_graph: bool) -> list[Tensor | None]:
+    """:func:`_row_gradients` by one plain backward pass per row, written into one buffer per tensor."""
+    out: list[Tensor | None] = [None] * len(tensors)
+    for k in range(len(rows)):
+        last = k == len(rows) - 1
+        grads = torch.autograd.grad(f, tensors, rows[k], retain_graph=retain_graph or not last, allow_unused=True)
+        for i, g in enumerate(grads):
+            if g is not None:
+                if out[i] is None:
+                    out[i] = g.new_zeros((len(rows), *g.shape))
+                out[i][k] = g
+    return out
 
 
 def output_gradients(

@@ -129,6 +129,7 @@ class NGD(torch.optim.Optimizer):
         if process_group is not None:
             check_group(process_group)
         self.model = model
+        self._params = list(model.parameters())  # the model's parameters, in order (read once)
         self.fisher = fisher
         self.process_group = process_group
         self.nonfinite = nonfinite
@@ -285,7 +286,7 @@ class NGD(torch.optim.Optimizer):
         raise AssertionError  # unreachable
 
     def _gradients(self) -> list[Tensor | None]:
-        grads = [p.grad if p.requires_grad else None for p in self.model.parameters()]
+        grads = [p.grad if p.requires_grad else None for p in self._params]
         missing = [name for (name, p), g in zip(self.model.named_parameters(), grads) if p.requires_grad and g is None]
         if missing:
             raise ValueError(
@@ -338,8 +339,8 @@ class NGD(torch.optim.Optimizer):
             self.curvature.update(batch.curvature_blocks(), batch.signals.layers)
         if self.steps % self.inverse_every == 0 or not self.curvature.ready:
             self._retrying(lambda damping: self.curvature.invert(damping))
-        by_id = self.curvature.precondition({id(p): g for p, g in zip(self.model.parameters(), grads) if g is not None})
-        return batch, [by_id.get(id(p)) for p in self.model.parameters()]
+        by_id = self.curvature.precondition({id(p): g for p, g in zip(self._params, grads) if g is not None})
+        return batch, [by_id.get(id(p)) for p in self._params]
 
     def _known_rates(self) -> list[float]:
         if any(g["lr_unit"] == "alpha" and g.get("alpha") is None for g in self.param_groups):
@@ -351,7 +352,7 @@ class NGD(torch.optim.Optimizer):
         """θ ← θ − η s u per group, s the warm-up and KL-clipping scale (``grads``: the gradient for the latter)."""
         t = self.steps
         scale = min(1.0, (t + 1) / self.warmup) if self.warmup else 1.0
-        params = list(self.model.parameters())
+        params = self._params
         ng = {id(p): u for p, u in zip(params, updates, strict=True)}
         if self.kl_clip is not None:
             gs = {id(p): g for p, g in zip(params, grads, strict=True)}

@@ -18,6 +18,7 @@ route for few positions), whichever is smaller.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -95,9 +96,10 @@ class AffineSignals(LayerSignals):
     def rank_one(self) -> bool:
         return self.positions == 1
 
-    @property
+    @cached_property
     def a2(self) -> Tensor:
-        """The forward signal as (N·T, p) rows (sample-major, then position)."""
+        """The forward signal as (N·T, p) rows (sample-major, then position); computed once (a copy
+        when the rows are stored with an aligned stride)."""
         return self.a.reshape(-1, self.a.shape[2])
 
     def flat_delta(self, dtype: torch.dtype | None = None) -> Tensor:

@@ -59,5 +59,5 @@ def patches(module: nn.Conv1d | nn.Conv2d, inp: Tensor) -> Tensor:
 def conv_signals(module: nn.Conv1d | nn.Conv2d, inp: Tensor, grad_out: Tensor, name: str) -> AffineSignals:
     """Signals of a convolution from its input (N, C_in, …) and the output gradients (C, N, C_out, …)."""
     c, n, c_out = grad_out.shape[:3]
-    d = grad_out.reshape(c, n, c_out, -1).transpose(2, 3)  # (C, N, T, C_out)
+    d = grad_out.reshape(c, n, c_out, -1).transpose(2, 3).contiguous()  # (C, N, T, C_out), copied once
     return affine_signals(module.weight, module.bias, patches(module, inp), d, name)
