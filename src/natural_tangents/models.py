@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .layers import LayerSignals, kind_of
+from .layers import LayerSignals, kind_of, reads_conv
 from .layers.axes import call_axes, sequence_first, tensor_leaves, with_leaves
 from .layers.batchnorm import constant_statistics, is_training_batchnorm, rows_pass
 from .layers.generic import generic_signals
@@ -194,10 +194,14 @@ def _rows(f: Tensor, cotangents: Tensor | None) -> Tensor:
     return cotangents.to(f.dtype).permute(1, 0, 2)
 
 
-def _row_gradients(f: Tensor, tensors: list[Tensor], rows: Tensor, retain_graph: bool) -> list[Tensor | None]:
+def _row_gradients(
+    f: Tensor, tensors: list[Tensor], rows: Tensor, retain_graph: bool, maps: frozenset[int] = frozenset()
+) -> list[Tensor | None]:
     """Σ_c rows[r, n, c] ∂f_{n,c}/∂t for each tensor t, stacked over the R rows (None where f does not
     depend on t): one backward pass batched over the rows (a plain one for one row), in which
-    training-mode BatchNorms hold their statistics constant (:func:`~.layers.batchnorm.rows_pass`)."""
+    training-mode BatchNorms hold their statistics constant (:func:`~.layers.batchnorm.rows_pass`).
+    ``maps``: ids of feature maps (N, C_out, …) whose row gradients a loop writes channels-last, the
+    layout the convolution kind reads (no transposing copy)."""
     if not tensors:
         return []
     with rows_pass():
@@ -207,7 +211,7 @@ def _row_gradients(f: Tensor, tensors: list[Tensor], rows: Tensor, retain_graph:
         if len(rows) <= 32 and any(t.ndim > 3 for t in tensors):
             # feature maps (convolutions): plain passes in a loop run faster than the batched (vmap) one,
             # whose convolution and pooling backward rules fall back to slow paths (1.5× on a LeNet)
-            return _row_loop(f, tensors, rows, retain_graph)
+            return _row_loop(f, tensors, rows, retain_graph, maps)
         try:
             return list(
                 torch.autograd.grad(
@@ -215,20 +219,31 @@ def _row_gradients(f: Tensor, tensors: list[Tensor], rows: Tensor, retain_graph:
                 )
             )
         except RuntimeError:  # an op without a batching rule: one backward pass per row
-            return _row_loop(f, tensors, rows, retain_graph)
+            return _row_loop(f, tensors, rows, retain_graph, maps)
 
 
-def _row_loop(f: Tensor, tensors: list[Tensor], rows: Tensor, retain_graph: bool) -> list[Tensor | None]:
-    """:func:`_row_gradients` by one plain backward pass per row, written into one buffer per tensor."""
+def _row_loop(
+    f: Tensor, tensors: list[Tensor], rows: Tensor, retain_graph: bool, maps: frozenset[int]
+) -> list[Tensor | None]:
+    """:func:`_row_gradients` by one plain backward pass per row, written into one buffer per tensor
+    (channels-last for the feature maps in ``maps``)."""
+    r = len(rows)
     out: list[Tensor | None] = [None] * len(tensors)
-    for k in range(len(rows)):
-        last = k == len(rows) - 1
+    for k in range(r):
+        last = k == r - 1
         grads = torch.autograd.grad(f, tensors, rows[k], retain_graph=retain_graph or not last, allow_unused=True)
         for i, g in enumerate(grads):
-            if g is not None:
-                if out[i] is None:
-                    out[i] = g.new_zeros((len(rows), *g.shape))
-                out[i][k] = g
+            if g is None:
+                if out[i] is not None:
+                    out[i][k].zero_()
+                continue
+            if out[i] is None:
+                if id(tensors[i]) in maps and g.ndim >= 3:
+                    out[i] = g.new_empty((r, g.shape[0], *g.shape[2:], g.shape[1])).movedim(-1, 2)
+                else:
+                    out[i] = g.new_empty((r, *g.shape))
+                out[i][:k].zero_()
+            out[i][k] = g
     return out
 
 
@@ -410,12 +425,15 @@ def read_layers(
     defaults = _default_axes(model)
     rows = _rows(f, cotangents)
     axes, wanted = [], []  # per layer: (input axes, output axes); the tensors to differentiate
+    maps: set[int] = set()  # convolutions' outputs
     for layer in plan:
         call = records[id(layer.module)][0]
         axes.append(_checked_axes(layer, call, n, defaults.get(id(layer.module), 0)))
         wanted += [t for t in tensor_leaves(call[2]) if t.requires_grad]
+        if not layer.folded and isinstance(call[2], Tensor) and reads_conv(layer.module):
+            maps.add(id(call[2]))
         wanted += [p for _, m in layer.folded for p in m.parameters(recurse=False) if p.requires_grad]
-    grads = dict(zip(map(id, wanted), _row_gradients(f, wanted, rows, retain_graph)))
+    grads = dict(zip(map(id, wanted), _row_gradients(f, wanted, rows, retain_graph, frozenset(maps))))
     for layer in plan:  # a never-called module whose parameters f does not use: refused before any work
         for name, m in layer.folded:
             if all(grads.get(id(p)) is None for p in m.parameters(recurse=False) if p.requires_grad):

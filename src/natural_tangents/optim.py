@@ -312,6 +312,8 @@ class NGD(torch.optim.Optimizer):
             self.last_routes = batch.routes
             if fisher.fisher_type == "mc" or batch.coupled:  # .grad is outside the rows' span
                 return batch, batch.precondition(grads)
+            if batch.parameter_space and damping > 0:  # .grad is the rows' gradient: no need to rebuild it
+                return batch, batch.precondition(grads)
             return batch, batch.natural_gradient()
 
         return self._retrying(attempt)

@@ -264,6 +264,13 @@ class BoundFisher(ABC):
         return [by_param.get(id(p)) for p in self.model.parameters()]
 
     @property
+    def parameter_space(self) -> bool:
+        """Whether this Fisher's update of a given gradient is cheaper in parameter space than through
+        its rows (Kronecker factors, unit blocks): then the backward loop preconditions ``.grad``
+        (ρ > 0) instead of rebuilding the gradient from the rows, which costs two products per layer."""
+        return False
+
+    @property
     def coupled(self) -> bool:
         """Whether the model has BatchNorm in training mode (read with its batch statistics constant)."""
         return self.model is not None and has_training_batchnorm(self.model)

@@ -120,6 +120,8 @@ class KronFactors:
 class KFACBatch(BoundFisher):
     """K-FAC bound to a batch: its :attr:`blocks` and their :attr:`factors`, computed once."""
 
+    parameter_space = True
+
     @cached_property
     def blocks(self) -> list[KronBlock]:
         fisher, n, last = self.fisher, self.n, self.signals.output_layer

@@ -28,7 +28,7 @@ from .conv import conv_signals, is_supported_conv
 from .generic import GenericSignals, generic_signals
 from .linear import linear_signals
 
-__all__ = ["AffineSignals", "GenericSignals", "LayerSignals", "Units", "KINDS", "register", "kind_of"]
+__all__ = ["AffineSignals", "GenericSignals", "LayerSignals", "Units", "KINDS", "register", "kind_of", "reads_conv"]
 
 Extractor = Callable[[nn.Module, tuple, object, str], LayerSignals]
 
@@ -61,3 +61,9 @@ def register(predicate: Callable[[nn.Module], bool], extractor: Extractor) -> No
 def kind_of(module: nn.Module) -> Extractor:
     """The extractor of the first kind whose predicate accepts ``module``."""
     return next(ex for pred, ex in KINDS if pred(module))
+
+
+def reads_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is read by the built-in convolution kind (which takes its output gradients
+    in any memory layout, channels-last fastest)."""
+    return kind_of(module) is _conv
