@@ -244,12 +244,15 @@ class UnitwiseBatch(BoundFisher):
         for l, route in enumerate(self.routes_by_layer):
             if route is UnitRoute.RANK_ONE:
                 continue
-            units = self.row_signals[l].units(self.solve_dtype)
-            jac, n, rho = units.jac, self.n, self.fisher.damping
+            layer, sd = self.row_signals[l], self.solve_dtype
+            net = layer.units()  # the Grams in the network's precision (as K-FAC's), factored in solve_dtype
+            jac, n, rho = net.jac, self.n, self.fisher.damping
             if route is UnitRoute.PRIMAL:
-                inv = PSDInverse.of(jac.mT @ jac / n, rho, overwrite=True, routes=self.routes).matrix()
+                inv = PSDInverse.of((jac.mT @ jac).to(sd) / n, rho, overwrite=True, routes=self.routes).matrix()
             else:
-                inv = torch.stack([PSDInverse.of(ju @ ju.mT / n, rho, routes=self.routes).matrix() for ju in jac])
+                grams = (jac @ jac.mT).to(sd) / n
+                inv = torch.stack([PSDInverse.of(k, rho, overwrite=True, routes=self.routes).matrix() for k in grams])
+            units = net if jac.dtype == sd else Units(jac=jac.to(sd), to_params=net.to_params)
             out[l] = JacobianUnits(route, units, inv)
         return out
 

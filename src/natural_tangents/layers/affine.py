@@ -178,7 +178,9 @@ class AffineSignals(LayerSignals):
         return torch.cat([g[..., :-1].reshape(rows, -1), g[..., -1].reshape(rows, -1)], 1)
 
     def units(self, dtype: torch.dtype | None = None) -> Units:
-        g = self._per_sample(dtype or self.dtype)  # (N, C, M, p)
+        """The per-output-channel units; shared over positions, their per-sample Jacobians are summed
+        over the positions in the network's precision (as autograd's gradient is) and then cast."""
+        g = self._per_sample(self.dtype if self.positions > 1 else dtype or self.dtype).to(dtype or self.dtype)
         jac = g.permute(2, 0, 1, 3).reshape(self.out_width, self.n * self.c, self.in_width)
         return Units(jac=jac, to_params=self.to_params)
 
