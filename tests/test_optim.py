@@ -342,3 +342,30 @@ def test_precondition_then_torch_sgd_equals_ngd_step(mnist_300, fisher):
         torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
         moved += float((pa - p0).norm())
     assert moved > 1e-3  # the step did something
+
+
+# ------------------------------------------------------------------ the recommended settings
+
+
+def test_recommended_settings_are_kfac_mc_amortized_with_a_trust_region_and_train():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(32, 1, 7, 7, generator=g), torch.randint(0, 3, (32,), generator=g)
+    opt = nat.NGD.recommended(model, seed=0)
+    fisher = opt.fisher
+    assert isinstance(fisher, F.KFAC) and fisher.fisher_type == "mc" and fisher.output_factor == "fisher"
+    assert (opt.curvature_every, opt.inverse_every, opt.curvature.ema, opt.kl_clip) == (10, 10, 0.95, 1e-3)
+    assert opt.param_groups[0]["lr_unit"] == "alpha" and opt.param_groups[0]["lr"] == 0.1
+    first = None
+    for _ in range(40):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        first = float(loss) if first is None else first
+    assert float(loss) < 0.5 * first  # the trust region keeps the bold default lr stable
+    # any keyword of NGD overrides the recipe
+    again = nat.NGD.recommended(model, lr=0.3, damping=0.1, kl_clip=None, curvature_every=5)
+    assert again.kl_clip is None and again.curvature_every == 5 and again.inverse_every == 10
+    assert again.fisher.damping == 0.1 and again.param_groups[0]["lr"] == 0.3

@@ -161,6 +161,31 @@ class NGD(torch.optim.Optimizer):
         if self.amortized:
             self.fisher.check_amortizable(len(parameterized_modules(model, self.fisher.batch_statistics)))
 
+    @classmethod
+    def recommended(
+        cls,
+        model: nn.Module,
+        lr: float = 0.1,
+        *,
+        damping: float = 1e-2,
+        loss: str = "cross_entropy",
+        **options,
+    ) -> NGD:
+        """The recommended settings for training on mini-batches in the loop
+        ``loss.backward(); opt.step()``: K-FAC with the Monte-Carlo Fisher (one sampled label per
+        input) and the Fisher's own output factor, curvature read every 10 steps into a running
+        average (decay 0.95) and inverted every 10, the step clipped to a KL trust region of 10⁻³,
+        lr in units of 1/α̂ (so the same lr serves another Fisher or model). ``options`` override any
+        keyword of :class:`NGD` (e.g. ``seed``, ``process_group``, ``curvature_every``).
+
+        Every lr from 0.03 to 1 trained the benchmark's CNNs (docs/time_to_accuracy.md): the
+        trust region, not lr, bounds the early steps; without it the same runs diverged.
+        """
+        fisher = _fisher.KFAC(damping=damping, loss=loss, fisher_type="mc", output_factor="fisher")
+        settings = {"lr_unit": "alpha", "curvature_every": 10, "inverse_every": 10, "ema": 0.95, "kl_clip": 1e-3}
+        settings.update(options)
+        return cls(model, fisher, lr=lr, **settings)
+
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; the parameters must belong to the model,
         ``lr`` must be a positive number or ``"optimal"`` and ``lr_unit`` ``"absolute"`` or ``"alpha"``."""
