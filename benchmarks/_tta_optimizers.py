@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import natural_tangents as nat
+from natural_tangents.models import has_training_batchnorm
 
 Step = Callable[[Tensor, Tensor], Tensor]
 Builder = Callable[[nn.Module, dict, int], Step]
@@ -102,6 +103,8 @@ def ngd(fisher: type, fisher_type: str, amortized: bool) -> Builder:
 
     def build(model: nn.Module, s: dict, seed: int) -> Step:
         extra = {"output_factor": "fisher"} if fisher is nat.fisher.KFAC else {}
+        if has_training_batchnorm(model):  # the batch statistics held constant for the curvature
+            extra["batch_statistics"] = "constant"
         f = fisher(damping=s["damping"], loss="cross_entropy", fisher_type=fisher_type, **extra)
         kw = AMORTIZED if amortized else {}
         return _loop(model, nat.NGD(model, f, lr=s["lr"], lr_unit="alpha", seed=seed, kl_clip=KL_CLIP, **kw))
