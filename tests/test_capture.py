@@ -142,3 +142,34 @@ def test_non_finite_outputs_in_the_loop_are_skipped_or_refused():
             with pytest.raises(FloatingPointError, match="NaN or inf"):
                 opt.step()
     assert torch.equal(model[0].weight, before)
+
+
+def test_read_forwards_are_freed_by_the_step():
+    """A forward read by the hooks (its records, its output f) is freed once the step has used it, and
+    one whose backward pass never ran is dropped at the step: the hook on f must not close a cycle
+    through f's autograd node, which the garbage collector cannot see (it leaked every forward)."""
+    import gc
+    import weakref
+
+    model = _cnn()
+    x, y = _batch(12)
+    opt = nat.NGD(model, F.KFAC(damping=1e-2, loss="cross_entropy", fisher_type="mc"), lr=0.1, seed=0)
+    refs = []
+    for _ in range(3):
+        opt.zero_grad()
+        out = model(x)
+        refs.append(weakref.ref(out))
+        CE(out, y).backward()
+        opt.step()
+    unused = model(x)  # a forward with grad whose backward never runs
+    refs.append(weakref.ref(unused))
+    del out, unused
+    opt.zero_grad()
+    CE(model(x), y).backward()
+    opt.step()
+    gc.collect()
+    assert [r() is None for r in refs] == [True] * 4
+    ngd = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert ngd() is None  # nor does the model keep its optimizer alive

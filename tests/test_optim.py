@@ -369,3 +369,12 @@ def test_recommended_settings_are_kfac_mc_amortized_with_a_trust_region_and_trai
     again = nat.NGD.recommended(model, lr=0.3, damping=0.1, kl_clip=None, curvature_every=5)
     assert again.kl_clip is None and again.curvature_every == 5 and again.inverse_every == 10
     assert again.fisher.damping == 0.1 and again.param_groups[0]["lr"] == 0.3
+
+
+def test_recommended_settings_hold_batchnorm_statistics_constant():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    assert nat.NGD.recommended(model).fisher.batch_statistics == "constant"
+    assert nat.NGD.recommended(model.eval()).fisher.batch_statistics == "refuse"
+    with pytest.raises(NotImplementedError, match="BatchNorm"):
+        nat.NGD.recommended(model.train(), batch_statistics="refuse")

@@ -13,7 +13,7 @@ empirical Fisher. The layer kinds turn the recorded inputs and row gradients int
 for ``opt.step(x, y)``; nothing is computed twice.
 
 Forwards without grad (``torch.no_grad`` evaluation) are ignored; a forward whose backward never runs
-is dropped at the next one; several forward/backward pairs before a step (gradient accumulation)
+is dropped at the next step; several forward/backward pairs before a step (gradient accumulation)
 give one batch of all their samples.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -108,6 +109,7 @@ class Capture:
         self.modules = hooked_modules(model, batch_statistics)
         self.batches: list[CapturedBatch] = []
         self._pending: _Forward | None = None
+        self._awaiting: list[_Forward] = []  # forwards whose backward pass has not reached f yet
         self._busy = False
         # training-mode BatchNorms first: their output while read is BatchNormRows (layers/batchnorm.py)
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -123,8 +125,12 @@ class Capture:
         self._handles = []
 
     def take(self) -> CapturedBatch | None:
-        """The batch read since the last call (the micro-batches concatenated), or None."""
+        """The batch read since the last call (the micro-batches concatenated), or None. Forwards whose
+        backward pass has not run by now are dropped."""
         batches, self.batches = self.batches, []
+        for stale in self._awaiting:
+            stale.f, stale.records = None, {}
+        self._awaiting = []
         if not batches:
             return None
         if any(b.signals is None for b in batches):
@@ -176,7 +182,12 @@ class Capture:
         if pending is None or not self._reading() or not isinstance(f, Tensor) or not f.requires_grad:
             return
         pending.f = f
-        f.register_hook(lambda grad: self._on_grad(pending, grad))
+        # The hook lives on f's autograd node, out of the garbage collector's sight, and holds the
+        # forward (and this capture) weakly: a strong reference would close a cycle f → node →
+        # hook → forward → f that is never collected, leaking every forward's activations. The
+        # forwards awaiting their backward pass are held here instead, and dropped at the step.
+        self._awaiting.append(pending)
+        f.register_hook(partial(_fire, weakref.ref(self), weakref.ref(pending)))
 
     def _on_grad(self, pending: _Forward, grad: Tensor) -> None:
         if self._busy or in_rows_pass():  # the hook fires again for a rows' own backward pass from f
@@ -184,12 +195,16 @@ class Capture:
         self._busy = True
         try:
             f = pending.f
+            if f is None:  # a forward dropped at a step before its backward pass ran
+                return
             if not (bool(torch.isfinite(f).all()) and bool(torch.isfinite(grad).all())):
                 self.batches.append(CapturedBatch(None, grad.detach()))  # refused (or skipped) by the step
             else:
                 self.batches.append(self._read(pending, grad))
         finally:
             self._busy = False
+            pending.f, pending.records = None, {}
+            self._awaiting = [p for p in self._awaiting if p is not pending]
 
     def _read(self, pending: _Forward, grad: Tensor) -> CapturedBatch:
         f = pending.f
@@ -202,6 +217,13 @@ class Capture:
         last = list(self.model.parameters())[-1]
         signals = Signals(f=f2.detach(), layers=layers, frozen_output=not last.requires_grad)
         return CapturedBatch(signals, residual)
+
+
+def _fire(capture: weakref.ref, pending: weakref.ref, grad: Tensor) -> None:
+    """The hook on a read forward's output f: hands ∂loss/∂f to the capture, if both still exist."""
+    cap, forward = capture(), pending()
+    if cap is not None and forward is not None:
+        cap._on_grad(forward, grad)
 
 
 def _remove(handles: list) -> None:

@@ -26,7 +26,8 @@ from . import fisher as _fisher
 from .capture import Capture
 from .curvature import ParamView, RunningCurvature
 from .distributed import check_group
-from .fisher.base import BoundFisher, Fisher
+from .fisher.base import Fisher
+from .fisher.bound import BoundFisher
 from .models import check_model, has_training_batchnorm, parameterized_modules
 from .validation import check_lr, check_update, warn
 
@@ -169,6 +170,7 @@ class NGD(torch.optim.Optimizer):
         *,
         damping: float = 1e-2,
         loss: str = "cross_entropy",
+        batch_statistics: str | None = None,
         **options,
     ) -> NGD:
         """The recommended settings for training on mini-batches in the loop
@@ -177,11 +179,17 @@ class NGD(torch.optim.Optimizer):
         average (decay 0.95) and inverted every 10, the step clipped to a KL trust region of 10⁻³,
         lr in units of 1/α̂ (so the same lr serves another Fisher or model). ``options`` override any
         keyword of :class:`NGD` (e.g. ``seed``, ``process_group``, ``curvature_every``).
+        ``batch_statistics``: None holds a training-mode BatchNorm's batch statistics constant for
+        the curvature (``"constant"``, an approximation: docs/user_models.md) when the model has one.
 
         Every lr from 0.03 to 1 trained the benchmark's CNNs (docs/time_to_accuracy.md): the
         trust region, not lr, bounds the early steps; without it the same runs diverged.
         """
-        fisher = _fisher.KFAC(damping=damping, loss=loss, fisher_type="mc", output_factor="fisher")
+        if batch_statistics is None:
+            batch_statistics = "constant" if has_training_batchnorm(model) else "refuse"
+        fisher = _fisher.KFAC(
+            damping=damping, loss=loss, fisher_type="mc", output_factor="fisher", batch_statistics=batch_statistics
+        )
         settings = {"lr_unit": "alpha", "curvature_every": 10, "inverse_every": 10, "ema": 0.95, "kl_clip": 1e-3}
         settings.update(options)
         return cls(model, fisher, lr=lr, **settings)

@@ -91,7 +91,7 @@ class Signals:
 
     def grams(self, other: Signals | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """Per-layer J_l(x) J_l(x′)^T, (L, N·C, N′·C) sample-major, *no* 1/N (S.68); the paper's
-        Θ_l = J_l J_l^T / N of a batch is :attr:`~natural_tangents.fisher.base.BoundFisher.layer_kernels`."""
+        Θ_l = J_l J_l^T / N of a batch is :attr:`~natural_tangents.fisher.bound.BoundFisher.layer_kernels`."""
         o = self if other is None else other
         return torch.stack([s.gram(t if o is not self else None, dtype) for s, t in zip(self.layers, o.layers)])
 

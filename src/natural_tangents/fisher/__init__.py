@@ -3,7 +3,7 @@
 Every class shares one interface (see :class:`~natural_tangents.fisher.base.Fisher`):
 ``natural_gradient(model, x, y)``, ``coefficient(model, x, x_test=None)``, ``alpha_hat(model, x)`` and
 ``isotropy(model, x)``; ``fisher.at(model, x)`` binds it to a batch and answers the same questions
-without recomputing anything (a :class:`~natural_tangents.fisher.base.BoundFisher`: ``ExactBatch``,
+without recomputing anything (a :class:`~natural_tangents.fisher.bound.BoundFisher`: ``ExactBatch``,
 ``LayerwiseBatch``, ``KFACBatch``, ``UnitwiseBatch``, each holding its factorizations as typed state).
 
 =====================  =====================================  ==========================
@@ -19,7 +19,8 @@ class                  Fisher                                 α (isotropic Θ̄
 """
 
 from ..linalg.options import SolverOptions
-from .base import BoundFisher, Fisher, Isotropy, flatten_coefficient, isotropy
+from .base import Fisher
+from .bound import BoundFisher, Isotropy, flatten_coefficient, isotropy
 from .exact import Exact, ExactBatch
 from .kfac import KFAC, KFACBatch
 from .layerwise import BlockDiagonal, BlockTriDiagonal, Layerwise, LayerwiseBatch, tridiagonal_sigma

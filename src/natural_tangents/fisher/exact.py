@@ -18,7 +18,8 @@ from typing import ClassVar
 from torch import Tensor
 
 from ..linalg.psd import PSDInverse
-from .base import DualBatch, Fisher
+from .base import Fisher
+from .bound import DualBatch
 
 __all__ = ["Exact", "ExactBatch"]
 

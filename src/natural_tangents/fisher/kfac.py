@@ -47,7 +47,8 @@ from ..layers.affine import AffineSignals
 from ..layers.base import LayerSignals, outer_gram, padded_mm
 from ..linalg.psd import PSDInverse
 from ..validation import warn
-from .base import BoundFisher, Fisher
+from .base import Fisher
+from .bound import BoundFisher
 
 __all__ = ["KFAC", "KFACBatch", "KronRoute", "KronBlock", "FactorSide", "KronFactors", "warn_narrow_input"]
 

@@ -30,7 +30,8 @@ from torch import Tensor
 from ..curvature import LayerCurvature
 from ..linalg.psd import PSDInverse
 from ..linalg.tridiagonal import TridiagonalSystem
-from .base import DualBatch, Fisher
+from .base import Fisher
+from .bound import DualBatch
 
 __all__ = [
     "Layerwise",

@@ -47,7 +47,8 @@ from ..linalg.lapack import ScratchPool, factored
 from ..linalg.psd import PSDInverse, pinv_psd
 from ..linalg.support import cg_solve
 from ..linalg.unit_systems import ColumnBasis, UnitSystems
-from .base import BoundFisher, Fisher
+from .base import Fisher
+from .bound import BoundFisher
 
 __all__ = ["Unitwise", "UnitwiseBatch", "UnitRoute", "JacobianUnits", "reference_solve"]
 
