@@ -12,16 +12,15 @@ import torch
 import torch.distributed as dist
 
 import natural_tangents as nat
-from natural_tangents import fisher as F
 
 FISHERS = {
-    "exact": lambda: F.Exact(damping=1e-3),
-    "exact_rho0": lambda: F.Exact(),
-    "block_diagonal": lambda: F.BlockDiagonal(damping=1e-3),
-    "block_tridiagonal": lambda: F.BlockTriDiagonal(damping=1e-3),
-    "kfac": lambda: F.KFAC(damping=1e-3),
-    "unitwise": lambda: F.Unitwise(damping=1e-3),
-    "exact_ce": lambda: F.Exact(damping=1e-2, loss="cross_entropy"),
+    "exact": lambda: nat.fisher.Exact(damping=1e-3),
+    "exact_rho0": lambda: nat.fisher.Exact(),
+    "block_diagonal": lambda: nat.fisher.BlockDiagonal(damping=1e-3),
+    "block_tridiagonal": lambda: nat.fisher.BlockTriDiagonal(damping=1e-3),
+    "kfac": lambda: nat.fisher.KFAC(damping=1e-3),
+    "unitwise": lambda: nat.fisher.Unitwise(damping=1e-3),
+    "exact_ce": lambda: nat.fisher.Exact(damping=1e-2, loss="cross_entropy"),
 }
 SPLITS = {2: [4, 7], 3: [2, 5, 4]}  # uneven shards of N = 11
 TEST_SPLITS = {2: [5, 2], 3: [1, 4, 2]}  # uneven shards of N′ = 7 test samples
@@ -56,7 +55,7 @@ def results(net, x, y, labels, group):
     gd.step(x, y)
     nat.GD(gd_net, lr=0.3, loss="cross_entropy", process_group=group).step(x, labels)
     out["gd_delta"] = [p.detach() - p0 for p, p0 in zip(gd_net.parameters(), start)]
-    opt = nat.NGD(net, F.BlockDiagonal(damping=1e-3), lr="optimal", process_group=group)
+    opt = nat.NGD(net, nat.fisher.BlockDiagonal(damping=1e-3), lr="optimal", process_group=group)
     opt.step(x, y)
     out["after_step"] = [p.detach().clone() for p in net.parameters()]
     return out
@@ -74,7 +73,14 @@ def trained(x, y, labels, x_test, y_test, labels_test, group):
     """nat.train on fresh replicas: NGD (block-diagonal Fisher, lr="optimal", MSE) and GD
     (lr="optimal", cross-entropy), three steps each with a test set; their Histories."""
     ngd = nat.train(
-        problem()[0], x, y, F.BlockDiagonal(damping=1e-3), steps=3, x_test=x_test, y_test=y_test, process_group=group
+        problem()[0],
+        x,
+        y,
+        nat.fisher.BlockDiagonal(damping=1e-3),
+        steps=3,
+        x_test=x_test,
+        y_test=y_test,
+        process_group=group,
     )
     gd = nat.train(
         problem()[0], x, labels, "gd", steps=3, x_test=x_test, y_test=labels_test, loss="cross_entropy",
@@ -112,15 +118,15 @@ def main() -> None:
             if rank == world - 1:
                 with torch.no_grad():
                     net.W1[0, 0] += 1e-6
-            result = F.Exact().natural_gradient(net, xs, ys, process_group=group)
+            result = nat.fisher.Exact().natural_gradient(net, xs, ys, process_group=group)
         elif case == "mismatched_width":
             if rank == 1:
                 xs = torch.randn(len(xs), 5, dtype=torch.float64)
-            result = F.Exact().natural_gradient(net, xs, ys, process_group=group)
+            result = nat.fisher.Exact().natural_gradient(net, xs, ys, process_group=group)
         elif case == "mismatched_outputs":
             if rank == 1:
                 net = nat.MLP([6, 16, 16, 3], activation="tanh", sigma_b2=0.3, seed=1, dtype=torch.float64)
-            result = F.Exact().natural_gradient(net, xs, ys, process_group=group)
+            result = nat.fisher.Exact().natural_gradient(net, xs, ys, process_group=group)
         else:
             raise SystemExit(f"unknown case {case}")
         torch.save({"ok": result}, out)

@@ -7,11 +7,16 @@ from torch import nn
 
 import natural_tangents as nat
 from _explicit import flat
-from natural_tangents import fisher as F
 
 F64 = torch.float64
 CE = nn.functional.cross_entropy
-FISHERS = [F.Exact, F.BlockDiagonal, F.BlockTriDiagonal, F.KFAC, F.Unitwise]
+FISHERS = [
+    nat.fisher.Exact,
+    nat.fisher.BlockDiagonal,
+    nat.fisher.BlockTriDiagonal,
+    nat.fisher.KFAC,
+    nat.fisher.Unitwise,
+]
 
 
 class _CNN(nn.Module):
@@ -64,7 +69,7 @@ def test_backward_loop_equals_step_on_the_batch(cls, fisher_type):
 def test_gradient_accumulation_reads_one_batch(fisher_type):
     """Two micro-batches, each loss the micro-batch mean over 2 (the mean over all samples): one step
     equals the step on the whole batch."""
-    fisher = F.KFAC(damping=1e-2, loss="cross_entropy", fisher_type=fisher_type)
+    fisher = nat.fisher.KFAC(damping=1e-2, loss="cross_entropy", fisher_type=fisher_type)
     one, two = _cnn(), _cnn()
     x, y = _batch(12)
     nat.NGD(one, fisher, lr=0.3).step(x, y)
@@ -81,13 +86,13 @@ def test_loop_with_frozen_parameters_and_groups():
     model.fc1.weight.requires_grad_(False)
     x, y = _batch()
     frozen = model.fc1.weight.detach().clone()
-    opt = nat.NGD(model, F.KFAC(damping=1e-2, loss="cross_entropy"), lr=0.3, param_groups=[
+    opt = nat.NGD(model, nat.fisher.KFAC(damping=1e-2, loss="cross_entropy"), lr=0.3, param_groups=[
         {"params": [model.conv.weight, model.conv.bias], "lr": 0.1},
         {"params": [model.fc1.weight, model.fc1.bias, model.fc2.weight, model.fc2.bias]},
     ])  # fmt: skip
     ref = _cnn()
     ref.fc1.weight.requires_grad_(False)
-    ng = F.KFAC(damping=1e-2, loss="cross_entropy").natural_gradient(ref, x, y)
+    ng = nat.fisher.KFAC(damping=1e-2, loss="cross_entropy").natural_gradient(ref, x, y)
     CE(model(x), y).backward()
     opt.step()
     assert torch.equal(model.fc1.weight, frozen)
@@ -99,7 +104,7 @@ def test_loop_with_frozen_parameters_and_groups():
 
 def test_step_without_a_backward_pass_is_refused():
     model = _cnn()
-    opt = nat.NGD(model, F.Exact(damping=1e-2, loss="cross_entropy"))
+    opt = nat.NGD(model, nat.fisher.Exact(damping=1e-2, loss="cross_entropy"))
     with pytest.raises(ValueError, match=r"loss\.backward"):
         opt.step()
     with pytest.raises(ValueError, match="y: "):
@@ -113,13 +118,13 @@ def test_hooks_leave_with_the_optimizer_and_optimizers_do_not_read_each_other():
     import gc
 
     model = _cnn()
-    opt = nat.NGD(model, F.Exact(damping=1e-2, loss="cross_entropy"))
+    opt = nat.NGD(model, nat.fisher.Exact(damping=1e-2, loss="cross_entropy"))
     assert any(m._forward_hooks for m in model.modules())
     del opt
     gc.collect()
     assert not any(m._forward_hooks for m in model.modules())
     x, y = _batch()
-    one, two = (nat.NGD(model, F.KFAC(damping=1e-2, loss="cross_entropy"), lr=0.1) for _ in range(2))
+    one, two = (nat.NGD(model, nat.fisher.KFAC(damping=1e-2, loss="cross_entropy"), lr=0.1) for _ in range(2))
     CE(model(x), y).backward()
     assert len(one.capture.batches) == len(two.capture.batches) == 1
 
@@ -132,7 +137,7 @@ def test_non_finite_outputs_in_the_loop_are_skipped_or_refused():
     x, y = torch.randn(5, 4, dtype=F64), torch.randint(0, 3, (5,))
     before = model[0].weight.detach().clone()
     for nonfinite in ("skip", "raise"):
-        opt = nat.NGD(model, F.KFAC(damping=0.1, loss="cross_entropy", fisher_type="mc"), nonfinite=nonfinite)
+        opt = nat.NGD(model, nat.fisher.KFAC(damping=0.1, loss="cross_entropy", fisher_type="mc"), nonfinite=nonfinite)
         opt.zero_grad()
         CE(model(x * 1e10), y).backward()
         if nonfinite == "skip":
@@ -153,7 +158,7 @@ def test_read_forwards_are_freed_by_the_step():
 
     model = _cnn()
     x, y = _batch(12)
-    opt = nat.NGD(model, F.KFAC(damping=1e-2, loss="cross_entropy", fisher_type="mc"), lr=0.1, seed=0)
+    opt = nat.NGD(model, nat.fisher.KFAC(damping=1e-2, loss="cross_entropy", fisher_type="mc"), lr=0.1, seed=0)
     refs = []
     for _ in range(3):
         opt.zero_grad()

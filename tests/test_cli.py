@@ -97,7 +97,7 @@ def test_out_refused_by_the_system(method, needle, tmp_path, capsys, monkeypatch
     assert_one_line_error(code, err, "--out", needle, "Permission denied")
 
 
-def test_a_failed_run_leaves_no_report_that_looks_complete(tmp_path, capsys, monkeypatch):
+def test_a_failed_run_leaves_no_report_that_looks_complete(tmp_path, capsys):
     """A stale report.md from an earlier run is removed when 'reproduce all' starts; when the run
     then stops half-way, the folder holds the finished experiment's files but no report.md."""
     (tmp_path / "report.md").write_text("# an earlier, complete report\n")
@@ -113,8 +113,8 @@ def test_a_failed_run_leaves_no_report_that_looks_complete(tmp_path, capsys, mon
         "finishes": types.SimpleNamespace(NAME="finishes", TITLE="finishes", run=finishes),
         "stops": types.SimpleNamespace(NAME="stops", TITLE="stops half-way", run=interrupted),
     }
-    monkeypatch.setattr(cli, "REGISTRY", registry)
-    code, _, err = run(["reproduce", "all", "--quick", "--no-progress", "--out", str(tmp_path)], capsys)
+    code = cli.main(["reproduce", "all", "--quick", "--no-progress", "--out", str(tmp_path)], registry=registry)
+    err = capsys.readouterr().err
     assert code == 130 and "interrupted" in err and "Traceback" not in err
     assert not (tmp_path / "report.md").exists()
     assert (tmp_path / "finishes.json").stat().st_size > 0

@@ -11,11 +11,16 @@ from torch import nn
 
 import natural_tangents as nat
 from _explicit import explicit_sequential_signals, flat
-from natural_tangents import fisher as F
 
 F64 = torch.float64
 CE = nn.functional.cross_entropy
-FISHERS = [F.Exact, F.BlockDiagonal, F.BlockTriDiagonal, F.KFAC, F.Unitwise]
+FISHERS = [
+    nat.fisher.Exact,
+    nat.fisher.BlockDiagonal,
+    nat.fisher.BlockTriDiagonal,
+    nat.fisher.KFAC,
+    nat.fisher.Unitwise,
+]
 
 
 class _CNN(nn.Module):
@@ -72,7 +77,7 @@ def test_running_kfac_factors_equal_the_explicit_running_average():
     (B_t + ρ)^{-1} G_t (A_t + ρ)^{-1} with A_t = 0.6 A_{t−1} + 0.4 Â_t (the first batch's Â_1)."""
     rho, beta, lr = 1e-2, 0.6, 0.2
     model = _mlp()
-    opt = nat.NGD(model, F.KFAC(damping=rho, loss="cross_entropy"), lr=lr, ema=beta)
+    opt = nat.NGD(model, nat.fisher.KFAC(damping=rho, loss="cross_entropy"), lr=lr, ema=beta)
     running = None
     for t in range(3):
         x, y = _batch(11, seed=t)
@@ -97,7 +102,7 @@ def test_curvature_every_keeps_the_inverses_between_refreshes():
     """curvature_every = 3: the steps in between precondition with the first batch's factors."""
     rho, lr = 1e-2, 0.2
     model = _mlp()
-    opt = nat.NGD(model, F.KFAC(damping=rho, loss="cross_entropy"), lr=lr, curvature_every=3)
+    opt = nat.NGD(model, nat.fisher.KFAC(damping=rho, loss="cross_entropy"), lr=lr, curvature_every=3)
     x0, y0 = _batch(11, seed=0)
     x0 = x0.reshape(11, -1)[:, :6]
     fac = _kfac_factors(model, x0)
@@ -120,7 +125,7 @@ def test_curvature_every_keeps_the_inverses_between_refreshes():
     assert opt.steps == 3
 
 
-@pytest.mark.parametrize("cls", [F.Unitwise, F.BlockDiagonal])
+@pytest.mark.parametrize("cls", [nat.fisher.Unitwise, nat.fisher.BlockDiagonal])
 def test_running_blocks_equal_the_batch_fisher_at_zero_decay(cls):
     """ema = 0 with inverses every other step: a refreshing step equals the parameter-space solve of
     the batch's own blocks, i.e. the per-batch natural gradient of the same Fisher."""
@@ -136,18 +141,18 @@ def test_running_blocks_equal_the_batch_fisher_at_zero_decay(cls):
 
 
 def test_amortizing_a_dual_form_fisher_is_refused():
-    for fisher in (F.Exact(damping=1e-2), F.BlockTriDiagonal(damping=1e-2)):
+    for fisher in (nat.fisher.Exact(damping=1e-2), nat.fisher.BlockTriDiagonal(damping=1e-2)):
         with pytest.raises(ValueError, match="per-batch"):
             nat.NGD(_mlp(), fisher, ema=0.9)
     with pytest.raises(ValueError, match="ema"):
-        nat.NGD(_mlp(), F.KFAC(damping=1e-2), ema=1.0)
+        nat.NGD(_mlp(), nat.fisher.KFAC(damping=1e-2), ema=1.0)
 
 
 def test_state_dict_round_trip_resumes_bit_for_bit():
     """K-FAC, Monte-Carlo rows, running curvature (refreshed every 2 steps), α̂ units: three steps,
     save, restore into a fresh model and optimizer, then two more steps on both: identical."""
     kw = {"lr": 0.5, "lr_unit": "alpha", "ema": 0.9, "curvature_every": 2, "seed": 3}
-    fisher = F.KFAC(damping=1e-2, loss="cross_entropy", fisher_type="mc")
+    fisher = nat.fisher.KFAC(damping=1e-2, loss="cross_entropy", fisher_type="mc")
     model = _cnn()
     opt = nat.NGD(model, fisher, **kw)
     batches = [_batch(10, seed=s) for s in range(5)]
@@ -171,7 +176,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
 
 def test_kl_clip_and_warmup_scale_the_step():
     x, y = _batch()
-    fisher = F.Exact(damping=1e-2, loss="cross_entropy")
+    fisher = nat.fisher.Exact(damping=1e-2, loss="cross_entropy")
     ref = _cnn()
     u = flat(fisher.natural_gradient(ref, x, y))
     CE(ref(x), y).backward()
@@ -190,7 +195,7 @@ def test_a_failed_factorization_is_retried_with_more_damping():
     model = _mlp().float()
     x = torch.randn(4, 6).repeat(8, 1)
     y = torch.arange(32) % 3
-    opt = nat.NGD(model, F.Exact(damping=1e-12, loss="cross_entropy", solve_dtype=torch.float32), lr=0.1)
+    opt = nat.NGD(model, nat.fisher.Exact(damping=1e-12, loss="cross_entropy", solve_dtype=torch.float32), lr=0.1)
     with pytest.warns(RuntimeWarning, match="retrying with damping"):
         assert opt.step(x, y)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

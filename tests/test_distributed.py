@@ -19,7 +19,6 @@ import torch
 
 import _dist_worker as W
 import natural_tangents as nat
-from natural_tangents import fisher as F
 
 WORKER = Path(W.__file__)
 TIMEOUT = 180
@@ -159,6 +158,6 @@ def test_ranks_share_the_tiles_of_the_empirical_kernel_in_memory_and_in_one_file
 def test_an_uninitialized_process_group_is_refused():
     net, x, y, _ = W.problem()
     with pytest.raises(RuntimeError, match=r"process_group: torch\.distributed is not initialized"):
-        F.Exact().natural_gradient(net, x, y, process_group=object())
+        nat.fisher.Exact().natural_gradient(net, x, y, process_group=object())
     with pytest.raises(RuntimeError, match=r"not initialized"):
-        nat.NGD(net, F.Exact(), process_group=object())
+        nat.NGD(net, nat.fisher.Exact(), process_group=object())

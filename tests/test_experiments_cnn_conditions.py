@@ -14,8 +14,8 @@ import torch.nn.functional as Fn
 from torch import nn
 from torch.func import functional_call
 
+import natural_tangents as nat
 from _explicit import explicit_module_fisher, jacobian, module_blocks, param_dict
-from natural_tangents import fisher as F
 from natural_tangents.experiments import cnn_conditions
 from natural_tangents.experiments.cnn_network import (
     DEPTH,
@@ -107,7 +107,7 @@ def _explicit_fisher(name: str, model: nn.Module, x: torch.Tensor, rho: float) -
         return _kfc_fisher(model, x, rho)
     if name == "exact" or name == "unitwise":
         return explicit_module_fisher(name, model, x, rho)
-    sigma = F.tridiagonal_sigma(DEPTH) if name == "block_tridiagonal" else torch.eye(DEPTH, dtype=F64)
+    sigma = nat.fisher.tridiagonal_sigma(DEPTH) if name == "block_tridiagonal" else torch.eye(DEPTH, dtype=F64)
     return explicit_module_fisher("layerwise", model, x, rho, sigma=sigma)
 
 
@@ -130,7 +130,7 @@ def test_theta_bar_and_one_step_match_the_explicit_fisher(name, channels, dampin
     if name == "block_tridiagonal" and rho == 0:
         # J G^+ J^T / N has no ρ → 0⁺ limit when a layer is rank deficient and Σ couples layers; Θ̄ is the
         # paper's (S.71), Σ_l (Σ^{-1} 1)_l Θ_l Θ_l^+, while the step is the limit G^+ J^T r / N (below)
-        weights = torch.linalg.solve(F.tridiagonal_sigma(DEPTH), torch.ones(DEPTH, dtype=F64))
+        weights = torch.linalg.solve(nat.fisher.tridiagonal_sigma(DEPTH), torch.ones(DEPTH, dtype=F64))
         cols = [[i for p in ps for i in p] for _, ps in module_blocks(net)]
         want = sum(
             c * (j[:, idx] @ j[:, idx].T) @ torch.linalg.pinv(j[:, idx] @ j[:, idx].T, hermitian=True)
@@ -139,7 +139,7 @@ def test_theta_bar_and_one_step_match_the_explicit_fisher(name, channels, dampin
     f0 = net(x).detach()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # K-FAC: a readout narrower than N
-        got = measure_fisher(F.get(name, damping=rho), net, x, y)
+        got = measure_fisher(nat.fisher.get(name, damping=rho), net, x, y)
     assert _rel(got.theta_bar, want) < TOL
     alpha = float(torch.diagonal(want).mean())
     assert got.isotropy.alpha == pytest.approx(alpha, rel=TOL)
@@ -176,14 +176,14 @@ def test_block_diagonal_is_L_times_identity_where_every_layer_has_more_parameter
     x, y = inputs(10, 12, seed=0)
     net = network(16, 10, seed=0)  # 144, 2304 and 160 parameters against N·C = 120
     assert all(p.numel() > 120 for p in net.parameters())
-    tb = measure_fisher(F.BlockDiagonal(), net, x, y).theta_bar
+    tb = measure_fisher(nat.fisher.BlockDiagonal(), net, x, y).theta_bar
     assert float((tb - DEPTH * torch.eye(120, dtype=F64)).abs().max()) < TOL
 
 
 def test_block_diagonal_counts_the_readouts_rank_deficit():
     x, y = inputs(1, 20, seed=0)
     net = network(16, 1, seed=0)  # the pooled readout: 16 parameters < N = 20, the convolutions full rank
-    ev = measure_fisher(F.BlockDiagonal(), net, x, y).isotropy.eigenvalues
+    ev = measure_fisher(nat.fisher.BlockDiagonal(), net, x, y).isotropy.eigenvalues
     want = torch.tensor([2.0] * 4 + [3.0] * 16, dtype=F64)  # 2 I + the readout's rank-16 projection
     torch.testing.assert_close(ev, want, rtol=0, atol=TOL)
 
@@ -214,8 +214,8 @@ def test_theta_bar_at_zero_damping_does_not_depend_on_the_ntk_scaling(name):
     torch.testing.assert_close(std(x), net(x), rtol=1e-12, atol=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        a = measure_fisher(F.get(name), net, x, y)
-        b = measure_fisher(F.get(name), std, x, y)
+        a = measure_fisher(nat.fisher.get(name), net, x, y)
+        b = measure_fisher(nat.fisher.get(name), std, x, y)
     assert _rel(b.theta_bar, a.theta_bar) < TOL
     assert b.loss_ratio_linear == pytest.approx(a.loss_ratio_linear, rel=1e-6, abs=1e-14)
     if name not in ("exact", "block_tridiagonal"):  # a Fisher of layer, Kronecker or unit blocks: one step in θ

@@ -15,7 +15,6 @@ from torch.func import functional_call, jvp, vjp
 import natural_tangents as nat
 from _explicit import ce_metric, ce_residual, explicit_fisher_of, explicit_signals, flat, jacobian
 from _nets import SHAPES, lenet, tiny_data, tiny_mlp
-from natural_tangents import fisher as F
 
 TOL = 1e-8
 
@@ -29,15 +28,15 @@ def _rel(a, b):
 
 
 FISHERS = [
-    F.Exact,
-    F.BlockDiagonal,
-    F.BlockTriDiagonal,
-    F.KFAC,
-    F.Unitwise,
-    lambda **kw: F.Layerwise(sigma=torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 1.5]]), **kw),
-    lambda **kw: F.KFAC(bias="block", **kw),
-    lambda **kw: F.Unitwise(solver="cg", tol=1e-13, **kw),
-    lambda **kw: F.Unitwise(solver="direct", **kw),
+    nat.fisher.Exact,
+    nat.fisher.BlockDiagonal,
+    nat.fisher.BlockTriDiagonal,
+    nat.fisher.KFAC,
+    nat.fisher.Unitwise,
+    lambda **kw: nat.fisher.Layerwise(sigma=torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 1.5]]), **kw),
+    lambda **kw: nat.fisher.KFAC(bias="block", **kw),
+    lambda **kw: nat.fisher.Unitwise(solver="cg", tol=1e-13, **kw),
+    lambda **kw: nat.fisher.Unitwise(solver="direct", **kw),
 ]
 
 
@@ -64,7 +63,7 @@ def test_mse_update_and_coefficient_match_explicit(make, c, bias, damping, shape
     for xt in (x, x_test):
         jt = jacobian(net, xt)
         want_tb = jt @ torch.linalg.solve(g, j.T) / n
-        got_tb = F.flatten_coefficient(fisher.coefficient(net, x, None if xt is x else xt))
+        got_tb = nat.fisher.flatten_coefficient(fisher.coefficient(net, x, None if xt is x else xt))
         assert got_tb.shape == want_tb.shape
         assert _rel(got_tb, want_tb) < TOL
 
@@ -86,12 +85,12 @@ def test_cross_entropy_update_and_coefficient_match_explicit(make, c, shape):
     want = torch.linalg.solve(g, grad)
     assert _rel(flat(fisher.natural_gradient(net, x, y)), want) < TOL
     want_tb = j @ torch.linalg.solve(g, j.T) / n
-    assert _rel(F.flatten_coefficient(fisher.coefficient(net, x)), want_tb) < TOL
+    assert _rel(nat.fisher.flatten_coefficient(fisher.coefficient(net, x)), want_tb) < TOL
     want_alpha = torch.diagonal(want_tb @ torch.block_diag(*lam)).mean()
     assert fisher.alpha_hat(net, x) == pytest.approx(float(want_alpha), rel=1e-8)
 
 
-@pytest.mark.parametrize("make", [F.Exact, F.BlockDiagonal, F.KFAC, F.Unitwise])
+@pytest.mark.parametrize("make", [nat.fisher.Exact, nat.fisher.BlockDiagonal, nat.fisher.KFAC, nat.fisher.Unitwise])
 def test_zero_damping_is_the_limit_of_small_damping(make):
     """ρ = 0 (pseudo-inverse route) equals the damped explicit solution as ρ → 0⁺."""
     net = tiny_mlp((6, 12, 11), 1, True)
@@ -125,15 +124,15 @@ def _small(seed=0, n=12, m0=6):
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda net, x, y: F.Exact().natural_gradient(net, x, y[:5]), "y: expected targets of shape"),
+        (lambda net, x, y: nat.fisher.Exact().natural_gradient(net, x, y[:5]), "y: expected targets of shape"),
         (
-            lambda net, x, y: F.Exact().natural_gradient(net, x, torch.full_like(y, float("nan"))),
+            lambda net, x, y: nat.fisher.Exact().natural_gradient(net, x, torch.full_like(y, float("nan"))),
             "y: contains",
         ),
-        (lambda net, x, y: F.Exact(damping=-1.0), "damping: must be a finite number >= 0"),
-        (lambda net, x, y: F.KFAC(damping=float("nan")), "damping"),
-        (lambda net, x, y: F.Exact(loss="hinge"), "loss: unknown loss"),
-        (lambda net, x, y: F.Exact().natural_gradient(net, x[:, :3], y), "x: expected 6 features"),
+        (lambda net, x, y: nat.fisher.Exact(damping=-1.0), "damping: must be a finite number >= 0"),
+        (lambda net, x, y: nat.fisher.KFAC(damping=float("nan")), "damping"),
+        (lambda net, x, y: nat.fisher.Exact(loss="hinge"), "loss: unknown loss"),
+        (lambda net, x, y: nat.fisher.Exact().natural_gradient(net, x[:, :3], y), "x: expected 6 features"),
     ],
 )
 def test_bad_input_names_the_argument(call, match):
@@ -144,9 +143,9 @@ def test_bad_input_names_the_argument(call, match):
 
 
 def test_fisher_lookup_by_name():
-    assert isinstance(F.get("block-diagonal"), F.BlockDiagonal)
-    assert isinstance(F.get("kfac", damping=1e-3), F.KFAC)
-    assert F.get("unitwise", damping=2.0).damping == 2.0
+    assert isinstance(nat.fisher.get("block-diagonal"), nat.fisher.BlockDiagonal)
+    assert isinstance(nat.fisher.get("kfac", damping=1e-3), nat.fisher.KFAC)
+    assert nat.fisher.get("unitwise", damping=2.0).damping == 2.0
 
 
 def test_exact_update_solves_the_damped_fisher_system_through_torch_func(mnist_300):

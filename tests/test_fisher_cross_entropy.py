@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
+import natural_tangents as nat
 from _explicit import explicit_fisher, explicit_sequential_signals, flat, jacobian
-from natural_tangents import fisher as F
 from natural_tangents import losses
 
 F64 = torch.float64
@@ -94,7 +94,11 @@ def test_zero_damping_is_the_limit_of_damping(kind, rho_out):
     theta = j @ j.T / N
     assert torch.linalg.matrix_rank(theta) < N * C  # Θ is singular: P < N·C
     want = _pinv_psd(g) @ (j.T @ r.reshape(-1) / N)
-    cls = {"exact": F.Exact, "block_diagonal": F.BlockDiagonal, "kfac": lambda **kw: F.KFAC(warn=False, **kw)}[kind]
+    cls = {
+        "exact": nat.fisher.Exact,
+        "block_diagonal": nat.fisher.BlockDiagonal,
+        "kfac": lambda **kw: nat.fisher.KFAC(warn=False, **kw),
+    }[kind]
     loss = losses.CrossEntropy(output_damping=rho_out)
     got = flat(cls(damping=0.0, loss=loss).natural_gradient(model, x, labels))
     assert _rel(got, want) < 1e-7
@@ -120,7 +124,12 @@ def test_no_output_damping_with_damping_matches_the_explicit_solve(kind):
     else:
         j, g = _explicit_g(kind, model, x, lam_full, rho)
     want = torch.linalg.solve(g, j.T @ r.reshape(-1) / N)
-    cls = {"exact": F.Exact, "block_diagonal": F.BlockDiagonal, "kfac": F.KFAC, "unitwise": F.Unitwise}[kind]
+    cls = {
+        "exact": nat.fisher.Exact,
+        "block_diagonal": nat.fisher.BlockDiagonal,
+        "kfac": nat.fisher.KFAC,
+        "unitwise": nat.fisher.Unitwise,
+    }[kind]
     bound = cls(damping=rho, loss=losses.CrossEntropy(output_damping=0.0)).at(model, x)
     assert _rel(flat(bound.natural_gradient(labels)), want) < 1e-8
     # α̂ = tr(Θ̄ Λ) / (N·C) with Θ̄ = J G^{-1} J^T / N
@@ -142,7 +151,9 @@ def test_binary_cross_entropy_metric_written_out():
         j = jacobian(model, x)
         want = torch.linalg.solve(j.T @ lam @ j / 9 + 1e-2 * torch.eye(j.shape[1], dtype=F64), j.T @ (s - y)[:, 0] / 9)
         got = flat(
-            F.Exact(damping=1e-2, loss=losses.CrossEntropy(output_damping=rho_out)).natural_gradient(model, x, y)
+            nat.fisher.Exact(damping=1e-2, loss=losses.CrossEntropy(output_damping=rho_out)).natural_gradient(
+                model, x, y
+            )
         )
         assert _rel(got, want) < 1e-9
 
@@ -161,7 +172,7 @@ def test_kfac_wide_layer_dual_output_route_without_output_damping():
     g = explicit_fisher("kfac", model, x, 1e-3, lam=lam, kfac_signals=explicit_sequential_signals(model, x))
     j = jacobian(model, x)
     want = torch.linalg.solve(g, j.T @ r.reshape(-1) / 4)
-    fisher = F.KFAC(damping=1e-3, loss=losses.CrossEntropy(output_damping=0.0))
+    fisher = nat.fisher.KFAC(damping=1e-3, loss=losses.CrossEntropy(output_damping=0.0))
     assert _rel(flat(fisher.natural_gradient(model, x, labels)), want) < 1e-8
 
 
@@ -186,14 +197,16 @@ def test_tridiagonal_zero_damping_with_a_rank_deficient_layer_is_the_limit(loss)
         r = p - Fn.one_hot(y, 2).to(F64)
     else:
         lam, r = None, f - y
-    gmat = explicit_module_fisher("layerwise", model, x, 0.0, lam=lam, sigma=F.tridiagonal_sigma(3))
+    gmat = explicit_module_fisher("layerwise", model, x, 0.0, lam=lam, sigma=nat.fisher.tridiagonal_sigma(3))
     j = jacobian(model, x)
     pinv = _pinv_psd(gmat)
-    bound = F.BlockTriDiagonal(damping=0.0, loss=loss).at(model, x)
+    bound = nat.fisher.BlockTriDiagonal(damping=0.0, loss=loss).at(model, x)
     update = flat(bound.natural_gradient(y))
     assert _rel(update, pinv @ j.T @ r.reshape(-1) / 5) < 1e-7
-    tb = F.flatten_coefficient(bound.coefficient())
+    tb = nat.fisher.flatten_coefficient(bound.coefficient())
     assert _rel(j @ update, tb @ r.reshape(-1)) < 1e-7  # the same step of the outputs
     limit = pinv @ j.T @ r.reshape(-1) / 5
-    far, near = (flat(F.BlockTriDiagonal(damping=rho, loss=loss).natural_gradient(model, x, y)) for rho in (1e-4, 1e-6))
+    far, near = (
+        flat(nat.fisher.BlockTriDiagonal(damping=rho, loss=loss).natural_gradient(model, x, y)) for rho in (1e-4, 1e-6)
+    )
     assert _rel(near, limit) < min(0.02, 0.2 * _rel(far, limit))  # the damped updates approach it

@@ -9,10 +9,15 @@ from torch import nn
 
 import natural_tangents as nat
 from _explicit import ce_residual, explicit_fisher_of, explicit_module_fisher, explicit_signals, flat, jacobian
-from natural_tangents import fisher as F
 
 F64 = torch.float64
-FISHERS = [F.Exact, F.BlockDiagonal, F.BlockTriDiagonal, F.KFAC, F.Unitwise]
+FISHERS = [
+    nat.fisher.Exact,
+    nat.fisher.BlockDiagonal,
+    nat.fisher.BlockTriDiagonal,
+    nat.fisher.KFAC,
+    nat.fisher.Unitwise,
+]
 
 
 def _rel(a, b):
@@ -66,7 +71,7 @@ def test_cnn_matches_the_explicit_fisher_of_the_rows(kind, fisher_type):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(6, 1, 5, 5, generator=g, dtype=F64)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
-    cls = {"exact": F.Exact, "layerwise": F.BlockDiagonal, "unitwise": F.Unitwise}[kind]
+    cls = {"exact": nat.fisher.Exact, "layerwise": nat.fisher.BlockDiagonal, "unitwise": nat.fisher.Unitwise}[kind]
     fisher = cls(damping=1e-2, loss="cross_entropy", fisher_type=fisher_type, mc_samples=3)
     f = model(x)
     lam, r = _metric(fisher_type, "cross_entropy", f, nn.functional.one_hot(y, 3).to(F64), 3, seed=5)
@@ -81,19 +86,21 @@ def test_expectation_is_unchanged_and_the_sampled_types_need_their_inputs():
     net = nat.MLP([5, 12, 3], seed=1, dtype=F64)
     x = torch.randn(8, 5, generator=torch.Generator().manual_seed(2), dtype=F64)
     y = torch.arange(8) % 3
-    base = F.KFAC(damping=1e-2, loss="cross_entropy")
-    same = F.KFAC(damping=1e-2, loss="cross_entropy", fisher_type="expectation")
+    base = nat.fisher.KFAC(damping=1e-2, loss="cross_entropy")
+    same = nat.fisher.KFAC(damping=1e-2, loss="cross_entropy", fisher_type="expectation")
     assert torch.equal(flat(base.natural_gradient(net, x, y)), flat(same.natural_gradient(net, x, y)))
     with pytest.raises(ValueError, match="damping"):
-        F.Exact(fisher_type="mc")
+        nat.fisher.Exact(fisher_type="mc")
     with pytest.raises(ValueError, match="fisher_type"):
-        F.Exact(damping=1e-2, fisher_type="sampled")
+        nat.fisher.Exact(damping=1e-2, fisher_type="sampled")
     with pytest.raises(ValueError, match="y: "):
-        F.Exact(damping=1e-2, fisher_type="empirical").at(net, x)
-    bound = F.Exact(damping=1e-2, loss="cross_entropy", fisher_type="mc").at(net, x, y=y)
+        nat.fisher.Exact(damping=1e-2, fisher_type="empirical").at(net, x)
+    bound = nat.fisher.Exact(damping=1e-2, loss="cross_entropy", fisher_type="mc").at(net, x, y=y)
     with pytest.raises(NotImplementedError, match="expectation"):
         bound.coefficient()
-    assert bound.alpha_hat() == pytest.approx(F.Exact(damping=1e-2, loss="cross_entropy").alpha_hat(net, x), rel=1e-12)
+    assert bound.alpha_hat() == pytest.approx(
+        nat.fisher.Exact(damping=1e-2, loss="cross_entropy").alpha_hat(net, x), rel=1e-12
+    )
 
 
 def test_monte_carlo_residuals_estimate_the_output_metric():

@@ -10,7 +10,6 @@ from torch import nn
 import natural_tangents as nat
 from _explicit import explicit_fisher_of, explicit_signals, flat, jacobian
 from _nets import SHAPES, tiny_data, tiny_mlp
-from natural_tangents import fisher as F
 
 TOL = 1e-8
 
@@ -31,7 +30,7 @@ def test_kfac_update_is_the_same_in_every_product_order(route, c, shape):
     order; every order (input side first, output side first, the N·C × N middle first) must give the
     explicit (G + ρI)^{-1} ∇L."""
     widths, n = shape
-    fisher = F.KFAC(damping=1e-3, product_order=route)
+    fisher = nat.fisher.KFAC(damping=1e-3, product_order=route)
     net = tiny_mlp(widths, c, True)
     x, y = tiny_data(n, widths[0], c)
     g = _explicit(fisher, net, x, None)
@@ -48,12 +47,12 @@ def test_kfac_zero_damping_update_by_factors_matches_the_pseudo_inverses(shape, 
     widths, n = shape
     net = tiny_mlp(widths, c, True)
     x, y = tiny_data(n, widths[0], c)
-    fisher = F.KFAC(damping=0.0, warn=False)
+    fisher = nat.fisher.KFAC(damping=0.0, warn=False)
     want = torch.linalg.pinv(_explicit(fisher, net, x, None), hermitian=True) @ (
         jacobian(net, x).T @ (net(x) - y).reshape(-1) / n
     )
     for order in ("auto", "input_first", "output_first"):
-        got = flat(F.KFAC(damping=0.0, warn=False, product_order=order).natural_gradient(net, x, y))
+        got = flat(nat.fisher.KFAC(damping=0.0, warn=False, product_order=order).natural_gradient(net, x, y))
         assert _rel(got, want.detach()) < 1e-8, order
 
 
@@ -65,7 +64,7 @@ def test_kfac_float32_network_factors_in_float32_with_a_float64_fallback():
     net64 = nat.MLP([6, 40, 40, 1], activation="relu", sigma_b2=0.5, seed=2, dtype=torch.float64)
     net32 = nat.MLP([6, 40, 40, 1], activation="relu", sigma_b2=0.5, seed=2, dtype=torch.float32)
     x, y = tiny_data(20, 6, 1)
-    fisher = F.KFAC(damping=1e-3)
+    fisher = nat.fisher.KFAC(damping=1e-3)
     want = flat(fisher.natural_gradient(net64, x, y))
     got = flat(fisher.natural_gradient(net32, x.float(), y.float())).double()
     assert _rel(got, want) < 1e-4
@@ -73,7 +72,7 @@ def test_kfac_float32_network_factors_in_float32_with_a_float64_fallback():
     batch = fisher.at(net32, x.float())
     assert batch.factor_side(a, 1 / 12).dual.chol.dtype == torch.float32
     dup = torch.cat([a, a])  # a singular kernel
-    chol = F.KFAC(damping=1e-10).at(net32, x.float()).factor_side(dup, 1 / 24).dual.chol
+    chol = nat.fisher.KFAC(damping=1e-10).at(net32, x.float()).factor_side(dup, 1 / 24).dual.chol
     assert chol.dtype == torch.float64
     k = (dup.double() @ dup.double().T) / 24 + 1e-10 * torch.eye(24, dtype=torch.float64)
     assert _rel(chol @ chol.T, k) < 1e-12
@@ -102,11 +101,11 @@ def test_float32_network_matches_the_float64_network_at_any_damping(unit_inputs,
     x = unit_inputs(60, 100)
     y = torch.randn(60, 1, generator=torch.Generator().manual_seed(1), dtype=F64)
     m32, m64 = _pair([100, 128, 128, 1])
-    fisher = F.KFAC(damping=damping)
+    fisher = nat.fisher.KFAC(damping=damping)
     got = flat(fisher.natural_gradient(m32, x.float(), y.float())).double()
     want = flat(fisher.natural_gradient(m64, x, y))
-    exact = flat(F.Exact(damping=damping).natural_gradient(m32, x.float(), y.float())).double()
-    exact_err = float((exact - flat(F.Exact(damping=damping).natural_gradient(m64, x, y))).norm())
+    exact = flat(nat.fisher.Exact(damping=damping).natural_gradient(m32, x.float(), y.float())).double()
+    exact_err = float((exact - flat(nat.fisher.Exact(damping=damping).natural_gradient(m64, x, y))).norm())
     assert float((got - want).norm() / want.norm()) < 1e-4
     assert exact_err / float(want.norm()) < 1e-3  # the reference level: the exact Fisher in float32
     iso = fisher.isotropy(m32, x.float())  # was "not positive definite" at ρ = 1e-12
@@ -141,8 +140,8 @@ def test_generic_modules_keep_their_exact_block():
     names = [k for k, _ in model.named_parameters()]
     sizes = [p.numel() for p in model.parameters()]
     offs = torch.tensor([0, *sizes]).cumsum(0).tolist()
-    kfac = F.KFAC(damping=rho, warn=False).natural_gradient(model, x, y)
-    bd = F.BlockDiagonal(damping=rho).natural_gradient(model, x, y)
+    kfac = nat.fisher.KFAC(damping=rho, warn=False).natural_gradient(model, x, y)
+    bd = nat.fisher.BlockDiagonal(damping=rho).natural_gradient(model, x, y)
     for owner in ("embed", "norm", "scale"):
         ks = [k for k, nm in enumerate(names) if nm == owner or nm.startswith(owner + ".")]
         cols = [i for k in ks for i in range(offs[k], offs[k + 1])]
@@ -157,5 +156,5 @@ def test_kfac_warning_points_at_the_callers_line(unit_inputs):
     net = nat.MLP([5, 32, 1], dtype=F64)
     x = unit_inputs(12, 5)  # M_0 + 1 = 6 < N = 12: Θ̄ is not isotropic (S.109)
     with pytest.warns(RuntimeWarning, match="not isotropic") as record:
-        F.KFAC().coefficient(net, x)
+        nat.fisher.KFAC().coefficient(net, x)
     assert record[0].filename == __file__

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
+import natural_tangents as nat
 from _explicit import ce_metric, ce_residual, explicit_module_fisher, flat, jacobian, module_blocks, output_metric
 from _nets import cnn_data, small_cnn
-from natural_tangents import fisher as F
 
 TOL = 1e-8
 F64 = torch.float64
@@ -23,11 +23,11 @@ def _rel(a, b):
 
 SIGMA4 = torch.tensor([[2.0, 0.5, 0.0, 0.0], [0.5, 1.0, 0.3, 0.0], [0.0, 0.3, 1.5, 0.2], [0.0, 0.0, 0.2, 1.0]])
 CASES = {
-    "exact": (F.Exact, "exact", None),
-    "block_diagonal": (F.BlockDiagonal, "layerwise", torch.eye(4, dtype=F64)),
-    "block_tridiagonal": (F.BlockTriDiagonal, "layerwise", F.tridiagonal_sigma(4)),
-    "layerwise": (lambda **kw: F.Layerwise(sigma=SIGMA4, **kw), "layerwise", SIGMA4),
-    "unitwise": (F.Unitwise, "unitwise", None),
+    "exact": (nat.fisher.Exact, "exact", None),
+    "block_diagonal": (nat.fisher.BlockDiagonal, "layerwise", torch.eye(4, dtype=F64)),
+    "block_tridiagonal": (nat.fisher.BlockTriDiagonal, "layerwise", nat.fisher.tridiagonal_sigma(4)),
+    "layerwise": (lambda **kw: nat.fisher.Layerwise(sigma=SIGMA4, **kw), "layerwise", SIGMA4),
+    "unitwise": (nat.fisher.Unitwise, "unitwise", None),
 }
 
 
@@ -41,10 +41,10 @@ def _check(fisher, kind, sigma, model, x, y, x_test, lam=None, residual=None):
     assert _rel(flat(bound.natural_gradient(y)), want) < TOL
     jt = jacobian(model, x_test)
     want_tb = jt @ torch.linalg.solve(g, j.T) / n
-    got_tb = F.flatten_coefficient(bound.coefficient(x_test))
+    got_tb = nat.fisher.flatten_coefficient(bound.coefficient(x_test))
     assert _rel(got_tb, want_tb) < TOL
     want_train = j @ torch.linalg.solve(g, j.T) / n
-    assert _rel(F.flatten_coefficient(bound.coefficient()), want_train) < TOL
+    assert _rel(nat.fisher.flatten_coefficient(bound.coefficient()), want_train) < TOL
     lm = output_metric(lam, n, want_train.shape[0] // n)
     assert bound.alpha_hat() == pytest.approx(float(torch.diagonal(want_train @ lm).mean()), rel=1e-8)
 
@@ -64,7 +64,7 @@ def test_cnn_exact_cross_entropy_matches_explicit():
     model = small_cnn(3)
     x, _ = cnn_data(6, 3)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
-    fisher = F.Exact(damping=1e-2, loss="cross_entropy")
+    fisher = nat.fisher.Exact(damping=1e-2, loss="cross_entropy")
     with torch.no_grad():
         f = model(x)
     lam = ce_metric(f, 1e-3)  # the default output damping
@@ -140,12 +140,12 @@ def test_cnn_kfac_matches_the_stated_kfc_formula_built_explicitly():
         g[order[:, None], order[None, :]] = kron
     j = jacobian(model, x)
     want = torch.linalg.solve(g, j.T @ (model(x) - y).detach().reshape(-1) / n)
-    fisher = F.KFAC(damping=rho)
+    fisher = nat.fisher.KFAC(damping=rho)
     bound = fisher.at(model, x)
     assert _rel(flat(bound.natural_gradient(y)), want) < TOL
     x_test, _ = cnn_data(3, c, seed=7)
     want_tb = jacobian(model, x_test) @ torch.linalg.solve(g, j.T) / n
-    assert _rel(F.flatten_coefficient(bound.coefficient(x_test)), want_tb) < TOL
+    assert _rel(nat.fisher.flatten_coefficient(bound.coefficient(x_test)), want_tb) < TOL
 
 
 class _Generic(nn.Module):

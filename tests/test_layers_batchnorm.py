@@ -9,7 +9,6 @@ from torch.func import functional_call, jacrev
 
 import natural_tangents as nat
 from _explicit import ce_metric, ce_residual, flat
-from natural_tangents import fisher as F
 
 F64 = torch.float64
 
@@ -83,16 +82,18 @@ def test_the_fisher_of_constant_statistics_preconditions_the_true_gradient(kind)
                 g[t[:, None], t[None, :]] = j[:, t].T @ lam @ j[:, t] / n
     want = torch.linalg.solve(g + rho * torch.eye(p, dtype=F64), _true_gradient(model, x, y))
     if kind == "exact_mc":
-        fisher = F.Exact(damping=rho, loss="cross_entropy", fisher_type="mc", mc_samples=2, batch_statistics="constant")
+        fisher = nat.fisher.Exact(
+            damping=rho, loss="cross_entropy", fisher_type="mc", mc_samples=2, batch_statistics="constant"
+        )
         got = fisher.at(model, x, y=y, generator=torch.Generator().manual_seed(4)).natural_gradient(y)
     else:
-        cls = {"block_diagonal": F.BlockDiagonal, "unitwise": F.Unitwise}[kind]
+        cls = {"block_diagonal": nat.fisher.BlockDiagonal, "unitwise": nat.fisher.Unitwise}[kind]
         got = cls(damping=rho, loss="cross_entropy", batch_statistics="constant").natural_gradient(model, x, y)
     assert float((flat(got) - want).norm() / want.norm()) < 1e-9
 
 
 def test_the_loop_and_the_batch_step_agree_and_statistics_update_once():
-    fisher = F.KFAC(damping=1e-2, loss="cross_entropy", batch_statistics="constant", fisher_type="mc")
+    fisher = nat.fisher.KFAC(damping=1e-2, loss="cross_entropy", batch_statistics="constant", fisher_type="mc")
     one, two = _model(), _model()
     x, y = _batch()
     nat.NGD(one, fisher, lr=0.3, seed=2).step(x, y)
@@ -109,10 +110,10 @@ def test_the_loop_and_the_batch_step_agree_and_statistics_update_once():
 def test_training_batchnorm_is_refused_unless_asked_and_for_the_exact_fisher():
     model, x, y = _model(), *_batch()
     with pytest.raises(NotImplementedError, match="batch_statistics='constant'"):
-        F.KFAC(damping=1e-2).natural_gradient(model, x, y)
+        nat.fisher.KFAC(damping=1e-2).natural_gradient(model, x, y)
     with pytest.raises(NotImplementedError, match="parameter-space form"):
-        nat.NGD(model, F.Exact(damping=1e-2, batch_statistics="constant"))
+        nat.NGD(model, nat.fisher.Exact(damping=1e-2, batch_statistics="constant"))
     with pytest.raises(ValueError, match="damping"):
-        F.KFAC(batch_statistics="constant")
+        nat.fisher.KFAC(batch_statistics="constant")
     residual = ce_residual(model(x), y)  # a plain forward keeps working, the model untouched
     assert residual.shape == (9, 3)

@@ -10,7 +10,6 @@ from torch import nn
 
 import natural_tangents as nat
 from _explicit import flat, jacobian, module_blocks
-from natural_tangents import fisher as F
 from natural_tangents import models
 
 TOL = 1e-8
@@ -143,12 +142,15 @@ def test_natural_gradients_and_ntk_match_explicit(name):
     eye = torch.eye(j.shape[1], dtype=F64)
     rho = 1e-2
     exact = j.T @ j / N + rho * eye
-    assert _rel(flat(F.Exact(damping=rho).natural_gradient(model, x, y)), torch.linalg.solve(exact, j.T @ r / N)) < TOL
+    assert (
+        _rel(flat(nat.fisher.Exact(damping=rho).natural_gradient(model, x, y)), torch.linalg.solve(exact, j.T @ r / N))
+        < TOL
+    )
     blocks = torch.zeros_like(exact)
     for idx in _blocks(model):
         blocks[idx[:, None], idx[None, :]] = j[:, idx].T @ j[:, idx] / N
     want = torch.linalg.solve(blocks + rho * eye, j.T @ r / N)
-    bound = F.BlockDiagonal(damping=rho).at(model, x)
+    bound = nat.fisher.BlockDiagonal(damping=rho).at(model, x)
     assert len(bound.signals.layers) == len(_blocks(model))
     assert _rel(flat(bound.natural_gradient(y)), want) < TOL
     ntk = (j @ j.T).reshape(N, C, N, C).permute(0, 2, 1, 3)  # entry [n, m, k, l]
@@ -165,7 +167,7 @@ def test_the_backward_loop_reads_the_same_layers(name):
     rho, lr = 1e-2, 0.5
     want = torch.linalg.solve(j.T @ j / N + rho * torch.eye(j.shape[1], dtype=F64), j.T @ r / N)
     start = flat([p.detach().clone() for p in model.parameters()])
-    opt = nat.NGD(model, F.Exact(damping=rho), lr=lr)
+    opt = nat.NGD(model, nat.fisher.Exact(damping=rho), lr=lr)
     (0.5 * ((model(x) - y) ** 2).sum(1).mean()).backward()
     opt.step()
     assert _rel(start - flat([p.detach() for p in model.parameters()]), lr * want) < TOL
@@ -262,7 +264,7 @@ def test_unsupported_uses_are_refused_naming_the_module(case):
     model = make().to(F64)
     x = torch.randn(N, T, 3 if case in ("packed", "unbatched", "recurrent_dropout", "used_outside") else 4, dtype=F64)
     with pytest.raises(NotImplementedError, match=pattern):
-        F.Exact(damping=1e-2).natural_gradient(model, x, torch.zeros(N, C, dtype=F64))
+        nat.fisher.Exact(damping=1e-2).natural_gradient(model, x, torch.zeros(N, C, dtype=F64))
     if "dropout" in case:  # refused before anything is computed; eval mode reads it
         with pytest.raises(NotImplementedError, match=pattern):
             models.check_model(model)

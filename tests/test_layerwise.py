@@ -9,7 +9,6 @@ import torch
 import natural_tangents as nat
 from _explicit import ce_metric, ce_residual, explicit_fisher_of, explicit_signals, flat, jacobian
 from _nets import SHAPES, tiny_data, tiny_mlp
-from natural_tangents import fisher as F
 
 TOL = 1e-8
 
@@ -30,7 +29,9 @@ def test_block_tridiagonal_refined_update_matches_explicit(loss):
     widths, n = SHAPES[0]
     c = 2
     lossf = nat.losses.CrossEntropy(output_damping=0.05) if loss == "ce" else nat.losses.MSE()
-    fisher = F.BlockTriDiagonal(damping=1e-3, loss=lossf, options=F.SolverOptions(tridiagonal_refine_min_rows=0))
+    fisher = nat.fisher.BlockTriDiagonal(
+        damping=1e-3, loss=lossf, options=nat.fisher.SolverOptions(tridiagonal_refine_min_rows=0)
+    )
     net = tiny_mlp(widths, c, True, activation="relu")
     x, y = tiny_data(n, widths[0], c, loss=loss)
     f = net(x).detach()
@@ -54,17 +55,17 @@ def _small(seed=0, n=12, m0=6):
     ("call", "match"),
     [
         (
-            lambda net, x, y: F.Layerwise(sigma=torch.ones(2, 3)).natural_gradient(net, x, y),
+            lambda net, x, y: nat.fisher.Layerwise(sigma=torch.ones(2, 3)).natural_gradient(net, x, y),
             "sigma: expected",
         ),
         (
-            lambda net, x, y: F.Layerwise(sigma=torch.tensor([[1.0, 2, 0], [0, 1, 0], [0, 0, 1]])).natural_gradient(
-                net, x, y
-            ),
+            lambda net, x, y: nat.fisher.Layerwise(
+                sigma=torch.tensor([[1.0, 2, 0], [0, 1, 0], [0, 0, 1]])
+            ).natural_gradient(net, x, y),
             "sigma: Σ must be a finite symmetric",
         ),
         (
-            lambda net, x, y: F.Layerwise(sigma=torch.ones(3, 3)).natural_gradient(net, x, y),
+            lambda net, x, y: nat.fisher.Layerwise(sigma=torch.ones(3, 3)).natural_gradient(net, x, y),
             "nat.fisher.Exact",
         ),
     ],

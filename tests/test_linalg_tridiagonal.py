@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import natural_tangents as nat
-from natural_tangents import fisher as F
 from natural_tangents.linalg.tridiagonal import TridiagonalSystem
 
 
@@ -35,12 +34,12 @@ def test_block_tridiagonal_elimination_matches_the_whole_system(depth, ends):
     big = (s[:, None, :, None] * left.permute(1, 0, 2)[None]).reshape(depth * k, depth * k)
     big = big + 1e-3 * torch.eye(depth * k, dtype=torch.float64)
     want = torch.linalg.solve(big, rhs.repeat(depth, 1))
-    got = torch.cat(TridiagonalSystem(s, left, 1e-3, symmetric=False, options=F.SolverOptions()).solve(rhs))
+    got = torch.cat(TridiagonalSystem(s, left, 1e-3, symmetric=False, options=nat.fisher.SolverOptions()).solve(rhs))
     assert _rel(got, want) < 1e-10
     theta = j @ j.mT / k  # symmetric PSD blocks: the end layers by Cholesky
     big = (s[:, None, :, None] * theta.permute(1, 0, 2)[None]).reshape(depth * k, depth * k)
     want = torch.linalg.solve(big + 1e-3 * torch.eye(depth * k, dtype=torch.float64), rhs.repeat(depth, 1))
-    got = torch.cat(TridiagonalSystem(s, theta, 1e-3, symmetric=True, options=F.SolverOptions()).solve(rhs))
+    got = torch.cat(TridiagonalSystem(s, theta, 1e-3, symmetric=True, options=nat.fisher.SolverOptions()).solve(rhs))
     assert _rel(got, want) < 1e-10
 
 
@@ -53,8 +52,8 @@ def test_block_tridiagonal_mixed_precision_refinement(depth):
     g = torch.Generator().manual_seed(10 + depth)
     k = 40
     s = nat.fisher.tridiagonal_sigma(depth)
-    float64_only = F.SolverOptions(tridiagonal_refine_min_rows=10**9)
-    refined = F.SolverOptions(tridiagonal_refine_min_rows=0)
+    float64_only = nat.fisher.SolverOptions(tridiagonal_refine_min_rows=10**9)
+    refined = nat.fisher.SolverOptions(tridiagonal_refine_min_rows=0)
     for rank, damping, fallback in [(3 * k, 1e-3, False), (k // 2, 1e-12, True)]:
         j = torch.randn(depth, k, rank, generator=g, dtype=torch.float64)
         theta = j @ j.mT / rank

@@ -9,9 +9,8 @@ import torch
 
 import natural_tangents as nat
 from _explicit import ce_metric, ce_residual, explicit_fisher_of, explicit_signals, flat, jacobian
-from natural_tangents import fisher as F
 
-FORCED = F.SolverOptions(refine_min_size=0)  # every update system through the mixed routes
+FORCED = nat.fisher.SolverOptions(refine_min_size=0)  # every update system through the mixed routes
 
 
 def _rel(a, b):
@@ -26,7 +25,7 @@ def test_unitwise_update_through_the_mixed_routes_matches_explicit(loss):
     x = torch.randn(n, 6, generator=g, dtype=torch.float64)
     lossf = nat.losses.CrossEntropy(output_damping=0.05) if loss == "ce" else nat.losses.MSE()
     y = torch.nn.functional.one_hot(torch.arange(n) % 2, 2).double() if loss == "ce" else torch.randn(n, 2, generator=g)
-    fisher = F.Unitwise(damping=1e-3, loss=lossf, solver="direct", options=FORCED)
+    fisher = nat.fisher.Unitwise(damping=1e-3, loss=lossf, solver="direct", options=FORCED)
     f = net(x).detach()
     lam = ce_metric(f, 0.05) if loss == "ce" else None
     gmat = explicit_fisher_of(fisher, net, x, net.depth, explicit_signals, lam=lam)
@@ -42,11 +41,11 @@ def test_unitwise_zero_damping_through_the_complement_route():
     net = nat.MLP([30, 64, 64, 1], activation="relu", sigma_b2=0.0, seed=4, dtype=torch.float64)
     x = torch.randn(24, 30, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     y = torch.randn(24, 1, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    direct = F.SolverOptions(refine_min_size=10**9, complement_fraction=1.0)  # float64 Cholesky only
-    float64 = F.Unitwise(damping=0.0, options=direct).at(net, x)
+    direct = nat.fisher.SolverOptions(refine_min_size=10**9, complement_fraction=1.0)  # float64 Cholesky only
+    float64 = nat.fisher.Unitwise(damping=0.0, options=direct).at(net, x)
     want = flat(float64.natural_gradient(y))
     assert set(float64.routes) & {"refined", "complement"} == set()
-    bound = F.Unitwise(damping=0.0, options=FORCED).at(net, x)
+    bound = nat.fisher.Unitwise(damping=0.0, options=FORCED).at(net, x)
     got = flat(bound.natural_gradient(y))
     assert bound.routes["complement"] > 0 and bound.routes["refined"] > 0 and bound.routes["direct"] == 0
     assert _rel(got, want) < 1e-10
@@ -92,7 +91,9 @@ def test_unitwise_zero_damping_with_more_samples_than_inputs(case, refuse):
     and α̂ against the explicit P × P pseudo-inverse; with no refined primal solve certified
     (``certify=0``), the eigh fallback gives the same."""
     net, x, x_test, y, lossf = _tiny(case)
-    fisher = F.Unitwise(damping=0.0, loss=lossf, options=F.SolverOptions(certify=0.0 if refuse else 1.0))
+    fisher = nat.fisher.Unitwise(
+        damping=0.0, loss=lossf, options=nat.fisher.SolverOptions(certify=0.0 if refuse else 1.0)
+    )
     f = net(x).detach()
     lam = ce_metric(f, 0.05) if case[3] == "ce" else None
     pinv = torch.linalg.pinv(explicit_fisher_of(fisher, net, x, net.depth, explicit_signals, lam=lam), hermitian=True)
@@ -102,7 +103,7 @@ def test_unitwise_zero_damping_with_more_samples_than_inputs(case, refuse):
     assert _rel(flat(bound.natural_gradient(y)), pinv @ grad) < 1e-8
     assert bound.routes["primal"] > 0
     assert (bound.routes["primal pinv"] == bound.routes["primal"]) if refuse else bound.routes["primal pinv"] == 0
-    assert _rel(F.flatten_coefficient(fisher.coefficient(net, x, x_test)), jt @ pinv @ j.T / 12) < 1e-8
+    assert _rel(nat.fisher.flatten_coefficient(fisher.coefficient(net, x, x_test)), jt @ pinv @ j.T / 12) < 1e-8
     tb = j @ pinv @ j.T / 12
     want_alpha = torch.diagonal(tb if lam is None else tb @ torch.block_diag(*lam)).mean()
     assert fisher.alpha_hat(net, x) == pytest.approx(float(want_alpha), rel=1e-8)
@@ -117,7 +118,7 @@ def test_unitwise_zero_damping_with_duplicate_samples():
     x = x / x.norm(dim=1, keepdim=True)
     x[4] = x[3]
     y = torch.randn(5, 1, generator=g, dtype=torch.float64)
-    fisher = F.Unitwise(damping=0.0)
+    fisher = nat.fisher.Unitwise(damping=0.0)
     pinv = torch.linalg.pinv(explicit_fisher_of(fisher, net, x, net.depth, explicit_signals), hermitian=True)
     grad = jacobian(net, x).T @ (net(x) - y).reshape(-1).detach() / 5
     assert _rel(flat(fisher.natural_gradient(net, x, y)), pinv @ grad) < 1e-8

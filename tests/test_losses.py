@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from natural_tangents import fisher as F
+import natural_tangents as nat
 
 F64 = torch.float64
 
@@ -24,7 +24,7 @@ def _data(n=10, seed=1):
 def test_class_indices_of_every_integer_dtype(dtype):
     x, y = _data()
     model = _model()
-    fisher = F.Exact(damping=1e-2, loss="cross_entropy")
+    fisher = nat.fisher.Exact(damping=1e-2, loss="cross_entropy")
     want = fisher.natural_gradient(model, x, y)
     got = fisher.natural_gradient(model, x, y.to(dtype))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
@@ -33,4 +33,4 @@ def test_class_indices_of_every_integer_dtype(dtype):
 def test_float_class_indices_get_a_hint():
     x, y = _data()
     with pytest.raises(ValueError, match=r"integer tensor \(e.g. y.long\(\)\)"):
-        F.Exact(damping=1e-2, loss="cross_entropy").natural_gradient(_model(), x, y.to(F64))
+        nat.fisher.Exact(damping=1e-2, loss="cross_entropy").natural_gradient(_model(), x, y.to(F64))

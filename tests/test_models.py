@@ -12,7 +12,6 @@ from torch import nn
 import natural_tangents as nat
 from _explicit import explicit_fisher_of, explicit_sequential_signals, flat, jacobian
 from _nets import build, sequential_data, user_model
-from natural_tangents import fisher as F
 from natural_tangents import models
 
 TOL = 1e-8
@@ -20,12 +19,12 @@ F64 = torch.float64
 SIGMA = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 1.5]])
 
 FISHERS = {
-    "exact": F.Exact,
-    "block_diagonal": F.BlockDiagonal,
-    "block_tridiagonal": F.BlockTriDiagonal,
-    "kfac": F.KFAC,
-    "unitwise": F.Unitwise,
-    "layerwise_custom_sigma": lambda **kw: F.Layerwise(sigma=SIGMA, **kw),
+    "exact": nat.fisher.Exact,
+    "block_diagonal": nat.fisher.BlockDiagonal,
+    "block_tridiagonal": nat.fisher.BlockTriDiagonal,
+    "kfac": nat.fisher.KFAC,
+    "unitwise": nat.fisher.Unitwise,
+    "layerwise_custom_sigma": lambda **kw: nat.fisher.Layerwise(sigma=SIGMA, **kw),
 }
 
 
@@ -80,7 +79,7 @@ def test_sequential_update_and_coefficient_match_explicit(name, c, bias, damping
     assert [t.shape for t in got] == [p.shape for p in model.parameters()]
     assert _rel(flat(got), want) < TOL
     want_tb = jacobian(model, x_test) @ torch.linalg.solve(g, j.T) / x.shape[0]
-    assert _rel(F.flatten_coefficient(fisher.coefficient(model, x, x_test)), want_tb) < TOL
+    assert _rel(nat.fisher.flatten_coefficient(fisher.coefficient(model, x, x_test)), want_tb) < TOL
 
 
 def _every_activation_model():
@@ -117,7 +116,7 @@ def test_preprocessing_composed_and_output_activations_match_explicit(name):
     assert _rel(flat(fisher.natural_gradient(model, x, y)), want) < TOL
     if name == "exact":  # the kernel too: J J^T, no 1/N, (N, N, C, C)
         ntk = nat.empirical_ntk(model, x)
-        assert _rel(F.flatten_coefficient(ntk), j @ j.T) < TOL
+        assert _rel(nat.fisher.flatten_coefficient(ntk), j @ j.T) < TOL
 
 
 def test_nested_sequential_flatten_and_eval_dropout_match_explicit():
@@ -132,7 +131,7 @@ def test_nested_sequential_flatten_and_eval_dropout_match_explicit():
         )
     )
     model.eval()
-    fisher = F.KFAC(damping=1e-2)
+    fisher = nat.fisher.KFAC(damping=1e-2)
     x, y = sequential_data(7, (2, 3), 2)
     want, _, _ = _explicit_update(fisher, model, x, y)  # jacobian of model(x) on the (N, 2, 3) batch
     assert _rel(flat(fisher.natural_gradient(model, x, y)), want) < TOL
@@ -193,7 +192,7 @@ def test_sequential_equals_the_standard_parameterized_mlp(activation, bias):
     x, y = sequential_data(6, (5,), 2)
     assert _rel(seq(x), mlp(x)) < 1e-14
     fishers = [make(damping=1e-2) for make in FISHERS.values()]
-    fishers += [F.KFAC(bias="block", damping=1e-2), F.KFAC(output_factor="fisher", damping=0.1)]
+    fishers += [nat.fisher.KFAC(bias="block", damping=1e-2), nat.fisher.KFAC(output_factor="fisher", damping=0.1)]
     for fisher in fishers:
         want = fisher.natural_gradient(mlp, x, y)
         got = fisher.natural_gradient(seq, x, y)
@@ -209,7 +208,7 @@ def test_sequential_equals_the_standard_parameterized_mlp(activation, bias):
 def test_float32_update_agrees_with_float64():
     m32, m64 = user_model(torch.float32), user_model(F64)
     x, y = sequential_data(20, (10,), 3)
-    for fisher in (F.Exact(damping=1e-2), F.KFAC(damping=1e-2), F.Unitwise(damping=1e-2)):
+    for fisher in (nat.fisher.Exact(damping=1e-2), nat.fisher.KFAC(damping=1e-2), nat.fisher.Unitwise(damping=1e-2)):
         got = fisher.natural_gradient(m32, x, y)  # float64 inputs are converted to the model's dtype
         assert all(t.dtype == torch.float32 for t in got)
         assert _rel(flat(got).double(), flat(fisher.natural_gradient(m64, x, y))) < 1e-4, fisher
@@ -272,9 +271,11 @@ def test_unsupported_models_are_refused_before_anything_is_computed(case):
             models.check_model(model)
     if case != "called_twice":  # a second call is only seen in the forward pass
         with pytest.raises(error, match=pattern):
-            nat.NGD(model, F.Exact())
+            nat.NGD(model, nat.fisher.Exact())
     with pytest.raises(error, match=pattern):
-        F.KFAC().natural_gradient(model, x_bad if case != "called_twice" else torch.randn(3, 4), torch.zeros(3, 4))
+        nat.fisher.KFAC().natural_gradient(
+            model, x_bad if case != "called_twice" else torch.randn(3, 4), torch.zeros(3, 4)
+        )
     with pytest.raises(error, match=pattern):
         nat.empirical_ntk(model, x_bad if case != "called_twice" else torch.randn(3, 4))
 
@@ -292,10 +293,10 @@ class _TwoOutputs(nn.Module):
 def test_outputs_and_unused_modules_are_refused_naming_the_problem():
     model = _TwoOutputs().double()
     with pytest.raises(NotImplementedError, match=r"output has shape \(3, 1, 2\).*flatten"):
-        F.Exact().natural_gradient(model, torch.randn(3, 4, dtype=F64), torch.zeros(3, 2))
+        nat.fisher.Exact().natural_gradient(model, torch.randn(3, 4, dtype=F64), torch.zeros(3, 2))
     model.forward = lambda x: model.fc(x)
     with pytest.raises(NotImplementedError, match=r"model\.unused \(Linear.*never called"):
-        F.Exact().natural_gradient(model, torch.randn(3, 4, dtype=F64), torch.zeros(3, 2))
+        nat.fisher.Exact().natural_gradient(model, torch.randn(3, 4, dtype=F64), torch.zeros(3, 2))
 
 
 def test_supported_models_pass_the_check():
@@ -320,8 +321,8 @@ def test_supported_models_pass_the_check():
 def test_bad_inputs_are_value_errors_naming_the_argument(x, pattern):
     model = _mixed(2, True)
     with pytest.raises(ValueError, match=pattern):
-        F.Exact().natural_gradient(model, x, torch.zeros(len(x), 2))
-    opt = nat.NGD(model, F.Exact())
+        nat.fisher.Exact().natural_gradient(model, x, torch.zeros(len(x), 2))
+    opt = nat.NGD(model, nat.fisher.Exact())
     with pytest.raises(ValueError, match=pattern):
         opt.step(x, torch.zeros(len(x), 2))
 
@@ -344,6 +345,6 @@ class _Cube(nn.Module):
 def test_any_parameter_free_module_between_layers_matches_explicit():
     model = build(lambda: nn.Sequential(nn.Linear(5, 8), _Cube(), nn.Softmax(dim=1), nn.Linear(8, 2)))
     x, y = sequential_data(6, (5,), 2)
-    fisher = F.Unitwise(damping=1e-3)
+    fisher = nat.fisher.Unitwise(damping=1e-3)
     want, _, _ = _explicit_update(fisher, model, x, y)
     assert _rel(flat(fisher.natural_gradient(model, x, y)), want) < TOL

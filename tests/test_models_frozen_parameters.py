@@ -9,10 +9,15 @@ from torch import nn
 
 import natural_tangents as nat
 from _explicit import explicit_sequential_signals, flat, jacobian, module_units
-from natural_tangents import fisher as F
 
 F64 = torch.float64
-FISHERS = [F.Exact, F.BlockDiagonal, F.BlockTriDiagonal, F.KFAC, F.Unitwise]
+FISHERS = [
+    nat.fisher.Exact,
+    nat.fisher.BlockDiagonal,
+    nat.fisher.BlockTriDiagonal,
+    nat.fisher.KFAC,
+    nat.fisher.Unitwise,
+]
 
 
 def _net(seed=0):
@@ -137,7 +142,7 @@ def test_natural_gradient_is_the_trainable_fisher_solve(cls, freeze):
         assert (u is None) == (not p.requires_grad)
     got_flat = flat([u for u in got if u is not None])
     assert float((got_flat - want).norm() / want.norm()) < 1e-9
-    theta_bar = F.flatten_coefficient(fisher.coefficient(model, x))
+    theta_bar = nat.fisher.flatten_coefficient(fisher.coefficient(model, x))
     assert float((theta_bar - j @ torch.linalg.solve(g, j.T) / x.shape[0]).norm() / theta_bar.norm()) < 1e-9
 
 
@@ -162,7 +167,7 @@ def test_a_wholly_frozen_module_is_not_read():
     model = _frozen(FREEZES["first"])
     calls = []
     model[0].register_forward_hook(lambda *a: calls.append(1))
-    bound = F.Exact(damping=1e-3).at(model, _data()[0])
+    bound = nat.fisher.Exact(damping=1e-3).at(model, _data()[0])
     assert len(bound.signals.layers) == 2 and len(calls) == 1  # the ordinary forward pass only
     assert [p is model[2].weight for p in bound.signals.layers[0].params] == [True, False]
 
@@ -177,13 +182,13 @@ def test_frozen_mlp_layer_matches_the_trainable_fisher(unit_inputs):
     jt = j[:, keep]
     g = jt.T @ jt / 6 + 1e-4 * torch.eye(jt.shape[1], dtype=F64)
     want = torch.linalg.solve(g, jt.T @ (net(x) - y).detach().reshape(-1) / 6)
-    got = F.Exact(damping=1e-4).natural_gradient(net, x, y)
+    got = nat.fisher.Exact(damping=1e-4).natural_gradient(net, x, y)
     assert got[2] is None
     assert float((flat([u for u in got if u is not None]) - want).norm() / want.norm()) < 1e-9
     with pytest.raises(ValueError, match="requires_grad_"):
         for p in net.parameters():
             p.requires_grad_(False)
-        F.Exact().natural_gradient(net, x, y)
+        nat.fisher.Exact().natural_gradient(net, x, y)
 
 
 def test_convolution_and_generic_modules_with_frozen_parts():
@@ -199,7 +204,7 @@ def test_convolution_and_generic_modules_with_frozen_parts():
     blocks = [list(range(0, sizes[0])), list(range(sizes[0], sizes[0] + sizes[1]))]
     blocks.append(list(range(blocks[-1][-1] + 1, jt.shape[1])))
     rhs = jt.T @ (model(x) - y).detach().reshape(-1) / 5
-    for fisher in (F.Exact(damping=1e-3), F.BlockDiagonal(damping=1e-3)):
+    for fisher in (nat.fisher.Exact(damping=1e-3), nat.fisher.BlockDiagonal(damping=1e-3)):
         g_full = jt.T @ jt / 5
         if fisher.name == "block_diagonal":
             mask = torch.zeros_like(g_full, dtype=torch.bool)

@@ -14,7 +14,6 @@ from torch import nn
 import natural_tangents as nat
 from _explicit import flat
 from _nets import cnn_data, lenet, sequential_data, small_cnn, user_model
-from natural_tangents import fisher as F
 
 F64 = torch.float64
 
@@ -53,7 +52,7 @@ def test_ngd_step_moves_parameters_by_minus_lr_times_the_natural_gradient():
     x, y = _small()
     net = nat.MLP([6, 32, 32, 1], activation="tanh", sigma_b2=0.1, dtype=torch.float64)
     before = [p.detach().clone() for p in net.parameters()]
-    fisher = F.BlockDiagonal(damping=1e-3)
+    fisher = nat.fisher.BlockDiagonal(damping=1e-3)
     ng = fisher.natural_gradient(net, x, y)
     nat.NGD(net, fisher, lr=0.3).step(x, y)
     for p0, p1, g in zip(before, net.parameters(), ng):
@@ -63,7 +62,7 @@ def test_ngd_step_moves_parameters_by_minus_lr_times_the_natural_gradient():
 def test_optimal_lr_is_one_over_alpha():
     x, y = _small(n=5)
     net = nat.MLP([6, 64, 64, 1], activation="relu", dtype=torch.float64)
-    opt = nat.NGD(net, F.BlockDiagonal(), lr="optimal")
+    opt = nat.NGD(net, nat.fisher.BlockDiagonal(), lr="optimal")
     opt.step(x, y)
     assert opt.param_groups[0]["alpha"] == pytest.approx(3.0, rel=1e-9)
     assert nat.optimal_lr("kfac", net, x) == pytest.approx(1 / (5 * 3), rel=1e-9)
@@ -76,7 +75,11 @@ def test_ngd_on_the_cnn_computes_signals_once_per_step():
     x, y = cnn_data(8, 2)
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))
-    for fisher in (F.Exact(damping=1e-3), F.BlockDiagonal(damping=1e-3), F.KFAC(damping=1e-3)):
+    for fisher in (
+        nat.fisher.Exact(damping=1e-3),
+        nat.fisher.BlockDiagonal(damping=1e-3),
+        nat.fisher.KFAC(damping=1e-3),
+    ):
         calls.clear()
         opt = nat.NGD(model, fisher, lr="optimal")
         opt.step(x, y)  # α̂ and the update from one binding
@@ -86,11 +89,11 @@ def test_ngd_on_the_cnn_computes_signals_once_per_step():
         first = dict(opt.last_routes)
         opt.step(x, y)
         assert len(calls) == 2 and dict(opt.last_routes) == first  # α̂ measured once: the same work
-    bound = F.Exact(damping=1e-3).at(model, x)
+    bound = nat.fisher.Exact(damping=1e-3).at(model, x)
     bound.natural_gradient(y)
     bound.alpha_hat()
     assert dict(bound.routes) == {"cholesky": 1}  # update first, then α̂: one factorization
-    bound = F.Exact(damping=1e-3).at(model, x)
+    bound = nat.fisher.Exact(damping=1e-3).at(model, x)
     bound.alpha_hat()
     bound.natural_gradient(y)
     assert dict(bound.routes) == {"cholesky": 1}  # α̂ first, then the update
@@ -99,7 +102,7 @@ def test_ngd_on_the_cnn_computes_signals_once_per_step():
 # ------------------------------------------------------------------ non-finite values
 
 
-@pytest.mark.parametrize("cls", [F.Exact, F.KFAC, F.Unitwise])
+@pytest.mark.parametrize("cls", [nat.fisher.Exact, nat.fisher.KFAC, nat.fisher.Unitwise])
 def test_a_nan_parameter_is_named_before_any_solve(cls):
     model = _model()
     with torch.no_grad():
@@ -111,7 +114,7 @@ def test_a_nan_parameter_is_named_before_any_solve(cls):
     with torch.no_grad():
         net.W1[0, 0] = float("inf")
     with pytest.raises(FloatingPointError, match="'W1'"):
-        F.Exact(damping=1e-3).natural_gradient(net, x, torch.zeros(10, 1, dtype=F64))
+        nat.fisher.Exact(damping=1e-3).natural_gradient(net, x, torch.zeros(10, 1, dtype=F64))
 
 
 def test_overflowing_outputs_of_finite_parameters_are_reported():
@@ -120,7 +123,7 @@ def test_overflowing_outputs_of_finite_parameters_are_reported():
         model[2].weight.mul_(1e300)
     x, y = _data()
     with pytest.raises(FloatingPointError, match="finite inputs and parameters"):
-        nat.NGD(model, F.Exact(damping=1e-3, loss="cross_entropy")).step(x * 1e10, y)
+        nat.NGD(model, nat.fisher.Exact(damping=1e-3, loss="cross_entropy")).step(x * 1e10, y)
 
 
 def test_a_diverging_run_stops_with_finite_parameters_or_skips_steps():
@@ -128,14 +131,14 @@ def test_a_diverging_run_stops_with_finite_parameters_or_skips_steps():
     update refuses (or, with nonfinite='skip', leaves the parameters as they are and warns)."""
     x, y = _data(30)
     model = _model(3)
-    opt = nat.NGD(model, F.BlockDiagonal(damping=1e-6, loss="mse"), lr=1e300)
+    opt = nat.NGD(model, nat.fisher.BlockDiagonal(damping=1e-6, loss="mse"), lr=1e300)
     yy = nn.functional.one_hot(y, 3).to(F64)
     with pytest.raises(FloatingPointError):
         for _ in range(20):
             opt.step(x, yy)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     model = _model(3)
-    opt = nat.NGD(model, F.BlockDiagonal(damping=1e-6, loss="mse"), lr=1e300, nonfinite="skip")
+    opt = nat.NGD(model, nat.fisher.BlockDiagonal(damping=1e-6, loss="mse"), lr=1e300, nonfinite="skip")
     applied = []
     with pytest.warns(RuntimeWarning, match="step skipped") as record:
         for _ in range(20):
@@ -164,7 +167,7 @@ def test_schedulers_scale_an_optimal_learning_rate(make):
     parameters by (scheduled factor) / α̂ times the natural gradient."""
     x, y = _data()
     model = _model()
-    fisher = F.BlockDiagonal(damping=1e-2, loss="cross_entropy")
+    fisher = nat.fisher.BlockDiagonal(damping=1e-2, loss="cross_entropy")
     opt = nat.NGD(model, fisher, lr="optimal")
     sched = make(opt)
     for _ in range(3):
@@ -182,7 +185,7 @@ def test_schedulers_scale_an_optimal_learning_rate(make):
 def test_relative_learning_rate_and_its_errors():
     x, _ = _data()
     model = _model()
-    fisher = F.KFAC(damping=1e-2, loss="cross_entropy", warn=False)
+    fisher = nat.fisher.KFAC(damping=1e-2, loss="cross_entropy", warn=False)
     opt = nat.NGD(model, fisher, lr=0.3, lr_unit="alpha")
     assert opt.learning_rates(x)[0] == pytest.approx(0.3 / fisher.alpha_hat(model, x), rel=1e-12)
     with pytest.raises(ValueError, match="lr_unit"):
@@ -200,7 +203,7 @@ def test_negative_lr_names_the_argument():
 def test_lr_scheduler_drives_ngd():
     model = user_model()
     x, y = sequential_data(20, (10,), 3)
-    fisher = F.Exact(damping=1e-2)
+    fisher = nat.fisher.Exact(damping=1e-2)
     opt = nat.NGD(model, fisher, lr=0.4)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     opt.step(x, y)
@@ -215,7 +218,7 @@ def test_lr_scheduler_drives_ngd():
 def test_parameter_groups_scale_with_their_own_lr_and_others_stay():
     model = user_model()
     x, y = sequential_data(20, (10,), 3)
-    fisher = F.BlockDiagonal(damping=1e-2)
+    fisher = nat.fisher.BlockDiagonal(damping=1e-2)
     first, second, last = (list(model[i].parameters()) for i in (0, 2, 4))
     ng = fisher.natural_gradient(model, x, y)  # aligned with model.parameters()
     before = [p.detach().clone() for p in model.parameters()]
@@ -237,7 +240,7 @@ def test_parameter_groups_scale_with_their_own_lr_and_others_stay():
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 @pytest.mark.parametrize(
     ("fisher", "lr", "factor"),
-    [(F.Exact(damping=1e-3), 1.0, 1e6), (F.BlockDiagonal(damping=1e-3), "optimal", 1e5)],
+    [(nat.fisher.Exact(damping=1e-3), 1.0, 1e6), (nat.fisher.BlockDiagonal(damping=1e-3), "optimal", 1e5)],
 )
 def test_ngd_trains_a_user_model(dtype, fisher, lr, factor):
     """Five full-batch NGD steps on N = 20, C = 3 shrink the MSE loss by at least ``factor``."""
@@ -254,7 +257,7 @@ def test_ngd_trains_a_user_model(dtype, fisher, lr, factor):
 def test_optimizer_state_round_trip_gives_the_identical_next_step():
     x, y = sequential_data(20, (10,), 3)
     x2, y2 = sequential_data(20, (10,), 3, seed=9)
-    fisher = F.KFAC(damping=1e-2)
+    fisher = nat.fisher.KFAC(damping=1e-2)
     model = user_model()
     opt = nat.NGD(model, fisher, lr="optimal")
     opt.step(x, y)  # measures α̂ at the initial parameters
@@ -278,7 +281,7 @@ def test_optimizer_state_round_trip_gives_the_identical_next_step():
 
 def test_precondition_then_torch_sgd_momentum_and_adam():
     x, y = sequential_data(20, (10,), 3)
-    fisher = F.KFAC(damping=1e-2)
+    fisher = nat.fisher.KFAC(damping=1e-2)
     model = user_model()
     ngd = nat.NGD(model, fisher)
     sgd = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
@@ -354,7 +357,7 @@ def test_recommended_settings_are_kfac_mc_amortized_with_a_trust_region_and_trai
     x, y = torch.randn(32, 1, 7, 7, generator=g), torch.randint(0, 3, (32,), generator=g)
     opt = nat.NGD.recommended(model, seed=0)
     fisher = opt.fisher
-    assert isinstance(fisher, F.KFAC) and fisher.fisher_type == "mc" and fisher.output_factor == "fisher"
+    assert isinstance(fisher, nat.fisher.KFAC) and fisher.fisher_type == "mc" and fisher.output_factor == "fisher"
     assert (opt.curvature_every, opt.inverse_every, opt.curvature.ema, opt.kl_clip) == (10, 10, 0.95, 1e-3)
     assert opt.param_groups[0]["lr_unit"] == "alpha" and opt.param_groups[0]["lr"] == 0.1
     first = None

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import natural_tangents as nat
-from natural_tangents import fisher as F
 
 F64 = torch.float64
 
@@ -50,7 +49,7 @@ def test_cross_entropy_training_reduces_the_loss():
     x = x / x.norm(dim=1, keepdim=True)
     labels = torch.arange(12) % 3
     net = nat.MLP([6, 128, 128, 3], activation="relu", dtype=torch.float64)
-    for fisher in (F.Exact(loss="cross_entropy"), F.BlockDiagonal(loss="cross_entropy")):
+    for fisher in (nat.fisher.Exact(loss="cross_entropy"), nat.fisher.BlockDiagonal(loss="cross_entropy")):
         net = nat.MLP([6, 128, 128, 3], activation="relu", dtype=torch.float64)
         h = nat.train(net, x, labels, fisher, lr=0.5, steps=8)
         assert h.train_loss[-1] < 0.2 * h.train_loss[0]
@@ -94,11 +93,11 @@ def mnist_paper_scale():
 
 PAPER_SCALE = [
     ("gd", None),
-    ("exact", F.Exact()),
-    ("block_diagonal", F.BlockDiagonal()),
-    ("block_tridiagonal", F.BlockTriDiagonal()),
-    ("kfac", F.KFAC()),
-    ("unitwise", F.Unitwise(damping=1e-10)),
+    ("exact", nat.fisher.Exact()),
+    ("block_diagonal", nat.fisher.BlockDiagonal()),
+    ("block_tridiagonal", nat.fisher.BlockTriDiagonal()),
+    ("kfac", nat.fisher.KFAC()),
+    ("unitwise", nat.fisher.Unitwise(damping=1e-10)),
 ]
 
 

@@ -10,7 +10,6 @@ import torch
 import natural_tangents as nat
 from _explicit import flat
 from _nets import tiny_data
-from natural_tangents import fisher as F
 
 
 def _rel(a, b):
@@ -27,19 +26,22 @@ def test_unitwise_cg_update_agrees_with_the_direct_one(loss, sigma_b2):
     net = nat.MLP([20, 96, 80, 3], activation="relu", sigma_b2=sigma_b2, seed=3, dtype=torch.float64)
     x, y = tiny_data(30, 20, 3, loss=loss)
     kw = {"damping": 1e-3, "loss": nat.losses.CrossEntropy(output_damping=0.05) if loss == "ce" else "mse"}
-    direct = flat(F.Unitwise(solver="direct", **kw).natural_gradient(net, x, y))
-    cg_bound, auto_bound = F.Unitwise(solver="cg", tol=1e-12, **kw).at(net, x), F.Unitwise(**kw).at(net, x)
+    direct = flat(nat.fisher.Unitwise(solver="direct", **kw).natural_gradient(net, x, y))
+    cg_bound, auto_bound = (
+        nat.fisher.Unitwise(solver="cg", tol=1e-12, **kw).at(net, x),
+        nat.fisher.Unitwise(**kw).at(net, x),
+    )
     cg, auto = flat(cg_bound.natural_gradient(y)), flat(auto_bound.natural_gradient(y))
     assert cg_bound.routes["cg fallback"] == auto_bound.routes["cg fallback"] == 0  # conjugate gradients alone
     assert _rel(cg, direct) < 1e-8
     assert _rel(auto, direct) < 1e-12
-    loose = flat(F.Unitwise(solver="cg", tol=1e-4, **kw).natural_gradient(net, x, y))
+    loose = flat(nat.fisher.Unitwise(solver="cg", tol=1e-4, **kw).natural_gradient(net, x, y))
     assert 1e-12 < _rel(loose, direct) < 1e-2  # the tolerance is what it says, not a no-op
     for solver in ("cg", "auto"):
-        one = flat(F.Unitwise(solver=solver, maxiter=1, **kw).natural_gradient(net, x, y))
+        one = flat(nat.fisher.Unitwise(solver=solver, maxiter=1, **kw).natural_gradient(net, x, y))
         assert _rel(one, direct) < 1e-12
-    seven = F.SolverOptions(cg_elements=30 * 7)  # seven units per pass
-    assert _rel(flat(F.Unitwise(options=seven, **kw).natural_gradient(net, x, y)), direct) < 1e-12
+    seven = nat.fisher.SolverOptions(cg_elements=30 * 7)  # seven units per pass
+    assert _rel(flat(nat.fisher.Unitwise(options=seven, **kw).natural_gradient(net, x, y)), direct) < 1e-12
 
 
 def test_unitwise_auto_solver_falls_back_where_it_cannot_certify():
@@ -47,8 +49,8 @@ def test_unitwise_auto_solver_falls_back_where_it_cannot_certify():
     certificate; those (and only those) go through Cholesky, and the update matches the direct one."""
     net = nat.MLP([20, 96, 80, 3], activation="relu", sigma_b2=0.5, seed=3, dtype=torch.float64)
     x, y = tiny_data(30, 20, 3)
-    direct = flat(F.Unitwise(damping=1e-8, solver="direct").natural_gradient(net, x, y))
-    bound = F.Unitwise(damping=1e-8).at(net, x)
+    direct = flat(nat.fisher.Unitwise(damping=1e-8, solver="direct").natural_gradient(net, x, y))
+    bound = nat.fisher.Unitwise(damping=1e-8).at(net, x)
     auto = flat(bound.natural_gradient(y))
     assert 0 < bound.routes["cg fallback"] < 96 + 80
     assert _rel(auto, direct) < 1e-9
@@ -63,11 +65,11 @@ def test_unitwise_cg_units_converged_but_not_certified_take_the_direct_route(los
     net = nat.MLP([20, 48, 40, 3], activation="relu", sigma_b2=0.5, seed=5, dtype=torch.float64)
     x, y = tiny_data(30, 20, 3, loss=loss)
     kw = {"damping": 1e-3, "loss": nat.losses.CrossEntropy(output_damping=0.05) if loss == "ce" else "mse"}
-    reference = flat(F.Unitwise(solver="reference", **kw).natural_gradient(net, x, y))
-    direct = flat(F.Unitwise(solver="direct", **kw).natural_gradient(net, x, y))
+    reference = flat(nat.fisher.Unitwise(solver="reference", **kw).natural_gradient(net, x, y))
+    direct = flat(nat.fisher.Unitwise(solver="direct", **kw).natural_gradient(net, x, y))
     assert _rel(direct, reference) < 1e-12
-    strict = F.SolverOptions(certify=1e-3, cg_elements=30 * 5)  # five units per pass: ids across passes
-    bound = F.Unitwise(options=strict, **kw).at(net, x)
+    strict = nat.fisher.SolverOptions(certify=1e-3, cg_elements=30 * 5)  # five units per pass: ids across passes
+    bound = nat.fisher.Unitwise(options=strict, **kw).at(net, x)
     got = flat(bound.natural_gradient(y))
     assert bound.routes["cg fallback"] > 0
     assert _rel(got, direct) < 1e-12
@@ -85,4 +87,4 @@ def test_unitwise_cg_units_converged_but_not_certified_take_the_direct_route(los
 )
 def test_unitwise_solver_options_are_checked(kw, word):
     with pytest.raises(ValueError, match=word):
-        F.Unitwise(**kw)
+        nat.fisher.Unitwise(**kw)

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -66,11 +67,11 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def _check_names(name: str) -> list[str]:
+def _check_names(name: str, registry: Mapping) -> list[str]:
     if name == "all":
-        return list(REGISTRY)
-    if name not in REGISTRY:
-        raise UsageError(f"unknown experiment {name!r}; use 'all' or one of: {', '.join(REGISTRY)}")
+        return list(registry)
+    if name not in registry:
+        raise UsageError(f"unknown experiment {name!r}; use 'all' or one of: {', '.join(registry)}")
     return [name]
 
 
@@ -119,8 +120,8 @@ def _settings(args: argparse.Namespace, device: torch.device) -> Settings:
     )
 
 
-def _reproduce(args: argparse.Namespace) -> int:
-    names = _check_names(args.name)
+def _reproduce(args: argparse.Namespace, registry: Mapping) -> int:
+    names = _check_names(args.name, registry)
     settings = _settings(args, _check_device(args.device))
     out = _check_out(args.out)
     report = out / "report.md"
@@ -131,7 +132,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     for name in names:
         print(f"[{name}] running ({'quick' if args.quick else 'full'}) …", file=sys.stderr, flush=True)
         try:
-            result = timed(REGISTRY[name].run, settings)
+            result = timed(registry[name].run, settings)
         except FileNotFoundError as err:  # the packaged MNIST subset (the optional data extra) is missing
             raise UsageError(f"{name}: {_one_line(err)}") from None
         except (ValueError, FloatingPointError, torch.linalg.LinAlgError) as err:
@@ -155,16 +156,20 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, registry: Mapping | None = None) -> int:
+    """The ``natural-tangents`` command (``argv`` as after the program name); ``registry``: the
+    experiments by name (default: every experiment of the package), each a module-like object with
+    ``NAME``, ``TITLE`` and ``run(settings) -> Result``. Returns the exit status."""
+    registry = REGISTRY if registry is None else registry
     try:
         args = _parser().parse_args(argv)
         if args.command == "list":
-            for name, mod in REGISTRY.items():
+            for name, mod in registry.items():
                 print(f"{name:16s} {mod.TITLE}")
             return 0
         if args.command == "kernel":
             return cli_kernel.run(args)
-        return _reproduce(args)
+        return _reproduce(args, registry)
     except UsageError as err:
         print(f"{_PROG}: error: {err}", file=sys.stderr)
         return 2

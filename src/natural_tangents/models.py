@@ -34,8 +34,10 @@ at all (it costs nothing beyond the forward pass).
 
 Refused before anything is computed, naming the module and the fix:
 
-* a module that couples the samples of a batch — BatchNorm in training mode (call ``model.eval()``,
-  or use GroupNorm/LayerNorm) — and dropout in training mode (the Fisher of a random network);
+* a module that couples the samples of a batch — BatchNorm in training mode, unless the Fisher holds
+  its batch statistics constant (``batch_statistics="constant"``, an approximation; or call
+  ``model.eval()``, or use GroupNorm/LayerNorm) — and dropout in training mode (the Fisher of a
+  random network);
 * a parameter used twice (tied weights: one parameter in two modules, or one parameterized module
   called twice in the forward pass) and parametrized weights (``torch.nn.utils.parametrize``);
 * attention and recurrent layers with dropout of their own in training mode (``dropout=`` > 0);

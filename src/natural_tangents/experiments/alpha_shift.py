@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .. import fisher as F
+from .. import fisher as _fisher
 from .. import theory
 from ..activations import ShiftedReLU
 from ..data import gaussian
@@ -55,7 +55,7 @@ def predict(s: float, m0: int, width: int = 4096) -> tuple[float, list[float]]:
     act = ShiftedReLU(s)
     widths = [m0] + [width] * (DEPTH - 1) + [1]
     a = theory.alpha(
-        F.Unitwise(), widths=widths, activation=act, sigma_w2=SIGMA_W2, sigma_b2=SIGMA_B2, include_output=False
+        _fisher.Unitwise(), widths=widths, activation=act, sigma_w2=SIGMA_W2, sigma_b2=SIGMA_B2, include_output=False
     )
     qs = theory.variances(DEPTH, activation=act, sigma_w2=SIGMA_W2, sigma_b2=SIGMA_B2, q0=1.0 / m0)
     gammas = [float(theory.gamma(act, float(qs[l]))) for l in range(DEPTH - 1)]
@@ -67,7 +67,7 @@ def measure(settings: Settings, sizes: Sizes) -> list[dict]:
     (sample, unit) pairs with δ ≠ 0, with the theory next to them (one row per shift)."""
     m, n, m0 = sizes.width, sizes.n, sizes.m0
     x = gaussian(n, m0, seed=settings.seed, dtype=settings.dtype).to(settings.device)
-    fisher = F.Unitwise(damping=DAMPING)
+    fisher = _fisher.Unitwise(damping=DAMPING)
     rows = []
     for s in progress(sizes.shifts, settings, "alpha-shift"):
         net = settings.network([m0, m, m, 1], ShiftedReLU(s), SIGMA_W2, SIGMA_B2)
@@ -96,7 +96,7 @@ def plot(rows: list[dict], sizes: Sizes):
     th_fine = [predict(float(s), sizes.m0, sizes.width) for s in fine]
     shifts = [r["s"] for r in rows]
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
-    color, _ = method_style(F.Unitwise)
+    color, _ = method_style(_fisher.Unitwise)
     ax.plot(fine, [t[0] for t in th_fine], color=color, label=r"$\alpha/M = \gamma_1 + \gamma_2$ (S.156)", **THEORY)
     ax.errorbar(
         shifts,

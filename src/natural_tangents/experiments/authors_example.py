@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from .. import dynamics, theory
-from .. import fisher as F
+from .. import fisher as _fisher
 from ..data import mnist_binary
 from ..training import train
 from .common import Check, Result, Settings, progress
@@ -119,9 +119,9 @@ def _one_run(settings: Settings, ds, config: str, net_seed: int, width: int, ana
     if config == "analytic":
         k, kt = analytic
     else:
-        exact = F.Exact()
+        exact = _fisher.Exact()
         k, kt = exact.coefficient(net, x).cpu(), exact.coefficient(net, x, xt).cpu()
-    hist = train(net, x, y, F.Exact(), lr=1.0, steps=STEPS, x_test=xt, y_test=yt)
+    hist = train(net, x, y, _fisher.Exact(), lr=1.0, steps=STEPS, x_test=xt, y_test=yt)
     ts = list(range(STEPS + 1))
     lin = dynamics.ngd(k, y64, f0, 1.0, kt, f0t)
     f_th, ft_th = lin.train(ts), lin.test(ts)
@@ -344,7 +344,7 @@ def run(settings: Settings) -> Result:
             DIGITS, N_TRAIN, N_TEST, seed=seed, target_scale=TARGET_SCALE, standardize=True, dtype=settings.dtype
         )
         x64, xt64 = ds.x_train.double(), ds.x_test.double()
-        exact = F.Exact()
+        exact = _fisher.Exact()
         analytic = (theory.coefficient(exact, None, x64, **KERNEL), theory.coefficient(exact, xt64, x64, **KERNEL))
         rows += _one_run(settings, ds, "analytic", seed, width, analytic)
         rows += _one_run(settings, ds, "empirical", seed + SECOND_NETWORK_OFFSET, width, None)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import fisher as F
+from .. import fisher as _fisher
 from .. import theory
 from ..data import load_mnist_subset, mnist_binary, normalize
 from ..models import signals as model_signals
@@ -140,9 +140,9 @@ def inputs(outputs: int, n: int, *, seed: int, dtype=torch.float64, device="cpu"
     return x.reshape(n, 1, 28, 28).to(device), y.to(device)
 
 
-def fishers(damping: float = 0.0) -> dict[str, F.Fisher]:
+def fishers(damping: float = 0.0) -> dict[str, _fisher.Fisher]:
     """The five Fishers of the paper at one damping ρ (0: the ρ → 0 limit)."""
-    return {cls.name: cls(damping=damping) for cls in F.ALL}
+    return {cls.name: cls(damping=damping) for cls in _fisher.ALL}
 
 
 @dataclass
@@ -152,7 +152,7 @@ class Measurement:
     and the number of RuntimeWarnings the Fisher raised."""
 
     theta_bar: Tensor
-    isotropy: F.Isotropy
+    isotropy: _fisher.Isotropy
     loss_ratio: float
     loss_ratio_linear: float
     relative_step: float
@@ -174,13 +174,13 @@ def one_step(net: nn.Module, x: Tensor, y: Tensor, update: list[Tensor], lr: flo
                 p.copy_(s)
 
 
-def measure_bound(bound: F.BoundFisher, x: Tensor, y: Tensor) -> Measurement:
+def measure_bound(bound: _fisher.BoundFisher, x: Tensor, y: Tensor) -> Measurement:
     """Θ̄ = J G^{-1} J^T / N of a Fisher bound to the batch x of its model (S.4), its isotropy, and one
     NGD step with η = 1/α̂ (the model's parameters are restored)."""
     with warnings.catch_warnings(record=True) as log:
         warnings.simplefilter("always")
-        theta_bar = F.flatten_coefficient(bound.coefficient())
-        iso = F.isotropy(theta_bar)
+        theta_bar = _fisher.flatten_coefficient(bound.coefficient())
+        iso = _fisher.isotropy(theta_bar)
         update = bound.natural_gradient(y)
     caught = sum(issubclass(w.category, RuntimeWarning) for w in log)
     f0 = bound.signals.f
@@ -194,7 +194,7 @@ def measure_bound(bound: F.BoundFisher, x: Tensor, y: Tensor) -> Measurement:
     return Measurement(theta_bar, iso, ratio, linear, float(step.norm() / weights.norm()), caught)
 
 
-def measure_fisher(fisher: F.Fisher, net: nn.Module, x: Tensor, y: Tensor) -> Measurement:
+def measure_fisher(fisher: _fisher.Fisher, net: nn.Module, x: Tensor, y: Tensor) -> Measurement:
     """:func:`measure_bound` of ``fisher`` bound to the batch (x, y) of ``net``."""
     return measure_bound(fisher.at(net, x), x, y)
 
@@ -211,8 +211,8 @@ def alpha_mlp(method: str, channels: int, outputs: int, n: int) -> float:
     kw = {"activation": "relu", "sigma_w2": SIGMA_W2, "sigma_b2": 0.0, "n_train": n}
     try:
         if method == "unitwise" and outputs > 1:
-            return theory.alpha(F.get(method), widths=widths, include_output=False, **kw) / outputs + 1.0
-        return float(theory.alpha(F.get(method), widths=widths, **kw))
+            return theory.alpha(_fisher.get(method), widths=widths, include_output=False, **kw) / outputs + 1.0
+        return float(theory.alpha(_fisher.get(method), widths=widths, **kw))
     except ValueError:
         return float("nan")
 
@@ -227,7 +227,7 @@ def rank_formula(sig: Signals, ranks: list[int], rank_total: int) -> dict[str, f
     B*_l ⊗ A*_l, i.e. if different positions (and a, δ) were uncorrelated; for the MLP it is N L
     (S.107). ``ranks``: rank Θ_l per layer; ``rank_total``: rank Θ = rank Σ_l Θ_l."""
     nc = sig.n * sig.c
-    w = torch.linalg.solve(F.tridiagonal_sigma(len(ranks)), torch.ones(len(ranks), dtype=torch.float64))
+    w = torch.linalg.solve(_fisher.tridiagonal_sigma(len(ranks)), torch.ones(len(ranks), dtype=torch.float64))
     kfac = 0.0
     for l, layer in enumerate(sig.layers):
         kr = layer.kronecker

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .. import fisher as F
+from .. import fisher as _fisher
 from .. import theory
 from ..data import gaussian
 from ..network import MLP
@@ -60,13 +60,13 @@ QUICK = Sizes(widths=(128, 256, 512, 1024))
 FULL = Sizes(widths=(128, 256, 512, 1024, 2048, 4096))
 
 
-def fishers() -> dict[str, F.Fisher]:
+def fishers() -> dict[str, _fisher.Fisher]:
     return {
-        "exact": F.Exact(damping=DAMPING),
-        "block_diagonal": F.BlockDiagonal(damping=DAMPING),
-        "block_tridiagonal": F.BlockTriDiagonal(damping=DAMPING),
-        "kfac": F.KFAC(damping=DAMPING),
-        "unitwise": F.Unitwise(damping=DAMPING),
+        "exact": _fisher.Exact(damping=DAMPING),
+        "block_diagonal": _fisher.BlockDiagonal(damping=DAMPING),
+        "block_tridiagonal": _fisher.BlockTriDiagonal(damping=DAMPING),
+        "kfac": _fisher.KFAC(damping=DAMPING),
+        "unitwise": _fisher.Unitwise(damping=DAMPING),
     }
 
 
@@ -114,7 +114,7 @@ def predict(x: torch.Tensor, sizes: Sizes, seed: int) -> dict:
     cond_inf = {}
     for name in METHODS[:-1]:
         tb = theory.coefficient(fs[name], None, x, depth=DEPTH, **_kw())
-        cond_inf[name] = F.isotropy(tb).condition_number - 1.0
+        cond_inf[name] = _fisher.isotropy(tb).condition_number - 1.0
     alpha = {
         name: theory.alpha(fs[name], widths=[sizes.m0, 1024, 1024, 1], n_train=sizes.n, **_kw())
         for name in METHODS[:-1]

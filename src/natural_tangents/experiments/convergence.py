@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from .. import dynamics
-from .. import fisher as F
+from .. import fisher as _fisher
 from ..data import mnist_binary
 from ..empirical import empirical_ntk
 from ..training import History, train
@@ -38,15 +38,15 @@ QUICK = Sizes(width=2048, steps=5)
 FULL = Sizes(width=4096, steps=8)
 
 
-def methods() -> list[tuple[str, F.Fisher | None]]:
+def methods() -> list[tuple[str, _fisher.Fisher | None]]:
     """(name, Fisher) of every method; None is gradient descent."""
     return [
         ("gd", None),
-        ("exact", F.Exact()),
-        ("block_diagonal", F.BlockDiagonal()),
-        ("block_tridiagonal", F.BlockTriDiagonal()),
-        ("kfac", F.KFAC()),
-        ("unitwise", F.Unitwise(damping=UNITWISE_DAMPING)),
+        ("exact", _fisher.Exact()),
+        ("block_diagonal", _fisher.BlockDiagonal()),
+        ("block_tridiagonal", _fisher.BlockTriDiagonal()),
+        ("kfac", _fisher.KFAC()),
+        ("unitwise", _fisher.Unitwise(damping=UNITWISE_DAMPING)),
     ]
 
 

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .. import fisher as F
+from .. import fisher as _fisher
 from ..data import mnist_binary
 from ..losses import CrossEntropy
 from ..training import History, train
@@ -38,12 +38,12 @@ QUICK = Sizes(width=2048, steps=6)
 FULL = Sizes(width=4096, steps=10)
 
 
-def cases() -> list[tuple[str, F.Fisher, float]]:
+def cases() -> list[tuple[str, _fisher.Fisher, float]]:
     """(name, Fisher, its α) of the methods compared."""
     return [
-        ("exact", F.Exact(loss=LOSS), 1.0),
-        ("block_diagonal", F.BlockDiagonal(loss=LOSS), 3.0),
-        ("block_tridiagonal", F.BlockTriDiagonal(loss=LOSS), 1.0),
+        ("exact", _fisher.Exact(loss=LOSS), 1.0),
+        ("block_diagonal", _fisher.BlockDiagonal(loss=LOSS), 3.0),
+        ("block_tridiagonal", _fisher.BlockTriDiagonal(loss=LOSS), 1.0),
     ]
 
 

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from .. import dynamics, theory
-from .. import fisher as F
+from .. import fisher as _fisher
 from ..data import mnist_binary
 from ..training import History, train
 from .common import Check, Result, Settings, mse_path, progress
@@ -70,7 +70,7 @@ def measure(settings: Settings, sizes: Sizes) -> dict[str, Method]:
         with torch.no_grad():
             f0 = (net(x).double().cpu(), net(xt).double().cpu())
         m = Method(None, f0)
-        if isinstance(fisher, F.Unitwise):
+        if isinstance(fisher, _fisher.Unitwise):
             m.kernels = (fisher.coefficient(net, x).cpu(), fisher.coefficient(net, x, xt).cpu())
             m.how = "empirical Θ̄ (no closed form)"
         m.history = train(

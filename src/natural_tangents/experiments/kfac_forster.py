@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .. import dynamics, theory
-from .. import fisher as F
+from .. import fisher as _fisher
 from ..data import forster, synthetic
 from ..training import History, train
 from .common import Check, Result, Settings, progress
@@ -75,7 +75,7 @@ class Case:
     """One input set. Measured: eigenvalues of Θ̄ / N (ascending), isotropy, training history, the
     RuntimeWarnings raised. Predicted: eigenvalues of (S.109) / N, the linearized loss, the library's α."""
 
-    iso: F.Isotropy
+    iso: _fisher.Isotropy
     eigenvalues: torch.Tensor
     history: History
     warnings: list[str]
@@ -94,7 +94,7 @@ def measure(settings: Settings, sizes: Sizes) -> tuple[dict[str, Case], dict[str
     """(per input set: K-FAC's Θ̄ on a fresh network and its training at η = 1/α̂; f_0 per input set)."""
     xs, y64 = inputs(settings, sizes)
     y = y64.to(settings.device, settings.dtype)
-    kfac = F.KFAC()
+    kfac = _fisher.KFAC()
     cases, f0 = {}, {}
     for key in progress(list(xs), settings, "kfac-forster"):
         x = xs[key].to(settings.device, settings.dtype)
@@ -103,7 +103,7 @@ def measure(settings: Settings, sizes: Sizes) -> tuple[dict[str, Case], dict[str
             net = settings.network([sizes.m0, sizes.width, sizes.width, 1], "relu", SIGMA_W2, SIGMA_B2)
             with torch.no_grad():
                 f0[key] = net(x).double().cpu()
-            iso = F.isotropy(kfac.coefficient(net, x))
+            iso = _fisher.isotropy(kfac.coefficient(net, x))
             hist = train(net, x, y, kfac, lr="optimal", steps=sizes.steps)
             a_th = theory.alpha(
                 kfac,

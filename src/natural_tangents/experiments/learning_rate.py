@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .. import fisher as F
+from .. import fisher as _fisher
 from ..data import mnist_binary
 from ..network import MLP
 from .common import Check, Result, Settings, mse, progress
@@ -33,17 +33,17 @@ QUICK = Sizes(width=2048)
 FULL = Sizes(width=4096)
 
 
-def methods() -> list[tuple[str, F.Fisher]]:
+def methods() -> list[tuple[str, _fisher.Fisher]]:
     return [
-        ("exact", F.Exact()),
-        ("block_diagonal", F.BlockDiagonal()),
-        ("block_tridiagonal", F.BlockTriDiagonal()),
-        ("kfac", F.KFAC()),
-        ("unitwise", F.Unitwise(damping=UNITWISE_DAMPING)),
+        ("exact", _fisher.Exact()),
+        ("block_diagonal", _fisher.BlockDiagonal()),
+        ("block_tridiagonal", _fisher.BlockTriDiagonal()),
+        ("kfac", _fisher.KFAC()),
+        ("unitwise", _fisher.Unitwise(damping=UNITWISE_DAMPING)),
     ]
 
 
-def one_step_losses(net: MLP, fisher: F.Fisher, x, y, grid: np.ndarray) -> tuple[float, np.ndarray]:
+def one_step_losses(net: MLP, fisher: _fisher.Fisher, x, y, grid: np.ndarray) -> tuple[float, np.ndarray]:
     """(α̂, L(θ_0 − η Δ)/L(θ_0) for η = grid/α̂): one natural gradient Δ, re-used for every η."""
     alpha = fisher.alpha_hat(net, x)
     step = fisher.natural_gradient(net, x, y)

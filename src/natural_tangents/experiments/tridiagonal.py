@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .. import fisher as F
+from .. import fisher as _fisher
 from .. import theory
 from ..data import mnist_binary
 from ..fisher import tridiagonal_sigma
@@ -66,7 +66,7 @@ FLOOR = 1e-10  # the one-step loss ratios below this (L = 1: the network is line
 def predict(depth: int) -> tuple[float | None, float]:
     """(1^T Σ^{-1} 1 via ``nat.theory.alpha``, or None where Σ is singular; 1^T Σ^+ 1, the ρ → 0⁺ limit)."""
     try:
-        a = theory.alpha(F.BlockTriDiagonal(), widths=[1] * depth + [1])
+        a = theory.alpha(_fisher.BlockTriDiagonal(), widths=[1] * depth + [1])
     except ValueError:
         a = None
     s = tridiagonal_sigma(depth)
@@ -75,7 +75,7 @@ def predict(depth: int) -> tuple[float | None, float]:
 
 
 @torch.no_grad()
-def one_step(net: MLP, fx, fisher: F.Fisher, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+def one_step(net: MLP, fx, fisher: _fisher.Fisher, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
     """(α̂, cond Θ̄(x, x), loss after one NGD step at η = 1/α̂ over the initial loss); the network is
     restored afterwards."""
     bound = fisher.bind(fx)
@@ -91,7 +91,7 @@ def one_step(net: MLP, fx, fisher: F.Fisher, x: torch.Tensor, y: torch.Tensor) -
     return iso.alpha, iso.condition_number, after / mse(fx.f.double(), y.double())
 
 
-def predict_damped(fisher: F.Fisher, x: torch.Tensor, depth: int, r: torch.Tensor) -> tuple[float, float]:
+def predict_damped(fisher: _fisher.Fisher, x: torch.Tensor, depth: int, r: torch.Tensor) -> tuple[float, float]:
     """Infinite-width (α = mean eigenvalue of Θ̄, one-step loss ratio ||(I − Θ̄/α) r||² / ||r||²) at the
     Fisher's damping, for the initial residual r (N,)."""
     tb = theory.coefficient(fisher, None, x, depth=depth, activation="relu", sigma_w2=SIGMA_W2, sigma_b2=SIGMA_B2)
@@ -121,17 +121,19 @@ def _depth_rows(settings: Settings, sizes: Sizes, depth: int, data, raised: list
         "alpha_sigma_pinv": a_pinv,
     }
     theory0 = {"loss_ratio_theory": 0.0}
-    rows = [{**base, **_measured("exact", 0.0, one_step(net, fx, F.Exact(), x, y)), "alpha_theory": 1.0, **theory0}]
+    rows = [
+        {**base, **_measured("exact", 0.0, one_step(net, fx, _fisher.Exact(), x, y)), "alpha_theory": 1.0, **theory0}
+    ]
     if a_inv is not None:
-        tri = one_step(net, fx, F.BlockTriDiagonal(), x, y)
+        tri = one_step(net, fx, _fisher.BlockTriDiagonal(), x, y)
         return [*rows, {**base, **_measured("block_tridiagonal", 0.0, tri), "alpha_theory": a_inv, **theory0}]
     try:  # the library refuses ρ = 0 for a singular Σ
-        F.BlockTriDiagonal().bind(fx).coefficient()
+        _fisher.BlockTriDiagonal().bind(fx).coefficient()
     except ValueError:
         raised.append(depth)
     r = (fx.f.double() - y64.to(fx.f.device)).reshape(-1).cpu()
     for rho in sizes.dampings:
-        fisher = F.BlockTriDiagonal(damping=rho)
+        fisher = _fisher.BlockTriDiagonal(damping=rho)
         measured = _measured("block_tridiagonal", rho, one_step(net, fx, fisher, x, y))
         a_th, l_th = predict_damped(fisher, x64, depth, r)
         rows.append({**base, **measured, "alpha_theory": a_th, "loss_ratio_theory": l_th})
@@ -148,7 +150,7 @@ def _width_rows(settings: Settings, sizes: Sizes, x: torch.Tensor, y: torch.Tens
         fx = model_signals(net, x)
         singular = predict(depth)[0] is None
         rho = min(sizes.dampings) if singular else 0.0
-        for name, fisher in (("exact", F.Exact()), ("block_tridiagonal", F.BlockTriDiagonal(damping=rho))):
+        for name, fisher in (("exact", _fisher.Exact()), ("block_tridiagonal", _fisher.BlockTriDiagonal(damping=rho))):
             a_hat, cond, ratio = one_step(net, fx, fisher, x, y)
             rows.append(
                 {

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from .. import activations as A
-from .. import fisher as F
+from .. import fisher as _fisher
 from .. import theory
 from ..data import mnist_binary
 from ..training import History, train
@@ -51,7 +51,7 @@ def _widths(sizes: Sizes) -> list[int]:
 def predict(act: A.Activation, sizes: Sizes) -> tuple[float, float]:
     """(α with the C output units, α without them as the paper counts it) from (S.141), (S.156)."""
     kw = {"widths": _widths(sizes), "activation": act, "sigma_w2": SIGMA_W2, "sigma_b2": SIGMA_B2}
-    return theory.alpha(F.Unitwise(), **kw), theory.alpha(F.Unitwise(), include_output=False, **kw)
+    return theory.alpha(_fisher.Unitwise(), **kw), theory.alpha(_fisher.Unitwise(), include_output=False, **kw)
 
 
 def active_units(net, x) -> float:
@@ -70,8 +70,8 @@ def measure(settings: Settings, sizes: Sizes, act: A.Activation, alpha: float) -
     ds = mnist_binary((0, 7), n_train=sizes.n, n_test=100, seed=settings.seed, dtype=settings.dtype)
     x, y = ds.x_train.to(settings.device), ds.y_train.to(settings.device)
     net = settings.network(_widths(sizes), act, SIGMA_W2, SIGMA_B2)
-    alpha_hat, active = F.Unitwise().alpha_hat(net, x), active_units(net, x)
-    return alpha_hat, active, train(net, x, y, F.Unitwise(damping=DAMPING), lr=RATE / alpha, steps=sizes.steps)
+    alpha_hat, active = _fisher.Unitwise().alpha_hat(net, x), active_units(net, x)
+    return alpha_hat, active, train(net, x, y, _fisher.Unitwise(damping=DAMPING), lr=RATE / alpha, steps=sizes.steps)
 
 
 def plot(results: list[tuple], sizes: Sizes):
