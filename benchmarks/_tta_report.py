@@ -114,15 +114,13 @@ def headline(entry: dict) -> str:
 
 
 def cost_table(cost: dict) -> str:
-    header = ["optimizer", "step ms (median)", "step / SGD step (median over rounds)", "quartiles",
-              "issue's aim", "peers (issue's measurements)"]  # fmt: skip
+    header = ["optimizer", "step ms (median)", "step / SGD step (median over rounds)", "quartiles"]
     rows = []
     for name, r in cost.get("rows", {}).items():
         if "error" in r:
-            rows.append([name, "failed", r["error"][:80], "", "", ""])
+            rows.append([name, "failed", r["error"][:80], ""])
         else:
-            rows.append([name, f"{r['step_ms']:.2f}", f"{r['ratio']:.2f}", f"{r['q1']:.2f}–{r['q3']:.2f}",
-                         r["target"], r["reference"]])  # fmt: skip
+            rows.append([name, f"{r['step_ms']:.2f}", f"{r['ratio']:.2f}", f"{r['q1']:.2f}–{r['q3']:.2f}"])
     return table(rows, header) if rows else "(not measured)"
 
 

@@ -23,15 +23,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import natural_tangents as nat
 from _harness import median_times, peak_extra_mib, table
-from natural_tangents import fisher as F
 
 FISHERS = {
-    "exact": F.Exact,
-    "block diagonal": F.BlockDiagonal,
-    "block tri-diagonal": F.BlockTriDiagonal,
-    "K-FAC": F.KFAC,
-    "unit-wise": F.Unitwise,
-    "unit-wise direct": lambda damping: F.Unitwise(damping=damping, solver="direct"),
+    "exact": nat.fisher.Exact,
+    "block diagonal": nat.fisher.BlockDiagonal,
+    "block tri-diagonal": nat.fisher.BlockTriDiagonal,
+    "K-FAC": nat.fisher.KFAC,
+    "unit-wise": nat.fisher.Unitwise,
+    "unit-wise direct": lambda damping: nat.fisher.Unitwise(damping=damping, solver="direct"),
 }
 LR = 1e-9  # a tiny fixed rate: the parameters barely move, so every repeat times the same work
 

@@ -351,7 +351,7 @@ def run(args: argparse.Namespace) -> dict:
                     runs.append(train_run(task, data, spec, choice["settings"], seed, budget, args.max_steps,
                                           args.evals, device))  # fmt: skip
             except NotImplementedError as err:  # the library refuses the model (e.g. BatchNorm in training mode)
-                msg = f"{task.name} / {spec.name}: skipped, the model is not supported ({str(err)[:200]})"
+                msg = f"{task.name} / {spec.name}: skipped, the model is not supported ({err})"
                 print(msg, flush=True)
                 skipped.append(msg)
                 continue
