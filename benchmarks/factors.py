@@ -1,6 +1,6 @@
 """Benchmark: Jacobian factors and all per-layer kernels vs one autograd forward+backward.
 
-Setting of the foundation issue: L = 3, M = 4096, M_0 = 784, N = 100, C = 1, float32 and float64.
+Setting: L = 3, M = 4096, M_0 = 784, N = 100, C = 1, float32 and float64.
 Prints, per dtype, the median time of (a) one forward + backward of the MSE loss through autograd
 and (b) ``net.signals(x)`` plus the L per-layer kernels J_l J_l^T, their ratio, and
 the peak extra memory of each (an explicit float32 Jacobian would need N·P·4 bytes ≈ 8 GB).

@@ -1,6 +1,6 @@
 """Benchmark: the analytic NTK Θ_ana(x, x), time and peak memory, against neural-tangents when importable.
 
-Setting (as in the issue): L = 3, M_0 = 784, σ_w² = 2, σ_b² = 0, float64, N unit-norm Gaussian inputs.
+Setting: L = 3, M_0 = 784, σ_w² = 2, σ_b² = 0, float64, N unit-norm Gaussian inputs.
 Every case runs in a fresh subprocess, so the peak resident set size (VmHWM) is the case's own: the
 whole process (interpreter, torch or jax, the inputs), over the warm-up and the timed calls (the
 warm-up kernel stays alive, so two N × N kernels at once), measured the same way for both libraries.

@@ -7,7 +7,9 @@
 * :func:`lenet`: the LeNet-style CNN of benchmarks/train_mnist.py (test_optim.py, test_fisher.py;
   its MNIST batch is the ``mnist_300`` fixture of conftest.py);
 * :func:`build`, :func:`user_model` and :func:`sequential_data`: a user's ``nn.Sequential`` and its
-  batches (test_models.py, test_optim.py).
+  batches (test_models.py, test_optim.py);
+* :func:`loop_cnn` and :func:`loop_batch`: a tiny float64 CNN with three outputs and its
+  cross-entropy batches, and ``FISHERS``, every Fisher class (test_capture.py, test_curvature.py).
 """
 
 from __future__ import annotations
@@ -111,3 +113,36 @@ def sequential_data(n, shape, c, seed=1, dtype=F64):
     x = torch.randn(n, *shape, generator=g, dtype=F64)
     y = torch.randn(n, c, generator=g, dtype=F64)
     return x.to(dtype), y.to(dtype)
+
+
+FISHERS = [
+    nat.fisher.Exact,
+    nat.fisher.BlockDiagonal,
+    nat.fisher.BlockTriDiagonal,
+    nat.fisher.KFAC,
+    nat.fisher.Unitwise,
+]
+
+
+class LoopCNN(nn.Module):
+    """One strided convolution and two Linear layers on (N, 1, 5, 5) inputs, three outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, stride=2)
+        self.fc1 = nn.Linear(12, 7)
+        self.fc2 = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(torch.tanh(self.conv(x)).flatten(1))))
+
+
+def loop_cnn(seed=0):
+    torch.manual_seed(seed)
+    return LoopCNN().to(F64)
+
+
+def loop_batch(n=10, seed=1):
+    """(x, class indices) for :func:`loop_cnn`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 5, 5, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)

@@ -7,37 +7,12 @@ from torch import nn
 
 import natural_tangents as nat
 from _explicit import flat
+from _nets import FISHERS
+from _nets import loop_batch as _batch
+from _nets import loop_cnn as _cnn
 
 F64 = torch.float64
 CE = nn.functional.cross_entropy
-FISHERS = [
-    nat.fisher.Exact,
-    nat.fisher.BlockDiagonal,
-    nat.fisher.BlockTriDiagonal,
-    nat.fisher.KFAC,
-    nat.fisher.Unitwise,
-]
-
-
-class _CNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3, stride=2)
-        self.fc1 = nn.Linear(12, 7)
-        self.fc2 = nn.Linear(7, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(torch.tanh(self.conv(x)).flatten(1))))
-
-
-def _cnn(seed=0):
-    torch.manual_seed(seed)
-    return _CNN().to(F64)
-
-
-def _batch(n=10, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 5, 5, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
 
 
 def _rel(a, b):
