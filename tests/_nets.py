@@ -9,7 +9,7 @@
 * :func:`build`, :func:`user_model` and :func:`sequential_data`: a user's ``nn.Sequential`` and its
   batches (test_models.py, test_optim.py);
 * :func:`loop_cnn` and :func:`loop_batch`: a tiny float64 CNN with three outputs and its
-  cross-entropy batches, and ``FISHERS``, every Fisher class (test_capture.py, test_curvature.py).
+  cross-entropy batches (test_capture.py, test_curvature.py), and ``FISHERS``, every Fisher class.
 """
 
 from __future__ import annotations

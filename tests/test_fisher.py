@@ -14,6 +14,7 @@ from torch.func import functional_call, jvp, vjp
 
 import natural_tangents as nat
 from _explicit import ce_metric, ce_residual, explicit_fisher_of, explicit_signals, flat, jacobian
+from _nets import FISHERS as EVERY_FISHER
 from _nets import SHAPES, lenet, tiny_data, tiny_mlp
 
 TOL = 1e-8
@@ -28,11 +29,7 @@ def _rel(a, b):
 
 
 FISHERS = [
-    nat.fisher.Exact,
-    nat.fisher.BlockDiagonal,
-    nat.fisher.BlockTriDiagonal,
-    nat.fisher.KFAC,
-    nat.fisher.Unitwise,
+    *EVERY_FISHER,
     lambda **kw: nat.fisher.Layerwise(sigma=torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 1.5]]), **kw),
     lambda **kw: nat.fisher.KFAC(bias="block", **kw),
     lambda **kw: nat.fisher.Unitwise(solver="cg", tol=1e-13, **kw),

@@ -9,15 +9,9 @@ from torch import nn
 
 import natural_tangents as nat
 from _explicit import ce_residual, explicit_fisher_of, explicit_module_fisher, explicit_signals, flat, jacobian
+from _nets import FISHERS
 
 F64 = torch.float64
-FISHERS = [
-    nat.fisher.Exact,
-    nat.fisher.BlockDiagonal,
-    nat.fisher.BlockTriDiagonal,
-    nat.fisher.KFAC,
-    nat.fisher.Unitwise,
-]
 
 
 def _rel(a, b):

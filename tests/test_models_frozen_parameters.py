@@ -9,15 +9,9 @@ from torch import nn
 
 import natural_tangents as nat
 from _explicit import explicit_sequential_signals, flat, jacobian, module_units
+from _nets import FISHERS
 
 F64 = torch.float64
-FISHERS = [
-    nat.fisher.Exact,
-    nat.fisher.BlockDiagonal,
-    nat.fisher.BlockTriDiagonal,
-    nat.fisher.KFAC,
-    nat.fisher.Unitwise,
-]
 
 
 def _net(seed=0):
